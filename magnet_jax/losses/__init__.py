@@ -1,0 +1,1 @@
+"""Losses for deep metric learning, optax style: arrays first, hyperparameters keyword-only."""
