@@ -1,0 +1,338 @@
+"""Tests for magnet_jax.kmeans: per-class k-means on device.
+
+Compilation dominates the run time on the CPU, so the tests share a few shapes (and the
+static arguments k, num_classes, max_iterations, num_restarts) and reuse the jit cache.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score, homogeneity_score
+
+from magnet_jax import kmeans as kmeans_module
+from magnet_jax.kmeans import (KMeansResult, assign_to_centroids,
+                               centroids_from_assignments, kmeans_per_class)
+
+K = 4
+
+
+def _blob_data():
+    """Five classes (and one absent class), d = 8, k = 4.
+
+    class 0: 4 well-separated Gaussian blobs  -> recovered exactly
+    class 1: 4 blobs of different sizes       -> recovered exactly
+    class 2: 2 blobs of exact duplicates      -> 2 clusters, 2 empty slots
+    class 3: 3 Gaussian blobs                 -> every cluster inside one blob
+    class 4: no examples                      -> all slots empty
+    class 5: 1 example
+    """
+    rng = np.random.default_rng(0)
+    xs, ys, blobs = [], [], []
+    blob_id = 0
+
+    def add(label, centre, count, scale):
+        nonlocal blob_id
+        xs.append(centre + scale * rng.normal(size=(count, 8)))
+        ys.append(np.full(count, label))
+        blobs.append(np.full(count, blob_id))
+        blob_id += 1
+
+    for label, sizes in ((0, (30, 30, 30, 30)), (1, (5, 60, 20, 35))):
+        for size in sizes:
+            add(label, rng.normal(scale=20.0, size=8), size, 0.5)
+    for size in (25, 15):
+        add(2, rng.normal(scale=20.0, size=8), size, 0.0)
+    for size in (40, 30, 50):
+        add(3, rng.normal(scale=20.0, size=8), size, 0.5)
+    add(5, rng.normal(size=8), 1, 0.0)
+    x = np.concatenate(xs).astype(np.float32)
+    y = np.concatenate(ys).astype(np.int32)
+    b = np.concatenate(blobs)
+    order = rng.permutation(len(y))  # classes interleaved, as in a real dataset
+    return x[order], y[order], b[order]
+
+
+@functools.lru_cache(maxsize=None)
+def _blob_result():
+    x, y, b = _blob_data()
+    return x, y, b, kmeans_per_class(x, y, K, key=jax.random.key(0), num_classes=6)
+
+
+def _check_invariants(result: KMeansResult, x, y, num_classes, k):
+    centroids = np.asarray(result.centroids)
+    assignments = np.asarray(result.assignments)
+    counts = np.asarray(result.counts)
+    inertia = np.asarray(result.inertia)
+    assert centroids.shape == (num_classes, k, x.shape[1])
+    assert assignments.shape == y.shape and assignments.dtype == np.int32
+    assert counts.shape == (num_classes, k) and counts.dtype == np.int32
+    assert inertia.shape == (num_classes,)
+    assert result.iterations.shape == () and result.converged.shape == ()
+    assert np.isfinite(centroids).all() and np.isfinite(inertia).all()
+    assert ((assignments >= 0) & (assignments < k)).all()
+    # Counts agree with the assignments, and nobody is assigned to an empty slot.
+    expected_counts = np.zeros((num_classes, k), np.int64)
+    np.add.at(expected_counts, (y, assignments), 1)
+    np.testing.assert_array_equal(counts, expected_counts)
+    assert (counts[y, assignments] > 0).all()
+    np.testing.assert_array_equal(centroids[counts == 0], 0)
+    # Every example sits at its nearest non-empty centroid; inertia sums those distances.
+    sq = ((x[:, None, :] - centroids[y]) ** 2).sum(-1)
+    sq = np.where(counts[y] > 0, sq, np.inf)
+    own = sq[np.arange(len(y)), assignments]
+    np.testing.assert_allclose(own, sq.min(1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(inertia, np.bincount(y, own, num_classes), rtol=1e-4,
+                               atol=1e-3)
+
+
+# ------------------------------------------------------------------------ quality
+
+
+def test_recovers_separated_blobs_in_every_class():
+    x, y, blobs, result = _blob_result()
+    _check_invariants(result, x, y, 6, K)
+    assignments = np.asarray(result.assignments)
+    counts = np.asarray(result.counts)
+    for label in (0, 1, 2):
+        members = y == label
+        assert adjusted_rand_score(blobs[members], assignments[members]) == 1.0
+    # Fewer distinct points than k: only that many clusters, the rest empty.
+    assert sorted(counts[2].tolist()) == [0, 0, 15, 25]
+    np.testing.assert_allclose(result.inertia[2], 0.0, atol=1e-6)
+    # Fewer blobs than k: every cluster lies inside one blob.
+    members = y == 3
+    assert homogeneity_score(blobs[members], assignments[members]) == pytest.approx(1.0)
+    assert (counts[3] > 0).all()
+    np.testing.assert_array_equal(counts[4], 0)  # absent class
+    assert sorted(counts[5].tolist()) == [0, 0, 0, 1]
+    assert bool(result.converged)
+
+
+def _mixture(num_classes=5, per_class=150, dim=8, seed=1):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(num_classes), per_class)
+    modes = rng.normal(scale=2.0, size=(num_classes, 6, dim))
+    x = modes[y, rng.integers(0, 6, y.size)] + rng.normal(size=(y.size, dim))
+    order = rng.permutation(y.size)
+    return x[order].astype(np.float32), y[order].astype(np.int32)
+
+
+def test_inertia_matches_sklearn_per_class():
+    x, y = _mixture()
+    result = kmeans_per_class(x, y, K, key=jax.random.key(3), num_restarts=8)
+    _check_invariants(result, x, y, 5, K)
+    for label in range(5):
+        points = x[y == label].astype(np.float64)
+        best = min(KMeans(K, init="k-means++", n_init=1, random_state=seed).fit(
+            points).inertia_ for seed in range(8))
+        assert float(result.inertia[label]) <= 1.02 * best, (label, best)
+        assert float(result.inertia[label]) >= 0.9 * best, (label, best)
+
+
+def test_restarts_keep_the_best_restart_of_every_class():
+    x, y = _mixture()
+    key = jax.random.key(3)
+    best = kmeans_per_class(x, y, K, key=key, num_restarts=8)
+    singles = [kmeans_per_class(x, y, K, key=restart_key)
+               for restart_key in jax.random.split(key, 8)]
+    inertias = np.stack([np.asarray(single.inertia) for single in singles])
+    np.testing.assert_allclose(best.inertia, inertias.min(0), rtol=1e-5)
+    # The assignments of every class come from the restart that won that class.
+    winner = inertias.argmin(0)
+    for label in range(5):
+        members = y == label
+        np.testing.assert_array_equal(
+            np.asarray(best.assignments)[members],
+            np.asarray(singles[winner[label]].assignments)[members])
+
+
+def test_zero_tolerance_converges_to_means_of_the_assignments():
+    x, y = _mixture()
+    result = kmeans_per_class(x, y, K, key=jax.random.key(0), tolerance=0.0)
+    assert bool(result.converged)
+    centroids, counts = centroids_from_assignments(x, y, result.assignments,
+                                                   num_classes=5, k=K)
+    np.testing.assert_array_equal(counts, result.counts)
+    np.testing.assert_allclose(centroids, result.centroids, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------- edge cases
+
+
+def test_classes_of_size_1_k_minus_1_k_10000_absent_and_duplicates_in_one_call():
+    rng = np.random.default_rng(2)
+    # Class 4 has no examples; class 5 is 6 copies of one point and 1 other point.
+    sizes = {0: 1, 1: K - 1, 2: K, 3: 10_000, 5: 7}
+    y = np.concatenate([np.full(size, label) for label, size in sizes.items()])
+    x = rng.normal(size=(y.size, 8)) + 10 * rng.normal(size=(6, 8))[y]
+    x[y == 5] = 3.0
+    x[np.flatnonzero(y == 5)[0]] = -3.0
+    order = rng.permutation(y.size)
+    x, y = x[order].astype(np.float32), y[order].astype(np.int32)
+    result = kmeans_per_class(x, y, K, key=jax.random.key(1), num_classes=6)
+    _check_invariants(result, x, y, 6, K)
+    counts = np.asarray(result.counts)
+    assert sorted(counts[0].tolist()) == [0, 0, 0, 1]
+    assert sorted(counts[1].tolist()) == [0, 1, 1, 1]
+    assert counts[2].tolist() == [1, 1, 1, 1]
+    assert (counts[3] > 0).all() and counts[3].sum() == 10_000
+    np.testing.assert_array_equal(counts[4], 0)
+    # Duplicates are never picked twice: as many clusters as distinct points, no NaN.
+    assert sorted(counts[5].tolist()) == [0, 0, 1, 6]
+    np.testing.assert_allclose(result.inertia[:3], 0.0, atol=1e-6)
+    np.testing.assert_array_equal(result.inertia[4:], 0.0)
+
+
+def test_empty_cluster_during_lloyd_is_reseeded_or_reported_empty():
+    # Lloyd can empty a cluster; whatever happens, the invariants hold and the
+    # relocation step itself moves the farthest point and keeps sums consistent.
+    x = jnp.array([[0.0], [1.0], [10.0], [11.0], [5.0]])
+    y = jnp.array([0, 0, 0, 0, 1])
+    assignments = jnp.array([0, 0, 0, 0, 0], jnp.int32)
+    sq = jnp.array([25.0, 16.0, 25.0, 36.0, 0.0])
+    sums, counts = kmeans_module._class_sums(x, y, assignments, 2, 2)
+    active = jnp.array([[True, True], [True, True]])
+    sums, counts, active = kmeans_module._relocate_empty(
+        x, y, assignments, sq, sums, counts, active, num_classes=2, k=2)
+    np.testing.assert_array_equal(counts, [[3, 1], [1, 0]])
+    np.testing.assert_allclose(sums[0, 1], [11.0])
+    np.testing.assert_allclose(sums[0, 0], [11.0])
+    # Class 1's single point is at distance 0: its empty slot is retired, not filled.
+    np.testing.assert_array_equal(active, [[True, True], [True, False]])
+
+
+# ------------------------------------------------------------------ jit & caching
+
+
+def test_jit_matches_eager_and_is_deterministic():
+    x, y, _, result = _blob_result()
+    jitted = jax.jit(functools.partial(kmeans_per_class, k=K, num_classes=6))
+    under_jit = jitted(x, y, key=jax.random.key(0))
+    np.testing.assert_array_equal(under_jit.assignments, result.assignments)
+    np.testing.assert_array_equal(under_jit.counts, result.counts)
+    np.testing.assert_allclose(under_jit.centroids, result.centroids, rtol=1e-5,
+                               atol=1e-5)
+    again = kmeans_per_class(x, y, K, key=jax.random.key(0), num_classes=6)
+    for field, a, b in zip(KMeansResult._fields, again, result):
+        np.testing.assert_array_equal(a, b, err_msg=field)
+
+
+@pytest.mark.slow
+def test_disable_jit_matches_jit():
+    x = np.array([[0, 0], [0, 1], [9, 9], [8, 9], [5, 5], [5, 6], [-5, 5]], np.float32)
+    y = np.array([0, 0, 0, 0, 1, 1, 1], np.int32)
+    jitted = kmeans_per_class(x, y, 2, key=jax.random.key(4))
+    with jax.disable_jit():
+        eager = kmeans_per_class(x, y, 2, key=jax.random.key(4))
+    for field, a, b in zip(KMeansResult._fields, eager, jitted):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                   rtol=1e-5, atol=1e-6, err_msg=field)
+
+
+def test_no_recompilation_for_new_label_values_or_tolerance():
+    x, y, _, _ = _blob_result()
+    size = kmeans_module._kmeans_per_class_jit._cache_size()
+    rng = np.random.default_rng(0)
+    kmeans_per_class(x, rng.permutation(y), K, key=jax.random.key(1), num_classes=6)
+    kmeans_per_class(x, (y + 1) % 6, K, key=jax.random.key(2), num_classes=6,
+                     tolerance=1e-3)
+    assert kmeans_module._kmeans_per_class_jit._cache_size() == size
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def test_assign_to_centroids_and_centroids_from_assignments():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(40, 3)).astype(np.float32)
+    y = rng.integers(0, 3, 40).astype(np.int32)
+    centroids = rng.normal(size=(3, 4, 3)).astype(np.float32)
+    valid = np.array([[True, False, True, True], [False, True, False, False],
+                      [False] * 4])
+    assignments, sq = assign_to_centroids(x, y, centroids, valid)
+    distances = ((x[:, None] - centroids[y]) ** 2).sum(-1)
+    distances = np.where(valid[y], distances, np.inf)
+    has_valid = valid[y].any(1)
+    np.testing.assert_array_equal(np.asarray(assignments)[has_valid],
+                                  distances.argmin(1)[has_valid])
+    np.testing.assert_allclose(np.asarray(sq)[has_valid], distances.min(1)[has_valid],
+                               rtol=1e-5)
+    assert np.isinf(np.asarray(sq)[~has_valid]).all()
+
+    slots = rng.integers(0, 4, 40).astype(np.int32)
+    means, counts = centroids_from_assignments(x, y, slots, num_classes=4, k=4)
+    assert means.shape == (4, 4, 3) and counts.shape == (4, 4)
+    for label in range(4):
+        for slot in range(4):
+            members = (y == label) & (slots == slot)
+            assert counts[label, slot] == members.sum()
+            expected = x[members].mean(0) if members.any() else np.zeros(3)
+            np.testing.assert_allclose(means[label, slot], expected, rtol=1e-5,
+                                       atol=1e-6)
+
+
+# --------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(embeddings=np.zeros((4,), np.float32)), "embeddings must have rank 2"),
+    (dict(labels=np.zeros((4, 1), np.int32)), "labels must have rank 1"),
+    (dict(labels=np.zeros((5,), np.int32)), "disagree on the number of examples"),
+    (dict(labels=np.zeros((4,), np.float32)), "labels must be integers"),
+    (dict(labels=np.array([0, -1, 0, 0])), "labels must be >= 0"),
+    (dict(labels=np.array([0, 3, 0, 0]), num_classes=3), "labels must be < num_classes"),
+    (dict(k=0), "k must be an integer >= 1"),
+    (dict(max_iterations=0), "max_iterations must be an integer >= 1"),
+    (dict(num_restarts=0), "num_restarts must be an integer >= 1"),
+    (dict(num_classes=0), "num_classes must be an integer >= 1"),
+    (dict(tolerance=-1.0), "tolerance must be >= 0"),
+    (dict(num_local_trials=0), "num_local_trials must be an integer >= 1"),
+    (dict(embeddings=np.zeros((4, 2), np.int32)), "embeddings must be floating"),
+    (dict(embeddings=np.zeros((0, 2), np.float32), labels=np.zeros((0,), np.int32)),
+     "no examples"),
+])
+def test_invalid_arguments_raise(kwargs, match):
+    arguments = dict(embeddings=np.zeros((4, 2), np.float32),
+                     labels=np.zeros((4,), np.int32), k=2)
+    arguments.update(kwargs)
+    embeddings, labels, k = (arguments.pop(name) for name in ("embeddings", "labels", "k"))
+    with pytest.raises(ValueError, match=match):
+        kmeans_per_class(embeddings, labels, k, key=jax.random.key(0), **arguments)
+
+
+def test_traced_labels_need_num_classes():
+    x, y = np.zeros((4, 2), np.float32), np.zeros((4,), np.int32)
+    with pytest.raises(ValueError, match="num_classes must be given"):
+        jax.jit(lambda x, y: kmeans_per_class(x, y, 2, key=jax.random.key(0)))(x, y)
+
+
+def test_helper_validation():
+    x, y = np.zeros((4, 2), np.float32), np.zeros((4,), np.int32)
+    with pytest.raises(ValueError, match="centroids must be"):
+        assign_to_centroids(x, y, np.zeros((1, 2, 3)), np.ones((1, 2), bool))
+    with pytest.raises(ValueError, match="valid must be"):
+        assign_to_centroids(x, y, np.zeros((1, 2, 2)), np.ones((2, 2), bool))
+    with pytest.raises(ValueError, match="assignments must be"):
+        centroids_from_assignments(x, y, np.zeros((3,), np.int32), num_classes=1, k=2)
+
+
+@pytest.mark.slow
+def test_embeddings_sharded_over_devices_match_single_device():
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if jax.device_count() < 4:
+        pytest.skip("needs 4 (fake) devices")
+    x, y = _mixture(per_class=160)  # 800 rows: divisible by 4
+    single = kmeans_per_class(x, y, K, key=jax.random.key(0))
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = NamedSharding(mesh, PartitionSpec("data"))
+    sharded = kmeans_per_class(jax.device_put(x, rows), jax.device_put(y, rows), K,
+                               key=jax.random.key(0), num_classes=5)
+    np.testing.assert_array_equal(sharded.assignments, single.assignments)
+    np.testing.assert_array_equal(sharded.counts, single.counts)
+    np.testing.assert_allclose(sharded.centroids, single.centroids, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(sharded.inertia, single.inertia, rtol=1e-4)
