@@ -1,0 +1,224 @@
+"""Retrieval metrics: magnet_jax.retrieval_metrics against pytorch-metric-learning + faiss.
+
+pytorch-metric-learning's ``AccuracyCalculator`` (k="max_bin_count", exact faiss-cpu
+``IndexFlatL2`` k-NN, its default path) is the reference implementation of
+precision@1, R-precision and MAP@R. This script times both on the same self-gallery
+(default 60,000 x 128, 100 classes of Gaussian clusters, fixed seed), compares the metric
+values, times NMI/AMI separately (the two sides run different k-means: ours vs faiss'),
+and measures the peak resident memory of our path on a 100,000 x 100,000 gallery in a
+fresh subprocess, against the 40 GB an N x N float32 distance matrix would take.
+
+JAX gets one CPU device per core (``--cpu-devices``, default ``os.cpu_count()``):
+XLA's CPU top-k and (here) matmul run on one thread per device, and
+``retrieval_metrics`` splits every query chunk over the local devices; faiss uses one
+OpenMP thread per core.
+
+Run (full: several minutes on 2 cores, the 100k peak-memory run dominates):
+  python benchmarks/retrieval.py
+Smoke test (seconds):
+  python benchmarks/retrieval.py --quick
+Writes benchmarks/results/retrieval.json (retrieval_quick.json with --quick) and prints
+a markdown table. Timings are only comparable within one run on one machine: the ratio
+is the result. Our time is a warm call (compiled once before); the first call's time,
+compile included, is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+KNN_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
+
+
+def make_data(num, dim, num_classes, seed=0, spread=0.16):
+    """Gaussian clusters: class centres N(0, spread²·I)·√… with unit noise, shuffled."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((num_classes, dim)).astype(np.float32) * spread * 3
+    labels = rng.integers(0, num_classes, num).astype(np.int64)
+    points = centres[labels] + rng.standard_normal((num, dim)).astype(np.float32)
+    return points.astype(np.float32), labels
+
+
+def max_rss_mb() -> float:
+    """Peak resident memory of this process in MB.
+
+    VmHWM (Linux) rather than ru_maxrss: after fork + exec, ru_maxrss still counts the
+    forked copy of the parent (here ~3 GB of torch and data).
+    """
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def ours(points, labels, clustering):
+    from magnet_jax.evaluation import clustering_scores, retrieval_metrics
+
+    if clustering:
+        return clustering_scores(points, labels)
+    return retrieval_metrics(points, labels, clustering=False)
+
+
+def pml(points, labels, clustering):
+    import torch
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    include = ("NMI", "AMI") if clustering else KNN_METRICS
+    calculator = AccuracyCalculator(include=include, k="max_bin_count",
+                                    device=torch.device("cpu"))
+    result = calculator.get_accuracy(points, labels)
+    if clustering:
+        return {"nmi": result["NMI"], "ami": result["AMI"]}
+    return result
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def peak_child(num, dim, num_classes):
+    """Runs in a fresh process: peak RSS of retrieval_metrics on num x num."""
+    import jax
+
+    points, labels = make_data(num, dim, num_classes, seed=1)
+    jax.numpy.zeros(1).block_until_ready()
+    baseline = max_rss_mb()
+    metrics, seconds = timed(ours, points, labels, False)
+    print(json.dumps({"num": num, "dim": dim, "num_classes": num_classes,
+                      "seconds": seconds, "max_rss_mb": max_rss_mb(),
+                      "rss_before_call_mb": baseline, "metrics": metrics}))
+
+
+def versions():
+    import faiss
+    import jax
+    import jaxlib
+    import pytorch_metric_learning
+    import sklearn
+    import torch
+
+    return {"python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "numpy": np.__version__,
+            "torch": torch.__version__, "pytorch_metric_learning":
+            pytorch_metric_learning.__version__, "faiss": faiss.__version__,
+            "scikit_learn": sklearn.__version__}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
+    parser.add_argument("--num", type=int, default=None)
+    parser.add_argument("--dim", type=int, default=None)
+    parser.add_argument("--classes", type=int, default=None)
+    parser.add_argument("--peak-num", type=int, default=None,
+                        help="gallery size of the peak-memory run (0 skips it)")
+    parser.add_argument("--cpu-devices", type=int, default=os.cpu_count(),
+                        help="JAX CPU devices (XLA runs one top-k per device on one "
+                             "thread, so one device per core parallelises it)")
+    parser.add_argument("--peak-child", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+
+    num = args.num or (3_000 if args.quick else 60_000)
+    dim = args.dim or (32 if args.quick else 128)
+    num_classes = args.classes or (20 if args.quick else 100)
+    peak_num = args.peak_num if args.peak_num is not None else (
+        5_000 if args.quick else 100_000)
+    if args.peak_child:
+        peak_child(args.peak_child, dim, num_classes)
+        return
+
+    import faiss
+
+    load_before = os.getloadavg()
+    points, labels = make_data(num, dim, num_classes)
+    report = {
+        "benchmark": "retrieval_metrics vs pytorch-metric-learning AccuracyCalculator "
+                     "(faiss-cpu IndexFlatL2, k='max_bin_count'), self-gallery",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "quick": args.quick, "num": num, "dim": dim, "num_classes": num_classes,
+        "max_class_size": int(np.bincount(labels).max()),
+        "cpu_count": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "platform": platform.platform(), "versions": versions(),
+    }
+
+    ours_first, ours_first_s = timed(ours, points, labels, False)
+    ours_metrics, ours_s = timed(ours, points, labels, False)
+    pml_metrics, pml_s = timed(pml, points, labels, False)
+    ours_cluster, ours_cluster_s = timed(ours, points, labels, True)
+    pml_cluster, pml_cluster_s = timed(pml, points, labels, True)
+    report["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
+    report["knn_metrics"] = {
+        name: {"ours": ours_metrics[name], "pml": float(pml_metrics[name]),
+               "abs_diff": abs(ours_metrics[name] - float(pml_metrics[name]))}
+        for name in KNN_METRICS}
+    report["recall_at_k_ours"] = {k: v for k, v in ours_metrics.items()
+                                  if k.startswith("recall_at_")}
+    report["clustering_metrics"] = {
+        name: {"ours": ours_cluster[name], "pml": float(pml_cluster[name])}
+        for name in ("nmi", "ami")}
+    report["seconds"] = {
+        "ours_knn_metrics_warm": ours_s, "ours_knn_metrics_first_call": ours_first_s,
+        "pml_faiss_knn_metrics": pml_s, "ratio_ours_over_pml": ours_s / pml_s,
+        "ours_nmi_ami": ours_cluster_s, "pml_faiss_nmi_ami": pml_cluster_s}
+
+    if peak_num:
+        child = subprocess.run(
+            [sys.executable, __file__, "--peak-child", str(peak_num), "--dim", str(dim),
+             "--classes", str(num_classes), "--cpu-devices", str(args.cpu_devices)], capture_output=True, text=True, check=True)
+        peak = json.loads(child.stdout.strip().splitlines()[-1])
+        peak["nxn_float32_mb"] = peak_num * peak_num * 4 / 2**20
+        report["peak_memory"] = peak
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / ("retrieval_quick.json" if args.quick else "retrieval.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    lines = [f"Self-gallery {num:,} x {dim}, {num_classes} classes "
+             f"(largest {report['max_class_size']}), {os.cpu_count()} CPUs", "",
+             "| metric | magnet_jax | pml + faiss | abs diff |", "|---|---|---|---|"]
+    for name, row in report["knn_metrics"].items():
+        lines.append(f"| {name} | {row['ours']:.6f} | {row['pml']:.6f} | "
+                     f"{row['abs_diff']:.1e} |")
+    for name, row in report["clustering_metrics"].items():
+        lines.append(f"| {name} (different k-means) | {row['ours']:.4f} | "
+                     f"{row['pml']:.4f} | |")
+    s = report["seconds"]
+    lines += ["", "| time (s) | magnet_jax | pml + faiss | ratio |", "|---|---|---|---|",
+              f"| P@1, R-precision, MAP@R | {s['ours_knn_metrics_warm']:.2f} "
+              f"(first call {s['ours_knn_metrics_first_call']:.2f}) | "
+              f"{s['pml_faiss_knn_metrics']:.2f} | {s['ratio_ours_over_pml']:.2f}x |",
+              f"| NMI, AMI | {s['ours_nmi_ami']:.2f} | {s['pml_faiss_nmi_ami']:.2f} | "
+              f"{s['ours_nmi_ami'] / s['pml_faiss_nmi_ami']:.2f}x |"]
+    if peak_num:
+        p = report["peak_memory"]
+        lines += ["", f"Peak RSS at {peak_num:,} x {peak_num:,}: {p['max_rss_mb']:,.0f} MB "
+                  f"(before the call {p['rss_before_call_mb']:,.0f} MB; an N x N float32 "
+                  f"matrix: {p['nxn_float32_mb']:,.0f} MB), {p['seconds']:.1f} s"]
+    lines.append(f"\nLoad average before/after: {report['load_average_before_after']}")
+    print("\n".join(lines))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
