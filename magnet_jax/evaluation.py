@@ -201,13 +201,18 @@ def _run_chunks(kernel, static: dict, sharded: Sequence[jax.Array],
     sharded = [jnp.pad(a, [(0, padded - num_queries)] + [(0, 0)] * (a.ndim - 1))
                for a in sharded]
     sharded = [jnp.arange(padded, dtype=jnp.int32)] + sharded
+    place_block = lambda block_array: block_array  # noqa: E731
     if len(devices) > 1:
+        # Inputs may be committed anywhere (e.g. to the trainer's mesh over a subset of
+        # the devices): put every block and the reference on this function's own mesh.
         mesh = jax.sharding.Mesh(np.asarray(devices), (_QUERY_AXIS,))
         replicated = [jax.device_put(a, jax.sharding.NamedSharding(
             mesh, jax.sharding.PartitionSpec())) for a in replicated]
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_QUERY_AXIS))
+        place_block = lambda block_array: jax.device_put(block_array, rows)  # noqa: E731
     fn = _compiled(kernel, tuple(sorted(static.items())), len(sharded), len(replicated),
                    devices)
-    outputs = [fn(*[a[start:start + block] for a in sharded], *replicated)
+    outputs = [fn(*[place_block(a[start:start + block]) for a in sharded], *replicated)
                for start in range(0, padded, block)]
     return [jnp.concatenate(parts, axis=0)[:num_queries] for parts in zip(*outputs)]
 
@@ -368,6 +373,10 @@ def knn_predict(query: jax.typing.ArrayLike, reference: jax.typing.ArrayLike,
                              f"[{low}, {high}].")
     _, indices = nearest_neighbours(query, reference, k=k, chunk_size=chunk_size,
                                     exclude_self=exclude_self)
+    if not isinstance(reference_labels, jax.core.Tracer):
+        # The labels may be committed to other devices (e.g. a trainer's sub-mesh) than the
+        # neighbour indices, which live on this module's own query mesh.
+        reference_labels = jax.device_put(reference_labels, indices.sharding)
     if k == 1:
         return reference_labels[indices[:, 0]].astype(jnp.int32)
     return _vote(reference_labels[indices].astype(jnp.int32), num_classes=int(num_classes))

@@ -1,0 +1,155 @@
+"""The Magnet Loss's overhead per step, and the cost of a refresh.
+
+    python benchmarks/train_step.py                 # Fashion-MNIST, convnet, M=12, D=4 (~3 min on 2 cores)
+    python benchmarks/train_step.py --quick         # digits, MLP, seconds (CI smoke test)
+
+Measures, in one process and interleaved so that machine noise hits both alike:
+- the Magnet train step (on-device neighbourhood sampling, gather, magnet loss, loss
+  recording into the index) against a plain softmax step with the same network and batch
+  size (uniform sampling, cross-entropy). Target: ratio <= 1.10.
+- the neighbourhood sampler alone, per call.
+- one refresh (embed the whole training set + k-means in every class) as a fraction of an
+  epoch of Magnet steps. Target: <= 10%.
+
+Writes benchmarks/results/train_step.json (or train_step_quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from magnet_jax import index as index_lib
+from magnet_jax import training
+from magnet_jax.config import TrainConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _time(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed call")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        common = dict(dataset="digits", clusters_per_batch=8, examples_per_cluster=8, clusters_per_class=4)
+        steps_per_call = args.steps or 50
+    else:
+        common = dict(
+            dataset="fashion_mnist", data_dir=args.data_dir, clusters_per_batch=12, examples_per_cluster=4, clusters_per_class=8
+        )
+        steps_per_call = args.steps or 100
+    magnet = training.prepare(TrainConfig(loss="magnet", **common))
+    softmax = training.prepare(TrainConfig(loss="softmax", **common), dataset=magnet.dataset)
+    num_examples = len(magnet.dataset.y_train)
+    batch_size = magnet.config.batch_size
+
+    # Warm up: compile everything once (not timed).
+    magnet_state, softmax_state = magnet.initial_state, softmax.initial_state
+    index = training.refresh(magnet, magnet_state, None, 0)
+    n = jnp.asarray(steps_per_call, jnp.int32)
+    magnet_state, index, _ = magnet.steps.run_steps(magnet_state, index, magnet.data, n)
+    softmax_state, _, _ = softmax.steps.run_steps(softmax_state, None, softmax.data, n)
+
+    magnet_times, softmax_times = [], []
+    for _ in range(args.repeats):  # interleaved
+        start = time.perf_counter()
+        magnet_state, index, loss = magnet.steps.run_steps(magnet_state, index, magnet.data, n)
+        jax.block_until_ready(loss)
+        magnet_times.append((time.perf_counter() - start) / steps_per_call)
+        start = time.perf_counter()
+        softmax_state, _, loss = softmax.steps.run_steps(softmax_state, None, softmax.data, n)
+        jax.block_until_ready(loss)
+        softmax_times.append((time.perf_counter() - start) / steps_per_call)
+
+    draws = 1000
+
+    @jax.jit
+    def sample_many(index, key):
+        def body(i, total):
+            batch = index_lib.sample_neighbourhood(
+                index, jax.random.fold_in(key, i), clusters_per_batch=magnet.config.clusters_per_batch,
+                examples_per_cluster=magnet.config.examples_per_cluster,
+            )
+            return total + batch.indices.sum()
+        return jax.lax.fori_loop(0, draws, body, jnp.zeros((), jnp.int32))
+
+    key = jax.random.PRNGKey(0)
+    sample_many(index, key).block_until_ready()
+    sampler_times = [t / draws for t in _time(lambda: sample_many(index, key), args.repeats)]
+
+    training.refresh(magnet, magnet_state, index, 1).centroids.block_until_ready()  # warm
+    refresh_times = _time(lambda: training.refresh(magnet, magnet_state, index, 1).centroids, args.repeats)
+    embed_times = _time(lambda: magnet.steps.embed(magnet_state.params, magnet.data.x), args.repeats)
+
+    magnet_step = statistics.median(magnet_times)
+    softmax_step = statistics.median(softmax_times)
+    epoch_seconds = magnet_step * num_examples / batch_size
+    refresh_seconds = statistics.median(refresh_times)
+    result = {
+        "benchmark": "train_step",
+        "quick": args.quick,
+        "dataset": magnet.config.dataset,
+        "architecture": training.default_architecture(magnet.dataset.x_train.shape[1:]),
+        "batch": {"clusters_per_batch": magnet.config.clusters_per_batch,
+                  "examples_per_cluster": magnet.config.examples_per_cluster, "batch_size": batch_size},
+        "clusters_per_class": magnet.config.clusters_per_class,
+        "num_train_examples": num_examples,
+        "magnet_step_seconds": magnet_step,
+        "softmax_step_seconds": softmax_step,
+        "magnet_over_softmax": magnet_step / softmax_step,
+        "sampler_seconds": statistics.median(sampler_times),
+        "sampler_fraction_of_magnet_step": statistics.median(sampler_times) / magnet_step,
+        "refresh_seconds": refresh_seconds,
+        "embed_seconds": statistics.median(embed_times),
+        "kmeans_seconds": refresh_seconds - statistics.median(embed_times),
+        "epoch_seconds": epoch_seconds,
+        "refresh_fraction_of_epoch": refresh_seconds / epoch_seconds,
+        "targets": {"magnet_over_softmax": 1.10, "refresh_fraction_of_epoch": 0.10},
+        "raw": {"magnet": magnet_times, "softmax": softmax_times, "refresh": refresh_times, "embed": embed_times},
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.default_backend(),
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / ("train_step_quick.json" if args.quick else "train_step.json")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"| {result['dataset']} ({result['platform']}, {result['device']}) | value |")
+    print("|---|---|")
+    print(f"| magnet step | {magnet_step * 1e3:.2f} ms |")
+    print(f"| softmax step | {softmax_step * 1e3:.2f} ms |")
+    print(f"| magnet / softmax | {result['magnet_over_softmax']:.3f} (target <= 1.10) |")
+    print(f"| sampler alone | {result['sampler_seconds'] * 1e6:.1f} µs ({result['sampler_fraction_of_magnet_step']:.1%} of a step) |")
+    print(f"| refresh (embed {result['embed_seconds']:.2f} s + k-means {result['kmeans_seconds']:.2f} s) | {refresh_seconds:.2f} s |")
+    print(f"| refresh / epoch | {result['refresh_fraction_of_epoch']:.1%} (target <= 10%) |")
+    print(f"written to {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

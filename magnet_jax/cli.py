@@ -1,0 +1,161 @@
+"""The ``magnet-jax`` command: a thin layer over :mod:`magnet_jax.training`.
+
+    magnet-jax train [--dataset digits] [--loss magnet] [--steps N] ... [--config run.json]
+    magnet-jax evaluate --workdir DIR
+    magnet-jax plot --workdir DIR [DIR ...]
+
+Flags are generated from :class:`~magnet_jax.config.TrainConfig`, so every config field has
+exactly one flag (``clusters_per_class`` -> ``--clusters-per-class``). Precedence: built-in
+defaults < ``--config`` JSON file < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+
+from magnet_jax.config import LOSSES, TrainConfig
+
+_HELP = {
+    "dataset": "digits (default, bundled), mnist, fashion_mnist, cifar10, cifar100, tfds:<name>, npz:<path>",
+    "data_dir": "folder with the dataset's files (mnist/fashion_mnist/cifar)",
+    "loss": f"one of: {', '.join(LOSSES)}",
+    "architecture": "mlp, convnet or resnet (default: mlp for flat inputs, convnet for images)",
+    "steps": "training steps",
+    "clusters_per_class": "K: k-means clusters per class (Magnet Loss)",
+    "clusters_per_batch": "M: clusters per batch (Magnet) or classes per batch (pair/triplet losses)",
+    "examples_per_cluster": "D: examples per cluster (or per class); batch size is M·D",
+    "alpha": "Magnet Loss margin α",
+    "margin": "triplet/contrastive margin",
+    "mining": "triplet mining: batch_all, batch_hard or semi_hard",
+    "lr": "Adam learning rate",
+    "refresh_every": "re-cluster every N steps (default: once per epoch)",
+    "eval_every": "evaluate every N steps",
+    "checkpoint_every": "checkpoint every N steps",
+    "seed": "random seed",
+    "workdir": "where checkpoints, history.jsonl and metrics.json go; rerun to resume",
+    "num_devices": "use the first N devices (default: all)",
+    "normalize": "L2-normalise the embeddings",
+}
+
+
+def _flag_type(annotation):
+    """The argparse type for a dataclass field annotation such as ``int | None``."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {}, {})  # annotations are postponed strings
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return args[0]
+    return annotation
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = _flag_type(field.type)
+        help_text = _HELP.get(field.name, "") + f" (default: {field.default})"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=field.name.upper())
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict = {}
+    if getattr(args, "config", None):
+        values.update(TrainConfig.from_json(args.config).to_dict())
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(values)
+
+
+def _print_metrics(metrics: dict) -> None:
+    keys = [
+        "knc_error",
+        "knn_error",
+        "classifier_error",
+        "precision_at_1",
+        "r_precision",
+        "mean_average_precision_at_r",
+        "nmi",
+        "ami",
+        "steps",
+        "seconds",
+    ]
+    width = max(len(k) for k in keys)
+    for key in keys:
+        if key in metrics:
+            value = metrics[key]
+            text = f"{value:.4f}" if isinstance(value, float) else str(value)
+            print(f"{key:<{width}}  {text}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from magnet_jax.training import train
+
+    config = _config_from_args(args)
+    metrics = train(config, progress=not args.no_progress)
+    print(f"trained {config.loss} on {config.dataset}; results in {os.path.abspath(config.workdir)}")
+    _print_metrics(metrics)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from magnet_jax.training import evaluate, load_for_evaluation
+
+    run, state, index = load_for_evaluation(args.workdir)
+    metrics = evaluate(run, state.params, index)
+    metrics["steps"] = int(state.step)
+    path = os.path.join(args.workdir, "evaluation.json")
+    with open(path, "w") as f:
+        json.dump(metrics, f, indent=2, sort_keys=True)
+    _print_metrics(metrics)
+    print(f"written to {path}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from magnet_jax import plotting
+
+    for path in plotting.plot_runs(args.workdir, output_dir=args.output):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="magnet-jax", description="Deep metric learning with the Magnet Loss in JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train_parser = commands.add_parser("train", help="train an embedding (resumes if --workdir holds a run)")
+    train_parser.add_argument("--config", help="JSON file of config values; flags override it")
+    train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(train_parser)
+    train_parser.set_defaults(handler=_cmd_train)
+
+    eval_parser = commands.add_parser("evaluate", help="re-evaluate the latest checkpoint of a run")
+    eval_parser.add_argument("--workdir", required=True)
+    eval_parser.set_defaults(handler=_cmd_evaluate)
+
+    plot_parser = commands.add_parser("plot", help="embedding maps and learning curves of runs")
+    plot_parser.add_argument("--workdir", required=True, nargs="+")
+    plot_parser.add_argument("--output", default=None, help="folder for the PNGs (default: the first workdir)")
+    plot_parser.set_defaults(handler=_cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as error:
+        print(f"magnet-jax: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

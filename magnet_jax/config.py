@@ -1,0 +1,127 @@
+"""The training configuration: one frozen dataclass, loadable from JSON, checked up front.
+
+Every check that can be made before touching the work directory is made here or in
+:func:`magnet_jax.training.prepare`, so a bad command line fails with one clear message
+and leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+LOSSES = (
+    "magnet",
+    "triplet",
+    "contrastive",
+    "multi_similarity",
+    "proxy_nca",
+    "normalized_softmax",
+    "arcface",
+    "softmax",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on. Field names match the command's flags.
+
+    Batches: the Magnet Loss samples ``clusters_per_batch`` (M) clusters of
+    ``examples_per_cluster`` (D) examples; the pair and triplet losses sample M classes of
+    D examples; the classification losses sample M·D examples uniformly. The batch size is
+    M·D for every loss, so the losses are compared at equal cost per step.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    loss: str = "magnet"
+    architecture: str | None = None  # None: mlp for flat inputs, convnet for images
+    embedding_dim: int = 32
+    normalize: bool = False  # L2-normalise embeddings
+    steps: int = 1500
+    clusters_per_class: int = 4  # K
+    clusters_per_batch: int = 8  # M
+    examples_per_cluster: int = 8  # D
+    alpha: float = 1.0  # Magnet margin
+    margin: float = 0.2  # triplet / contrastive margin
+    mining: str = "batch_all"  # triplet mining
+    optimizer: str = "adam"  # adam, or sgd (momentum 0.9)
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    refresh_every: int | None = None  # None: once per epoch of M·D-example batches
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    log_every: int = 50
+    max_checkpoints: int = 3
+    knn_k: int = 1
+    num_nearest_clusters: int = 128  # L in kNC; capped at the number of valid clusters
+    kmeans_iterations: int = 50
+    eval_chunk_size: int = 1024
+    seed: int = 0
+    workdir: str = "runs/magnet-digits"
+    num_devices: int | None = None  # None: all devices
+
+    @property
+    def batch_size(self) -> int:
+        return self.clusters_per_batch * self.examples_per_cluster
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(names)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path!r} not found (looked in {os.path.abspath(path)})")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    def validate(self) -> None:
+        """Checks that need no data. Raises ValueError naming the offending field."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        positive = (
+            "embedding_dim",
+            "steps",
+            "clusters_per_class",
+            "clusters_per_batch",
+            "examples_per_cluster",
+            "eval_every",
+            "checkpoint_every",
+            "log_every",
+            "max_checkpoints",
+            "knn_k",
+            "num_nearest_clusters",
+            "kmeans_iterations",
+            "eval_chunk_size",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.refresh_every is not None and self.refresh_every < 1:
+            raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
+        if self.clusters_per_batch < 2:
+            raise ValueError(
+                f"clusters_per_batch (M) must be >= 2 (a seed cluster and at least one impostor "
+                f"or a second class), got {self.clusters_per_batch}"
+            )
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
+        if self.mining not in ("batch_all", "batch_hard", "semi_hard"):
+            raise ValueError(f"unknown mining {self.mining!r}; choose batch_all, batch_hard or semi_hard")
+        if self.num_devices is not None and self.num_devices < 1:
+            raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")

@@ -1,0 +1,151 @@
+"""Pictures of embeddings and learning curves (matplotlib, PNG, no display needed).
+
+- :func:`plot_embedding_maps`: 2-D maps of embeddings coloured by class, side by side
+  (e.g. before and after training, like figure 3 of the paper); t-SNE when d > 2.
+- :func:`plot_learning_curves`: test error against iterations for one or several runs,
+  with mean ± std bands when a run has several seeds.
+- :func:`plot_runs`: both, for work directories written by ``magnet-jax train``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def project_2d(embeddings: np.ndarray, *, seed: int = 0) -> np.ndarray:
+    """[N, d] -> [N, 2]: the embeddings themselves when d <= 2, else t-SNE."""
+    embeddings = np.asarray(embeddings, np.float64)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be [N, d], got shape {embeddings.shape}")
+    if embeddings.shape[1] == 2:
+        return embeddings
+    if embeddings.shape[1] == 1:
+        return np.concatenate([embeddings, np.zeros_like(embeddings)], axis=1)
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30, max(5, (len(embeddings) - 1) // 3)))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(embeddings)
+
+
+def plot_embedding_maps(
+    panels: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    max_points: int = 2000,
+    seed: int = 0,
+) -> str:
+    """One 2-D map per panel (title -> embeddings [N, d]), coloured by ``labels`` [N].
+
+    The same random subset of at most ``max_points`` examples is drawn in every panel.
+    Returns the PNG's path.
+    """
+    labels = np.asarray(labels)
+    for title, embeddings in panels.items():
+        if len(embeddings) != len(labels):
+            raise ValueError(f"panel {title!r} has {len(embeddings)} embeddings but there are {len(labels)} labels")
+    rng = np.random.default_rng(seed)
+    subset = rng.permutation(len(labels))[:max_points]
+    num_classes = int(labels.max()) + 1
+    colours = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
+    for axis, (title, embeddings) in zip(axes[0], panels.items()):
+        points = project_2d(np.asarray(embeddings)[subset], seed=seed)
+        for c in range(num_classes):
+            mask = labels[subset] == c
+            name = class_names[c] if class_names is not None else str(c)
+            axis.scatter(points[mask, 0], points[mask, 1], s=4, color=colours(c % colours.N), label=name)
+        axis.set_title(title)
+        axis.set_xticks([])
+        axis.set_yticks([])
+    axes[0][-1].legend(markerscale=3, fontsize=7, loc="best", frameon=False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return os.fspath(path)
+
+
+def plot_learning_curves(
+    curves: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]],
+    path: str | os.PathLike,
+    *,
+    ylabel: str = "test error",
+    title: str | None = None,
+) -> str:
+    """Error against iterations: ``curves`` maps a method to one (iterations, errors) pair
+    per seed. Several seeds are drawn as their mean with a ± std band (the seeds must
+    share their iterations). Returns the PNG's path."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, runs in curves.items():
+        if not runs:
+            continue
+        iterations = np.asarray(runs[0][0], float)
+        errors = [np.asarray(e, float) for _, e in runs]
+        if len(errors) > 1 and all(len(e) == len(iterations) for e in errors):
+            stacked = np.stack(errors)
+            mean, std = stacked.mean(0), stacked.std(0)
+            axis.plot(iterations, mean, label=f"{name} (n={len(errors)})")
+            axis.fill_between(iterations, mean - std, mean + std, alpha=0.2)
+        else:
+            for i, (its, errs) in enumerate(runs):
+                axis.plot(its, errs, label=name if i == 0 else None)
+    axis.set_xlabel("iterations")
+    axis.set_ylabel(ylabel)
+    if title:
+        axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return os.fspath(path)
+
+
+def read_history(workdir: str | os.PathLike) -> list[dict]:
+    path = os.path.join(workdir, "history.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no history in {os.path.abspath(workdir)}: {path} is missing")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_runs(workdirs: Sequence[str], *, output_dir: str | None = None) -> list[str]:
+    """Learning curves of every run in ``workdirs`` and, for the first one, embedding maps
+    of the test set before and after training. Returns the PNG paths written."""
+    from magnet_jax import training  # heavy import, only when plotting runs
+
+    output_dir = output_dir or workdirs[0]
+    os.makedirs(output_dir, exist_ok=True)
+    written = []
+    for metric in ("knc_error", "knn_error"):
+        curves = {}
+        for workdir in workdirs:
+            evals = [h for h in read_history(workdir) if h["kind"] == "eval" and metric in h]
+            if evals:
+                name = os.path.basename(os.path.normpath(workdir))
+                curves[name] = [([h["step"] for h in evals], [h[metric] for h in evals])]
+        if curves:
+            written.append(
+                plot_learning_curves(curves, os.path.join(output_dir, f"curves_{metric}.png"), ylabel=metric.replace("_", " "))
+            )
+    run, state, _ = training.load_for_evaluation(workdirs[0])
+    before = np.asarray(run.steps.embed(run.initial_state.params, run.x_test))
+    after = np.asarray(run.steps.embed(state.params, run.x_test))
+    written.append(
+        plot_embedding_maps(
+            {"before training": before, f"after {int(state.step)} steps": after},
+            np.asarray(run.dataset.y_test),
+            os.path.join(output_dir, "embeddings.png"),
+            class_names=run.dataset.class_names,
+        )
+    )
+    return written

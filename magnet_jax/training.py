@@ -1,0 +1,494 @@
+"""The training program: mesh, input, sharded train step, and the host loop.
+
+Data flow (DESIGN.md §2), one direction::
+
+    dataset ──indices──▶ sampler(ClusterIndex) ──batch──▶ train_step ──▶ TrainState
+                              ▲  loss stats ◀────────────────┘
+    every refresh: embed all (sharded) ──▶ k-means per class ──▶ new ClusterIndex
+
+Everything numeric is a jitted pure function of explicit pytrees (:class:`TrainState`,
+:class:`~magnet_jax.index.ClusterIndex`, :class:`~magnet_jax.objectives.TrainingData`).
+The host loop in :func:`train` only decides when to refresh, evaluate, log and
+checkpoint. Steps between two such events run as ONE jitted call (a ``fori_loop`` with a
+traced trip count, so no recompilation), which keeps Python dispatch off the hot path.
+
+Sharding: one ``data`` mesh axis over all devices (all hosts after
+``jax.distributed.initialize()``). Parameters, optimizer state, the cluster index and the
+training set are replicated; the sampled batch is constrained to be split along ``data``,
+so the forward and backward passes are data-parallel and XLA inserts the collectives. The
+loss is the loss of the global batch whatever the number of devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from magnet_jax import evaluation
+from magnet_jax import index as index_lib
+from magnet_jax import sampling
+from magnet_jax.checkpoint import Checkpointer
+from magnet_jax.config import TrainConfig
+from magnet_jax.data import Dataset, load_dataset
+from magnet_jax.models import create_model, default_architecture
+from magnet_jax.objectives import Objective, TrainingData, get_objective
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes from step to step, as one pytree.
+
+    Attributes:
+        step: [] int32, the number of steps taken.
+        params: nested dict of parameter arrays (``nnx.to_pure_dict`` of the model).
+        opt_state: the Optax optimizer state.
+        rng: [2] uint32 base key; step ``t`` uses ``fold_in(rng, t)``, so the randomness of
+            a step depends only on the seed and the step number (exact resume).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+class StepFunctions(NamedTuple):
+    """The jitted functions of a run.
+
+    run_steps: (state, index, data, num_steps) -> (state, index, mean loss []); state and
+        index are donated.
+    train_step: one step, (state, index, data) -> (state, index, loss []).
+    embed: (params, x [N, ...]) -> embeddings [N, d], in chunks, sharded over ``data``.
+    """
+
+    run_steps: Any
+    train_step: Any
+    embed: Any
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D ``data`` mesh over the first ``num_devices`` devices (default: all)."""
+    devices = jax.devices()
+    if num_devices is None:
+        num_devices = len(devices)
+    if num_devices > len(devices):
+        raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices are available: {devices}")
+    return Mesh(np.asarray(devices[:num_devices]), ("data",))
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    if config.optimizer == "sgd":
+        sgd = optax.sgd(config.lr, momentum=0.9)
+        return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd) if config.weight_decay > 0 else sgd
+    if config.weight_decay > 0:
+        return optax.adamw(config.lr, weight_decay=config.weight_decay)
+    return optax.adam(config.lr)
+
+
+def build_step_functions(
+    objective: Objective,
+    graphdef: Any,
+    optimizer: optax.GradientTransformation,
+    config: TrainConfig,
+    mesh: Mesh,
+) -> StepFunctions:
+    """Builds the jitted train step, its multi-step loop and the chunked embedding."""
+    num_devices = mesh.devices.size
+    batch_sharding = NamedSharding(mesh, P("data"))
+    replicated = NamedSharding(mesh, P())
+
+    def train_step(state: TrainState, index, data: TrainingData):
+        key = jax.random.fold_in(state.rng, state.step)
+        batch = objective.sample(key, index, data, config)
+        inputs = jax.lax.with_sharding_constraint(data.x[batch.indices], batch_sharding)
+
+        def loss_of(params):
+            model = nnx.merge(graphdef, nnx.State(params))
+            output = objective.loss(model, model(inputs), batch, config)
+            return output.loss, output
+
+        (loss, output), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        if objective.uses_index:
+            index = index_lib.record_batch(index, batch.cluster_ids, output.example_losses, output.variance)
+        return TrainState(state.step + 1, params, opt_state, state.rng), index, loss
+
+    def run_steps(state: TrainState, index, data: TrainingData, num_steps: jax.Array):
+        def body(_, carry):
+            state, index, loss_sum = carry
+            state, index, loss = train_step(state, index, data)
+            return state, index, loss_sum + loss
+
+        state, index, loss_sum = jax.lax.fori_loop(0, num_steps, body, (state, index, jnp.zeros(())))
+        return state, index, loss_sum / jnp.maximum(num_steps, 1)
+
+    def embed(params, x: jax.Array) -> jax.Array:
+        num_examples = x.shape[0]
+        chunk = min(config.eval_chunk_size, num_examples)
+        # The last chunk is shifted back to end at N: it overlaps the one before and
+        # writes the same values twice, which keeps every chunk the same static shape.
+        starts = jnp.minimum(jnp.arange(0, num_examples, chunk), num_examples - chunk)
+        model = nnx.merge(graphdef, nnx.State(params))
+
+        def embed_chunk(start):
+            rows = jax.lax.dynamic_slice_in_dim(x, start, chunk)
+            if chunk % num_devices == 0:
+                rows = jax.lax.with_sharding_constraint(rows, batch_sharding)
+            return model(rows)
+
+        chunks = jax.lax.map(embed_chunk, starts)
+        positions = (starts[:, None] + jnp.arange(chunk)).reshape(-1)
+        flat = chunks.reshape(-1, chunks.shape[-1])
+        return jnp.zeros((num_examples, flat.shape[-1]), flat.dtype).at[positions].set(flat)
+
+    return StepFunctions(
+        run_steps=jax.jit(run_steps, donate_argnums=(0, 1)),
+        train_step=jax.jit(train_step, donate_argnums=(0, 1)),
+        embed=jax.jit(embed, out_shardings=replicated),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Setting up a run: every check happens here, before the work directory is touched.
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+    """A prepared run: data on device, the model's structure, the jitted functions."""
+
+    config: TrainConfig
+    dataset: Dataset
+    objective: Objective
+    mesh: Mesh
+    graphdef: Any
+    optimizer: optax.GradientTransformation
+    steps: StepFunctions
+    data: TrainingData
+    x_test: jax.Array
+    initial_state: TrainState
+
+    @property
+    def refresh_every(self) -> int:
+        if self.config.refresh_every is not None:
+            return self.config.refresh_every
+        return max(1, math.ceil(len(self.dataset.y_train) / self.config.batch_size))
+
+
+def _check_against_data(config: TrainConfig, dataset: Dataset, objective: Objective, num_devices: int) -> None:
+    labels = np.asarray(dataset.y_train)
+    class_sizes = np.bincount(labels, minlength=dataset.num_classes)
+    num_classes = int(np.count_nonzero(class_sizes))
+    if config.batch_size % num_devices:
+        raise ValueError(
+            f"the batch of M·D = {config.clusters_per_batch}·{config.examples_per_cluster} = "
+            f"{config.batch_size} examples cannot be split evenly over {num_devices} devices; "
+            f"choose M and D so that M·D is a multiple of {num_devices}"
+        )
+    if objective.uses_index:
+        smallest = int(np.argmin(np.where(class_sizes > 0, class_sizes, np.iinfo(np.int64).max)))
+        if config.clusters_per_class > class_sizes[smallest]:
+            raise ValueError(
+                f"--clusters-per-class K={config.clusters_per_class} is larger than class "
+                f"{smallest} ({dataset.class_names[smallest]!r}) allows: it has only "
+                f"{class_sizes[smallest]} training examples; choose K <= {class_sizes[smallest]}"
+            )
+        other_clusters = (num_classes - 1) * config.clusters_per_class
+        if config.clusters_per_batch - 1 > other_clusters:
+            raise ValueError(
+                f"--clusters-per-batch M={config.clusters_per_batch} needs M-1 = "
+                f"{config.clusters_per_batch - 1} impostor clusters of other classes, but with "
+                f"{num_classes} classes and K={config.clusters_per_class} there are only "
+                f"{other_clusters}; lower M or raise K"
+            )
+    elif objective.batch == "classes" and config.clusters_per_batch > num_classes:
+        raise ValueError(
+            f"--clusters-per-batch M={config.clusters_per_batch} classes per batch but the "
+            f"dataset has only {num_classes} classes"
+        )
+
+
+def prepare(config: TrainConfig, dataset: Dataset | None = None) -> Run:
+    """Loads the data, builds the model and the jitted functions; raises on bad input."""
+    config.validate()
+    objective = get_objective(config.loss)
+    if dataset is None:
+        dataset = load_dataset(config.dataset, config.data_dir)
+    mesh = make_mesh(config.num_devices)
+    _check_against_data(config, dataset, objective, mesh.devices.size)
+
+    input_shape = dataset.x_train.shape[1:]
+    model = create_model(
+        config.architecture or default_architecture(input_shape),
+        input_shape,
+        embedding_dim=config.embedding_dim,
+        seed=config.seed,
+        normalize=config.normalize,
+        num_classes=dataset.num_classes,
+        classifier=objective.classifier,
+        proxies=objective.proxies,
+    )
+    graphdef, params_state = nnx.split(model)
+    params = nnx.to_pure_dict(params_state)
+    optimizer = make_optimizer(config)
+
+    replicated = NamedSharding(mesh, P())
+    labels = jnp.asarray(dataset.y_train, jnp.int32)
+    data = TrainingData(
+        x=jnp.asarray(dataset.x_train),
+        labels=labels,
+        class_table=sampling.group_table(labels, num_groups=dataset.num_classes),
+    )
+    data = jax.device_put(data, replicated)
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.PRNGKey(config.seed),
+    )
+    state = jax.device_put(state, replicated)
+    steps = build_step_functions(objective, graphdef, optimizer, config, mesh)
+    x_test = jax.device_put(jnp.asarray(dataset.x_test), replicated)
+    return Run(config, dataset, objective, mesh, graphdef, optimizer, steps, data, x_test, state)
+
+
+# --------------------------------------------------------------------------------------
+# Refresh and evaluation.
+# --------------------------------------------------------------------------------------
+
+
+def _refresh_key(config: TrainConfig, step: int) -> jax.Array:
+    return jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
+
+
+def refresh(run: Run, state: TrainState, index, step: int):
+    """Embeds the training set with the current parameters and re-clusters every class."""
+    embeddings = run.steps.embed(state.params, run.data.x)
+    key = _refresh_key(run.config, step)
+    if index is None:
+        new_index = index_lib.build_index(
+            embeddings,
+            run.data.labels,
+            clusters_per_class=run.config.clusters_per_class,
+            num_impostors=run.config.clusters_per_batch - 1,
+            key=key,
+            num_classes=run.dataset.num_classes,
+            max_iterations=run.config.kmeans_iterations,
+        )
+    else:
+        new_index = index_lib.refresh_index(
+            index, embeddings, key=key, max_iterations=run.config.kmeans_iterations
+        )
+    return jax.device_put(new_index, NamedSharding(run.mesh, P()))
+
+
+def evaluate(run: Run, params, index) -> dict[str, float]:
+    """Test-set metrics of the current embedding.
+
+    kNN: test queries against the training set. kNC (Magnet Loss only): against centroids
+    recomputed from the current embeddings with the index's stored assignments (stale
+    centroids err more, DESIGN.md §1). Retrieval metrics: the test set as its own gallery.
+    """
+    config = run.config
+    train_embeddings = run.steps.embed(params, run.data.x)
+    test_embeddings = run.steps.embed(params, run.x_test)
+    y_test = np.asarray(run.dataset.y_test)
+    metrics: dict[str, float] = {}
+    predicted = evaluation.knn_predict(
+        test_embeddings, train_embeddings, run.data.labels, k=config.knn_k, num_classes=run.dataset.num_classes
+    )
+    metrics["knn_error"] = float(np.mean(np.asarray(predicted) != y_test))
+    if index is not None:
+        fresh = index_lib.recompute_centroids(index, train_embeddings)
+        predicted = evaluation.knc_predict(test_embeddings, fresh, num_nearest_clusters=config.num_nearest_clusters)
+        metrics["knc_error"] = float(np.mean(np.asarray(predicted) != y_test))
+    if run.objective.classifier:
+        model = nnx.merge(run.graphdef, nnx.State(params))
+        logits = jax.jit(model.logits)(test_embeddings)
+        metrics["classifier_error"] = float(np.mean(np.asarray(jnp.argmax(logits, -1)) != y_test))
+    retrieval = evaluation.retrieval_metrics(
+        test_embeddings, jnp.asarray(y_test), num_classes=run.dataset.num_classes
+    )
+    metrics.update({name: float(value) for name, value in retrieval.items()})
+    return metrics
+
+
+# --------------------------------------------------------------------------------------
+# The host loop.
+# --------------------------------------------------------------------------------------
+
+
+def _next_event(step: int, run: Run) -> int:
+    config = run.config
+    periods = (config.log_every, run.refresh_every, config.eval_every, config.checkpoint_every)
+    candidates = [((step // period) + 1) * period for period in periods]
+    return min(min(candidates), config.steps)
+
+
+class _Workdir:
+    """The run's files: config.json, history.jsonl, metrics.json, checkpoints/."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.config = os.path.join(self.path, "config.json")
+        self.history = os.path.join(self.path, "history.jsonl")
+        self.metrics = os.path.join(self.path, "metrics.json")
+        self.checkpoints = os.path.join(self.path, "checkpoints")
+
+    def saved_config(self) -> dict | None:
+        if not os.path.exists(self.config):
+            return None
+        with open(self.config) as f:
+            return json.load(f)
+
+    def write_json(self, path: str, value: Any) -> None:
+        """Atomic: a crash leaves the old file or the new one, never half of one."""
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+
+    def truncate_history(self, num_lines: int) -> None:
+        """Drops lines written after the checkpoint we resume from (they will be rewritten)."""
+        if not os.path.exists(self.history):
+            return
+        with open(self.history) as f:
+            lines = f.readlines()[:num_lines]
+        tmp = self.history + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, self.history)
+
+
+# Fields that may differ between a run and its resumption.
+_RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "log_every", "max_checkpoints", "workdir"}
+
+
+def _check_same_run(saved: dict, config: TrainConfig, workdir: str) -> None:
+    current = config.to_dict()
+    differing = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if differing:
+        details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current[k]!r}" for k in differing)
+        raise ValueError(
+            f"the work directory {workdir} holds a run with a different configuration ({details}); "
+            f"resume it with the same settings or choose another --workdir"
+        )
+
+
+def train(config: TrainConfig, *, progress: bool = True, dataset: Dataset | None = None) -> dict[str, float]:
+    """Trains (or resumes) the run described by ``config``; returns the final metrics.
+
+    Writes ``config.json``, ``history.jsonl`` (one JSON line per logged step, refresh and
+    evaluation), ``metrics.json`` (final metrics) and ``checkpoints/`` under
+    ``config.workdir``. Running it again with the same work directory resumes from the
+    latest checkpoint and ends with the same parameters and metrics as an uninterrupted run.
+    """
+    from tqdm.auto import tqdm
+
+    run = prepare(config, dataset)  # raises before anything is written
+    workdir = _Workdir(config.workdir)
+    saved = workdir.saved_config()
+    if saved is not None:
+        _check_same_run(saved, config, workdir.path)
+    os.makedirs(workdir.path, exist_ok=True)
+    workdir.write_json(workdir.config, config.to_dict())
+    checkpointer = Checkpointer(workdir.checkpoints, max_to_keep=config.max_checkpoints)
+
+    state, index = run.initial_state, None
+    history_lines, seconds_before = 0, 0.0
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        index_template = _index_template(run) if run.objective.uses_index else None
+        restored = checkpointer.restore(latest, state, index_template)
+        state, index = restored.state, restored.index
+        history_lines = restored.meta["history_lines"]
+        seconds_before = restored.meta["seconds"]
+    workdir.truncate_history(history_lines)
+    step = int(state.step)
+
+    started = time.perf_counter()
+    history = open(workdir.history, "a")
+    metrics: dict[str, float] = {}
+
+    def log(record: dict) -> None:
+        nonlocal history_lines
+        history.write(json.dumps(record, sort_keys=True) + "\n")
+        history.flush()
+        history_lines += 1
+
+    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"{config.loss} on {config.dataset}", unit="step")
+    try:
+        while True:
+            if run.objective.uses_index and step < config.steps and step % run.refresh_every == 0:
+                index = refresh(run, state, index, step)
+                log({"kind": "refresh", "step": step, "valid_clusters": int(jnp.sum(index.valid))})
+            if step == config.steps or (step > 0 and step % config.eval_every == 0):
+                metrics = evaluate(run, state.params, index)
+                log({"kind": "eval", "step": step, **metrics})
+                bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("knn_error", "knc_error") if k in metrics})
+            if step == config.steps:
+                break
+            target = _next_event(step, run)
+            state, index, loss = run.steps.run_steps(state, index, run.data, jnp.asarray(target - step, jnp.int32))
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"the training loss became {loss} between steps {step} and {target}; "
+                    f"the last finite checkpoint is kept in {workdir.checkpoints}. Try a lower --lr."
+                )
+            bar.update(target - step)
+            step = target
+            if step % config.log_every == 0 or step == config.steps:
+                log({"kind": "train", "step": step, "loss": loss})
+                bar.set_postfix_str(f"loss={loss:.4f}", refresh=False)
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                seconds = seconds_before + time.perf_counter() - started
+                checkpointer.save(step, state, index, {"history_lines": history_lines, "seconds": seconds})
+    finally:
+        bar.close()
+        history.close()
+        checkpointer.close()
+
+    final = {**metrics, "steps": step, "seconds": seconds_before + time.perf_counter() - started}
+    final["loss"] = config.loss
+    final["dataset"] = config.dataset
+    workdir.write_json(workdir.metrics, final)
+    return final
+
+
+def _index_template(run: Run):
+    """An index of the right shapes and shardings for Orbax to restore into: the one the
+    initial parameters give (cheap, and concrete, so no check inside the index is skipped)."""
+    return refresh(run, run.initial_state, None, 0)
+
+
+def load_for_evaluation(workdir: str) -> tuple[Run, TrainState, Any]:
+    """The run saved in ``workdir`` at its latest checkpoint: (run, state, index)."""
+    files = _Workdir(workdir)
+    saved = files.saved_config()
+    if saved is None:
+        raise FileNotFoundError(f"no run in {files.path}: {files.config} is missing (train one with `magnet-jax train --workdir {workdir}`)")
+    config = TrainConfig.from_dict(saved)
+    run = prepare(config)
+    checkpointer = Checkpointer(files.checkpoints)
+    latest = checkpointer.latest_step()
+    if latest is None:
+        raise FileNotFoundError(f"no complete checkpoint in {files.checkpoints}")
+    index_template = _index_template(run) if run.objective.uses_index else None
+    restored = checkpointer.restore(latest, run.initial_state, index_template)
+    checkpointer.close()
+    return run, restored.state, restored.index
