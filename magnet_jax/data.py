@@ -60,7 +60,24 @@ __all__ = [
     "DIGITS_SPLIT_SEED",
 ]
 
-KNOWN_DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "tfds:<name>", "npz:<path>")
+KNOWN_DATASETS = (
+    "digits",
+    "mnist",
+    "fashion_mnist",
+    "cifar10",
+    "cifar100",
+    "mnist_parity",
+    "fashion_mnist_coarse",
+    "cifar100_coarse",
+    "tfds:<name>",
+    "npz:<path>",
+)
+# Coarse-label datasets for hierarchy experiments: y is the coarse class, fine_* the original.
+_COARSE_VARIANTS = {
+    "mnist_parity": ("mnist", "MNIST_PARITY"),
+    "fashion_mnist_coarse": ("fashion_mnist", "FASHION_MNIST_COARSE"),
+    "cifar100_coarse": ("cifar100", None),
+}
 
 DATA_DIR_ENV_VAR = "MAGNET_JAX_DATA"
 DIGITS_TEST_FRACTION = 0.25
@@ -207,7 +224,10 @@ def load_dataset(
 
     Args:
       name: ``digits``, ``mnist``, ``fashion_mnist`` (``fashion-mnist`` too), ``cifar10``,
-        ``cifar100``, ``tfds:<builder name>`` or ``npz:<path>``.
+        ``cifar100``, ``tfds:<builder name>`` or ``npz:<path>``; or a coarse-label variant
+        for hierarchy experiments: ``mnist_parity`` (even/odd), ``fashion_mnist_coarse``
+        (tops, footwear, trouser, bag), ``cifar100_coarse`` (20 superclasses); their
+        original labels are kept as ``fine_*``.
       data_dir: where the files are (the dataset's folder or its parent); defaults to
         :func:`default_data_dir`. For ``tfds:`` it is TFDS's data dir (TFDS's default when
         None). For ``npz:`` a relative path is tried against the working directory, then
@@ -242,6 +262,12 @@ def load_dataset(
     key = name.lower().replace("-", "_")
     if label_mode == "coarse" and key != "cifar100":
         raise ValueError(f"label_mode='coarse' applies to cifar100 only, not to {name!r}")
+    if key in _COARSE_VARIANTS:
+        base, grouping = _COARSE_VARIANTS[key]
+        if base == "cifar100":
+            return load_dataset(base, data_dir, label_mode="coarse")
+        fine = load_dataset(base, data_dir, verify=verify)
+        return coarsen(fine, *globals()[grouping], name=key)
     if key == "digits":
         return _load_digits()
     if key in _IDX_DATASETS:

@@ -323,7 +323,19 @@ def evaluate(run: Run, params, index) -> dict[str, float]:
         test_embeddings, jnp.asarray(y_test), num_classes=run.dataset.num_classes
     )
     metrics.update({name: float(value) for name, value in retrieval.items()})
+    if run.dataset.fine_test is not None:
+        metrics.update(fine_label_errors(train_embeddings, run.dataset.fine_train, test_embeddings, run.dataset.fine_test))
     return metrics
+
+
+def fine_label_errors(train_embeddings, fine_train, test_embeddings, fine_test, *, ks=(1, 5)) -> dict[str, float]:
+    """Hierarchy recovery: how well an embedding trained on coarse labels separates the
+    fine ones. ``fine_error_at_k`` is the share of test queries with no training example of
+    their fine class among their k nearest training examples (Error@1 is the 1-NN error)."""
+    _, neighbours = evaluation.nearest_neighbours(test_embeddings, train_embeddings, k=max(ks))
+    neighbour_labels = np.asarray(fine_train)[np.asarray(neighbours)]
+    hits = neighbour_labels == np.asarray(fine_test)[:, None]
+    return {f"fine_error_at_{k}": float(1.0 - np.mean(np.any(hits[:, :k], axis=1))) for k in ks}
 
 
 # --------------------------------------------------------------------------------------
