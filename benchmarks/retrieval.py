@@ -38,7 +38,8 @@ import time
 
 import numpy as np
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
+RESULTS = pathlib.Path(os.environ.get("MAGNET_JAX_RESULTS", pathlib.Path(__file__).resolve().parent / "results"))
 KNN_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
 

@@ -32,7 +32,8 @@ from magnet_jax import index as index_lib
 from magnet_jax import training
 from magnet_jax.config import TrainConfig
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
+RESULTS = Path(os.environ.get("MAGNET_JAX_RESULTS", Path(__file__).resolve().parent / "results"))
 
 
 def _time(fn, repeats: int) -> list[float]:

@@ -1,0 +1,27 @@
+"""Every benchmark script runs in its --quick mode, so the scripts never rot."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if not p.name.startswith("_"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_quick_mode_runs_and_writes_json(script, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MAGNET_JAX_RESULTS": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    written = list(tmp_path.glob("*.json"))
+    assert written, f"{script} --quick wrote no JSON into MAGNET_JAX_RESULTS"
+    for path in written:
+        json.loads(path.read_text())

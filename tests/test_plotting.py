@@ -1,0 +1,59 @@
+"""Plots: files are written, are PNGs, and bad input is refused clearly."""
+
+import numpy as np
+import pytest
+
+from magnet_jax import plotting
+
+
+def _is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_embedding_maps_side_by_side(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), 20)
+    before = rng.normal(size=(60, 8))
+    after = before + 5 * labels[:, None]
+    path = plotting.plot_embedding_maps({"before": before, "after": after}, labels, tmp_path / "map.png")
+    assert _is_png(path)
+
+
+def test_project_2d_keeps_2d_and_runs_tsne():
+    points = np.random.default_rng(0).normal(size=(40, 2))
+    np.testing.assert_array_equal(plotting.project_2d(points), points)
+    assert plotting.project_2d(np.random.default_rng(0).normal(size=(40, 5))).shape == (40, 2)
+    with pytest.raises(ValueError, match="shape"):
+        plotting.project_2d(np.zeros(3))
+
+
+def test_learning_curves_with_seed_bands(tmp_path):
+    curves = {
+        "magnet": [([0, 10, 20], [0.5, 0.2, 0.1]), ([0, 10, 20], [0.6, 0.3, 0.1])],
+        "triplet": [([0, 10, 20], [0.5, 0.4, 0.3])],
+    }
+    assert _is_png(plotting.plot_learning_curves(curves, tmp_path / "curves.png"))
+
+
+def test_mismatched_panel_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="labels"):
+        plotting.plot_embedding_maps({"x": np.zeros((5, 2))}, np.zeros(4, int), tmp_path / "x.png")
+
+
+def test_missing_history_names_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="history.jsonl"):
+        plotting.read_history(tmp_path)
+
+
+@pytest.mark.slow
+def test_plot_command_on_a_trained_run(tmp_path):
+    from magnet_jax import cli
+
+    workdir = str(tmp_path / "run")
+    assert cli.main(["train", "--steps", "40", "--eval-every", "20", "--workdir", workdir, "--no-progress"]) == 0
+    assert cli.main(["plot", "--workdir", workdir]) == 0
+    for name in ("curves_knc_error.png", "curves_knn_error.png", "embeddings.png"):
+        assert _is_png(tmp_path / "run" / name)
+    assert cli.main(["evaluate", "--workdir", workdir]) == 0
+    assert (tmp_path / "run" / "evaluation.json").exists()
