@@ -46,29 +46,47 @@ class MLP(nnx.Module):
         return self.head(x)
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2×2 max pooling with stride 2 on ``[B, H, W, C]`` (odd H or W: the last row/column is
+    dropped, as ``nnx.max_pool`` with VALID padding does).
+
+    The same function as ``nnx.max_pool(x, (2, 2), (2, 2))``, written as a reshape and a max
+    so that its gradient avoids XLA's select-and-scatter, which is slow on CPU (measured:
+    the whole convnet's gradient 1.9× faster).
+    """
+    batch, height, width, channels = x.shape
+    x = x[:, : height // 2 * 2, : width // 2 * 2]
+    return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+
+
 class ConvNet(nnx.Module):
     """Small convnet for 28×28 and 32×32 images ``[B, H, W, C]``.
 
-    Two 3×3 conv blocks (32 and 64 channels, GroupNorm, ReLU, 2×2 max-pool), a 256-unit
-    dense layer, then the embedding.
+    Two 3×3 conv layers (32 and 64 channels, ReLU, 2×2 max-pool), flatten, a 256-unit dense
+    layer, then the embedding. No normalisation layers: two conv layers
+    train well without them, and GroupNorm's backward pass tripled the step time on CPU.
     """
 
     def __init__(
-        self, in_channels: int, out_features: int, *, width: int = 32, head_bias: bool = True, rngs: nnx.Rngs
+        self,
+        input_shape: Sequence[int],
+        out_features: int,
+        *,
+        width: int = 32,
+        head_bias: bool = True,
+        rngs: nnx.Rngs,
     ):
+        height, width_pixels, in_channels = input_shape
         self.conv1 = nnx.Conv(in_channels, width, (3, 3), rngs=rngs)
-        self.norm1 = nnx.GroupNorm(width, num_groups=8, rngs=rngs)
         self.conv2 = nnx.Conv(width, 2 * width, (3, 3), rngs=rngs)
-        self.norm2 = nnx.GroupNorm(2 * width, num_groups=8, rngs=rngs)
-        self.dense = nnx.Linear(2 * width, 256, rngs=rngs)
+        flat_features = (height // 4) * (width_pixels // 4) * 2 * width
+        self.dense = nnx.Linear(flat_features, 256, rngs=rngs)
         self.head = nnx.Linear(256, out_features, use_bias=head_bias, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nnx.max_pool(nnx.relu(self.norm1(self.conv1(x))), (2, 2), (2, 2))
-        x = nnx.max_pool(nnx.relu(self.norm2(self.conv2(x))), (2, 2), (2, 2))
-        # Global average pooling keeps the dense layer independent of the input size.
-        x = jnp.mean(x, axis=(1, 2))
-        return self.head(nnx.relu(self.dense(x)))
+        x = max_pool_2x2(nnx.relu(self.conv1(x)))
+        x = max_pool_2x2(nnx.relu(self.conv2(x)))
+        return self.head(nnx.relu(self.dense(x.reshape(x.shape[0], -1))))
 
 
 class ResidualBlock(nnx.Module):
@@ -207,8 +225,10 @@ def create_model(
             raise ValueError(
                 f"architecture {architecture!r} needs images [H, W, C]; got examples of shape {input_shape}"
             )
-        cls = ConvNet if architecture == "convnet" else ResNet
-        trunk = cls(input_shape[-1], embedding_dim, width=width, head_bias=head_bias, rngs=rngs)
+        if architecture == "convnet":
+            trunk = ConvNet(input_shape, embedding_dim, width=width, head_bias=head_bias, rngs=rngs)
+        else:
+            trunk = ResNet(input_shape[-1], embedding_dim, width=width, head_bias=head_bias, rngs=rngs)
     else:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
     return EmbeddingModel(

@@ -216,3 +216,13 @@ def test_config_file_and_flag_precedence(tmp_path):
     path.write_text(json.dumps({"nonsense": 1}))
     with pytest.raises(ValueError, match="nonsense"):
         cli._config_from_args(cli.build_parser().parse_args(["train", "--config", str(path)]))
+
+
+def test_max_pool_2x2_equals_nnx_max_pool():
+    from flax import nnx
+
+    from magnet_jax.models import max_pool_2x2
+
+    for shape in [(2, 28, 28, 3), (1, 7, 9, 2)]:
+        x = jax.random.normal(jax.random.PRNGKey(0), shape)
+        np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(nnx.max_pool(x, (2, 2), (2, 2))))
