@@ -27,7 +27,7 @@ _HELP = {
     "loss": f"one of: {', '.join(LOSSES)}",
     "architecture": "mlp, convnet or resnet (default: mlp for flat inputs, convnet for images)",
     "steps": "training steps",
-    "clusters_per_class": "K: k-means clusters per class (Magnet Loss)",
+    "clusters_per_class": "K: clusters per class (Magnet Loss; the most per class for agglomerative)",
     "clusters_per_batch": "M: clusters per batch (Magnet) or classes per batch (pair/triplet losses)",
     "examples_per_cluster": "D: examples per cluster (or per class); batch size is M·D",
     "alpha": "Magnet Loss margin α",
@@ -41,6 +41,11 @@ _HELP = {
     "workdir": "where checkpoints, history.jsonl and metrics.json go; rerun to resume",
     "num_devices": "use the first N devices (default: all)",
     "normalize": "L2-normalise the embeddings",
+    "clustering": "how the index clusters each class: kmeans, or agglomerative (at most K clusters, the number may differ per class)",
+    "kmeans_restarts": "k-means: keep the best of N k-means++ runs by inertia, per class",
+    "linkage": "agglomerative: ward, average or single",
+    "distance_threshold": "agglomerative relative cut τ: ward refuses a merge adding more than τ of the class's sum of squares; average/single cut at τ × the class's median merge height (default: K clusters per class)",
+    "cluster_subsample": "agglomerative: cluster at most N random points per class, assign the rest to the nearest",
 }
 
 

@@ -23,6 +23,10 @@ LOSSES = (
     "softmax",
 )
 
+# The same as magnet_jax.clustering.METHODS / LINKAGES (not imported: config stays JAX-free).
+CLUSTERINGS = ("kmeans", "agglomerative")
+LINKAGES = ("ward", "average", "single")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -48,7 +52,8 @@ class TrainConfig:
     margin: float = 0.2  # triplet / contrastive margin
     mining: str = "batch_all"  # triplet mining
     optimizer: str = "adam"  # adam, or sgd (momentum 0.9)
-    lr: float = 3e-3
+    lr: float = 1e-3
+    lr_schedule: str = "constant"  # or cosine: decay to 0 over `steps`
     weight_decay: float = 0.0
     refresh_every: int | None = None  # None: once per epoch of M·D-example batches
     eval_every: int = 500
@@ -58,6 +63,11 @@ class TrainConfig:
     knn_k: int = 1
     num_nearest_clusters: int = 128  # L in kNC; capped at the number of valid clusters
     kmeans_iterations: int = 50
+    kmeans_restarts: int = 1  # best of n k-means++ runs by inertia, per class
+    clustering: str = "kmeans"  # kmeans or agglomerative (magnet_jax.clustering)
+    linkage: str = "ward"  # agglomerative: ward, average or single
+    distance_threshold: float | None = None  # agglomerative relative cut τ; None: K per class
+    cluster_subsample: int = 1000  # agglomerative: points clustered per class
     eval_chunk_size: int = 1024
     seed: int = 0
     workdir: str = "runs/magnet-digits"
@@ -103,6 +113,7 @@ class TrainConfig:
             "knn_k",
             "num_nearest_clusters",
             "kmeans_iterations",
+            "kmeans_restarts",
             "eval_chunk_size",
         )
         for name in positive:
@@ -119,9 +130,19 @@ class TrainConfig:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose cosine or constant")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
         if self.mining not in ("batch_all", "batch_hard", "semi_hard"):
             raise ValueError(f"unknown mining {self.mining!r}; choose batch_all, batch_hard or semi_hard")
+        if self.clustering not in CLUSTERINGS:
+            raise ValueError(f"unknown clustering {self.clustering!r}; choose one of {', '.join(CLUSTERINGS)}")
+        if self.linkage not in LINKAGES:
+            raise ValueError(f"unknown linkage {self.linkage!r}; choose one of {', '.join(LINKAGES)}")
+        if self.distance_threshold is not None and not self.distance_threshold > 0:
+            raise ValueError(f"distance_threshold must be > 0, got {self.distance_threshold}")
+        if self.cluster_subsample < 2:
+            raise ValueError(f"cluster_subsample must be >= 2, got {self.cluster_subsample}")
         if self.num_devices is not None and self.num_devices < 1:
             raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")

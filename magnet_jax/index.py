@@ -12,7 +12,8 @@ clusters of other classes), the tracked loss of every cluster and the running σ
 Functions:
 
 - :func:`index_from_assignments` builds an index from any clustering (k-means,
-  agglomerative, oracle labels); :func:`build_index` runs k-means per class first.
+  agglomerative, oracle labels); :func:`build_index` clusters every class first
+  (k-means, or agglomerative via :mod:`magnet_jax.clustering`).
 - :func:`refresh_index` re-clusters new embeddings; :func:`recompute_centroids` keeps
   the assignments and moves the centroids (evaluation does this: stale centroids err
   more).
@@ -444,8 +445,19 @@ def build_index(
     initial_loss: float | jax.typing.ArrayLike = 1.0,
     variance: float | jax.typing.ArrayLike | None = None,
     impostor_chunk_size: int | None = None,
+    clustering: str = "kmeans",
+    linkage: str = "ward",
+    distance_threshold: float | None = None,
+    max_points_per_class: int = 1000,
 ) -> ClusterIndex:
     """Runs k-means (k-means++ init) inside every class and builds the index from it.
+
+    With ``clustering="agglomerative"`` the clusters come from
+    :func:`magnet_jax.clustering.agglomerative_per_class` instead (at most K per class,
+    the number may differ per class; ``linkage``, ``distance_threshold`` and
+    ``max_points_per_class`` are its options and are ignored by k-means). A threshold
+    cut then gives every class at least ``ceil(num_impostors / (C' - 1))`` clusters (C'
+    the classes with examples), so that every cluster has its impostors.
 
     Centroids are the means of the final assignments (what k-means converges to), so
     the index is exactly :func:`index_from_assignments` of the k-means assignments.
@@ -462,6 +474,9 @@ def build_index(
             :func:`magnet_jax.kmeans.kmeans_per_class`.
         initial_loss, variance, impostor_chunk_size: as in
             :func:`index_from_assignments`.
+        clustering: ``"kmeans"`` (default) or ``"agglomerative"``.
+        linkage, distance_threshold, max_points_per_class: agglomerative options, see
+            :func:`magnet_jax.clustering.cluster_per_class`.
 
     Returns:
         The :class:`ClusterIndex`.
@@ -471,7 +486,7 @@ def build_index(
             for traced labels.
     """
     # Imported here so that the index (and sampling from it) does not depend on k-means.
-    from magnet_jax.kmeans import kmeans_per_class
+    from magnet_jax.clustering import cluster_per_class
 
     _check_embeddings(embeddings)
     _check_integer_vector("labels", labels, np.shape(embeddings)[0])
@@ -482,20 +497,31 @@ def build_index(
         if concrete_labels is None:
             raise ValueError("num_classes must be given when labels are traced")
         num_classes = int(concrete_labels.max()) + 1
-    clustering = kmeans_per_class(
+    min_clusters = 1
+    concrete_labels = _concrete(labels)
+    if clustering == "agglomerative" and concrete_labels is not None:
+        present = int(np.count_nonzero(np.bincount(concrete_labels, minlength=num_classes)))
+        if present > 1:
+            min_clusters = max(1, min(clusters_per_class, -(-num_impostors // (present - 1))))
+    result = cluster_per_class(
         embeddings,
         labels,
-        clusters_per_class,
+        clusters_per_class=clusters_per_class,
         key=key,
+        method=clustering,
         num_classes=num_classes,
         max_iterations=max_iterations,
         tolerance=tolerance,
         num_restarts=num_restarts,
+        linkage=linkage,
+        distance_threshold=distance_threshold,
+        max_points_per_class=max_points_per_class,
+        **({"min_clusters": min_clusters} if clustering == "agglomerative" else {}),
     )
     return index_from_assignments(
         embeddings,
         labels,
-        clustering.assignments,
+        result.assignments,
         num_classes=num_classes,
         clusters_per_class=clusters_per_class,
         num_impostors=num_impostors,
@@ -516,6 +542,10 @@ def refresh_index(
     initial_loss: float | jax.typing.ArrayLike | None = None,
     inherit_cluster_loss: bool = False,
     impostor_chunk_size: int | None = None,
+    clustering: str = "kmeans",
+    linkage: str = "ward",
+    distance_threshold: float | None = None,
+    max_points_per_class: int = 1000,
 ) -> ClusterIndex:
     """Re-clusters the training set from new embeddings (the periodic refresh).
 
@@ -541,6 +571,8 @@ def refresh_index(
         initial_loss: the starting tracked loss (> 0), or None for the old mean.
         inherit_cluster_loss: start each cluster at its members' old mean loss instead.
         impostor_chunk_size: as in :func:`index_from_assignments`.
+        clustering, linkage, distance_threshold, max_points_per_class: as in
+            :func:`build_index`.
 
     Returns:
         The refreshed :class:`ClusterIndex`.
@@ -570,6 +602,10 @@ def refresh_index(
         initial_loss=initial_loss,
         variance=index.variance,
         impostor_chunk_size=impostor_chunk_size,
+        clustering=clustering,
+        linkage=linkage,
+        distance_threshold=distance_threshold,
+        max_points_per_class=max_points_per_class,
     )
     refreshed = refreshed.replace(num_batches=index.num_batches)
     if inherit_cluster_loss:

@@ -4,7 +4,9 @@
   (e.g. before and after training, like figure 3 of the paper); t-SNE when d > 2.
 - :func:`plot_learning_curves`: test error against iterations for one or several runs,
   with mean ± std bands when a run has several seeds.
-- :func:`plot_runs`: both, for work directories written by ``magnet-jax train``.
+- :func:`plot_clustering_diagnostics`: cluster purity (against fine labels) and valid
+  clusters per class at every refresh, for one or several runs.
+- :func:`plot_runs`: all of them, for work directories written by ``magnet-jax train``.
 """
 
 from __future__ import annotations
@@ -110,6 +112,47 @@ def plot_learning_curves(
     return os.fspath(path)
 
 
+def plot_clustering_diagnostics(
+    histories: Mapping[str, Sequence[dict]],
+    path: str | os.PathLike,
+    *,
+    title: str | None = None,
+) -> str:
+    """Cluster purity and clusters per class (mean, with the min–max range shaded) against
+    iterations, from the ``"refresh"`` records of each run's history (name -> records).
+    The purity panel is drawn when some run logged ``purity`` (datasets with fine
+    labels). Returns the PNG's path."""
+    refreshes = {name: [h for h in records if h.get("kind") == "refresh"] for name, records in histories.items()}
+    with_purity = any("purity" in h for records in refreshes.values() for h in records)
+    panels = ["purity", "clusters_per_class_mean"] if with_purity else ["clusters_per_class_mean"]
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        for name, records in refreshes.items():
+            records = [h for h in records if panel in h]
+            if not records:
+                continue
+            steps = [h["step"] for h in records]
+            (line,) = axis.plot(steps, [h[panel] for h in records], marker=".", label=name)
+            if panel == "clusters_per_class_mean" and "clusters_per_class_min" in records[0]:
+                axis.fill_between(
+                    steps,
+                    [h["clusters_per_class_min"] for h in records],
+                    [h["clusters_per_class_max"] for h in records],
+                    color=line.get_color(),
+                    alpha=0.15,
+                )
+        axis.set_xlabel("iterations")
+        axis.set_ylabel("cluster purity (fine labels)" if panel == "purity" else "valid clusters per class")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return os.fspath(path)
+
+
 def read_history(workdir: str | os.PathLike) -> list[dict]:
     path = os.path.join(workdir, "history.jsonl")
     if not os.path.exists(path):
@@ -137,6 +180,9 @@ def plot_runs(workdirs: Sequence[str], *, output_dir: str | None = None) -> list
             written.append(
                 plot_learning_curves(curves, os.path.join(output_dir, f"curves_{metric}.png"), ylabel=metric.replace("_", " "))
             )
+    histories = {os.path.basename(os.path.normpath(w)): read_history(w) for w in workdirs}
+    if any("clusters_per_class_mean" in h for records in histories.values() for h in records):
+        written.append(plot_clustering_diagnostics(histories, os.path.join(output_dir, "clustering.png")))
     run, state, _ = training.load_for_evaluation(workdirs[0])
     before = np.asarray(run.steps.embed(run.initial_state.params, run.x_test))
     after = np.asarray(run.steps.embed(state.params, run.x_test))

@@ -89,12 +89,14 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """Adam (or SGD with momentum 0.9) with a constant or cosine-decayed learning rate."""
+    lr = optax.cosine_decay_schedule(config.lr, config.steps) if config.lr_schedule == "cosine" else config.lr
     if config.optimizer == "sgd":
-        sgd = optax.sgd(config.lr, momentum=0.9)
+        sgd = optax.sgd(lr, momentum=0.9)
         return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd) if config.weight_decay > 0 else sgd
     if config.weight_decay > 0:
-        return optax.adamw(config.lr, weight_decay=config.weight_decay)
-    return optax.adam(config.lr)
+        return optax.adamw(lr, weight_decay=config.weight_decay)
+    return optax.adam(lr)
 
 
 def build_step_functions(
@@ -274,8 +276,26 @@ def _refresh_key(config: TrainConfig, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
 
 
-def refresh(run: Run, state: TrainState, index, step: int):
-    """Embeds the training set with the current parameters and re-clusters every class."""
+def _clustering_options(config: TrainConfig) -> dict[str, Any]:
+    return {
+        "max_iterations": config.kmeans_iterations,
+        "num_restarts": config.kmeans_restarts,
+        "clustering": config.clustering,
+        "linkage": config.linkage,
+        "distance_threshold": config.distance_threshold,
+        "max_points_per_class": config.cluster_subsample,
+    }
+
+
+def refresh(run: Run, state: TrainState, index, step: int, *, with_diagnostics: bool = False):
+    """Embeds the training set with the current parameters and re-clusters every class.
+
+    Returns the new index; with ``with_diagnostics=True``, ``(index, diagnostics)`` where
+    diagnostics are :func:`magnet_jax.clustering.clustering_diagnostics` of the new
+    clustering (purity against the dataset's fine labels when it has them) plus
+    ``refresh_seconds``, the wall time of the embedding and the clustering.
+    """
+    started = time.perf_counter()
     embeddings = run.steps.embed(state.params, run.data.x)
     key = _refresh_key(run.config, step)
     if index is None:
@@ -286,13 +306,26 @@ def refresh(run: Run, state: TrainState, index, step: int):
             num_impostors=run.config.clusters_per_batch - 1,
             key=key,
             num_classes=run.dataset.num_classes,
-            max_iterations=run.config.kmeans_iterations,
+            **_clustering_options(run.config),
         )
     else:
-        new_index = index_lib.refresh_index(
-            index, embeddings, key=key, max_iterations=run.config.kmeans_iterations
-        )
-    return jax.device_put(new_index, NamedSharding(run.mesh, P()))
+        new_index = index_lib.refresh_index(index, embeddings, key=key, **_clustering_options(run.config))
+    new_index = jax.device_put(new_index, NamedSharding(run.mesh, P()))
+    if not with_diagnostics:
+        return new_index
+    from magnet_jax.clustering import clustering_diagnostics
+
+    jax.block_until_ready(new_index)
+    seconds = time.perf_counter() - started
+    diagnostics = clustering_diagnostics(
+        embeddings,
+        run.data.labels,
+        new_index.assignments,
+        num_classes=new_index.num_classes,
+        clusters_per_class=new_index.clusters_per_class,
+        fine_labels=run.dataset.fine_train,
+    )
+    return new_index, {**diagnostics, "refresh_seconds": seconds}
 
 
 def evaluate(run: Run, params, index) -> dict[str, float]:
@@ -392,7 +425,11 @@ _RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "log_every", "m
 
 def _check_same_run(saved: dict, config: TrainConfig, workdir: str) -> None:
     current = config.to_dict()
-    differing = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
+    # A field missing from an older run's config.json had its default value then.
+    defaults = TrainConfig().to_dict()
+    # `steps` may change only with a constant learning rate: a schedule's shape depends on it.
+    resumable = _RESUMABLE_CHANGES - ({"steps"} if config.lr_schedule != "constant" else set())
+    differing = sorted(k for k in current if k not in resumable and saved.get(k, defaults[k]) != current[k])
     if differing:
         details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current[k]!r}" for k in differing)
         raise ValueError(
@@ -446,8 +483,8 @@ def train(config: TrainConfig, *, progress: bool = True, dataset: Dataset | None
     try:
         while True:
             if run.objective.uses_index and step < config.steps and step % run.refresh_every == 0:
-                index = refresh(run, state, index, step)
-                log({"kind": "refresh", "step": step, "valid_clusters": int(jnp.sum(index.valid))})
+                index, diagnostics = refresh(run, state, index, step, with_diagnostics=True)
+                log({"kind": "refresh", "step": step, **diagnostics, "valid_clusters": int(jnp.sum(index.valid))})
             if step == config.steps or (step > 0 and step % config.eval_every == 0):
                 metrics = evaluate(run, state.params, index)
                 log({"kind": "eval", "step": step, **metrics})
