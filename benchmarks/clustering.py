@@ -58,7 +58,8 @@ from magnet_jax.clustering import cluster_per_class, clustering_diagnostics
 from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, coarsen, load_dataset
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
+RESULTS = pathlib.Path(os.environ.get("MAGNET_JAX_RESULTS", pathlib.Path(__file__).resolve().parent / "results"))
 WARD_THRESHOLD = 0.05
 
 METHODS = {
