@@ -10,7 +10,10 @@ one jitted call) on three workloads and compares the per-class inertia:
 
 Data: a Gaussian mixture per class (1-4 modes, fixed seed). Both sides use k-means++
 initialisation, max_iter=100, tol=1e-4 (the same relative-shift criterion), one
-initialisation (plus rows with restarts for ours).
+initialisation (plus rows with restarts for ours). Ours refines Lloyd's result with
+Hartigan moves by default (``refine_steps=5``); case (c) adds rows without them
+(plain Lloyd, like scikit-learn), where ours and scikit-learn have the same per-class
+distribution of local minima.
 
 Run (full, a few minutes; the scikit-learn loop of (c) dominates):
   python benchmarks/kmeans.py
@@ -38,7 +41,8 @@ from sklearn.cluster import KMeans
 
 from magnet_jax.kmeans import kmeans_per_class
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
+RESULTS = pathlib.Path(os.environ.get("MAGNET_JAX_RESULTS", pathlib.Path(__file__).resolve().parent / "results"))
 
 CASES = {
     "a": dict(name="(a) 10 classes, 60k x 64, k=8", num_classes=10, n=60_000, dim=64,
@@ -46,7 +50,8 @@ CASES = {
     "b": dict(name="(b) 1,000 classes, 100k x 128, k=8", num_classes=1_000, n=100_000,
               dim=128, k=8, sizes=None),
     "c": dict(name="(c) 10,000 classes of 2-12, 128-d, k=2", num_classes=10_000, n=None,
-              dim=128, k=2, sizes=(2, 12), extra_restarts=(10,)),
+              dim=128, k=2, sizes=(2, 12), extra_restarts=(10,),
+              unrefined_restarts=(1, 10)),
 }
 QUICK_CASES = {
     "a": dict(name="(a, quick) 4 classes, 2k x 16, k=4", num_classes=4, n=2_000, dim=16,
@@ -91,13 +96,17 @@ def sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance, seed=0):
     return time.perf_counter() - start, inertia
 
 
-def ours(x, labels, num_classes, k, max_iterations, tolerance, num_restarts, seed=0):
+def ours(x, labels, num_classes, k, max_iterations, tolerance, num_restarts, seed=0,
+         refine=True):
     x_dev, labels_dev = jax.device_put(x), jax.device_put(labels)
+
+    options = {} if refine else dict(refine_steps=0)  # refined: the default steps
 
     def call(s):
         result = kmeans_per_class(x_dev, labels_dev, k, key=jax.random.key(s),
                                   num_classes=num_classes, max_iterations=max_iterations,
-                                  tolerance=tolerance, num_restarts=num_restarts)
+                                  tolerance=tolerance, num_restarts=num_restarts,
+                                  **options)
         jax.block_until_ready(result)
         return result
 
@@ -142,12 +151,16 @@ def run_case(case, restarts, max_iterations, tolerance):
     sk_seconds, sk_inertia = sklearn_loop(x, labels, num_classes, k, max_iterations,
                                           tolerance)
     rows = []
-    for num_restarts in list(restarts) + list(case.get("extra_restarts", ())):
+    # Rows without the Hartigan refinement (plain Lloyd, as scikit-learn) show how much
+    # of the per-class gap is the refinement's and how much the restarts'.
+    configs = ([(r, True) for r in list(restarts) + list(case.get("extra_restarts", ()))]
+               + [(r, False) for r in case.get("unrefined_restarts", ())])
+    for num_restarts, refine in configs:
         first, warm, result = ours(x, labels, num_classes, k, max_iterations, tolerance,
-                                   num_restarts)
+                                   num_restarts, refine=refine)
         row = dict(
             case=case["name"], n=int(x.shape[0]), dim=int(x.shape[1]),
-            num_classes=num_classes, k=k, num_restarts=num_restarts,
+            num_classes=num_classes, k=k, num_restarts=num_restarts, refine=refine,
             sklearn_seconds=sk_seconds, ours_first_call_seconds=first,
             ours_warm_seconds=warm, speedup_warm=sk_seconds / warm,
             speedup_incl_compile=sk_seconds / first,
@@ -156,7 +169,8 @@ def run_case(case, restarts, max_iterations, tolerance):
         row.update(compare_inertia(np.asarray(result.inertia, np.float64), sk_inertia,
                                    scatter))
         rows.append(row)
-        print(f"  {case['name']}, restarts={num_restarts}: sklearn {sk_seconds:.2f}s, "
+        print(f"  {case['name']}, restarts={num_restarts}, refine={refine}: "
+              f"sklearn {sk_seconds:.2f}s, "
               f"ours {warm:.3f}s warm / {first:.2f}s first, "
               f"inertia ratio {row['total_ratio']:.4f}", flush=True)
     return rows
@@ -164,14 +178,15 @@ def run_case(case, restarts, max_iterations, tolerance):
 
 def markdown(rows):
     lines = [
-        "| case | restarts | sklearn loop (s) | ours warm (s) | ours 1st call (s) | "
+        "| case | restarts | refine | sklearn loop (s) | ours warm (s) | ours 1st call (s) | "
         "speed-up warm | speed-up incl. compile | inertia ours/sk total | worst class "
         "| classes within 2% |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {r['num_restarts']} | {r['sklearn_seconds']:.2f} | "
+            f"| {r['case']} | {r['num_restarts']} | {'yes' if r['refine'] else 'no'} | "
+            f"{r['sklearn_seconds']:.2f} | "
             f"{r['ours_warm_seconds']:.3f} | {r['ours_first_call_seconds']:.2f} | "
             f"{r['speedup_warm']:.1f}x | {r['speedup_incl_compile']:.1f}x | "
             f"{r['total_ratio']:.4f} | {r['worst_class_ratio']:.3f} | "

@@ -21,8 +21,26 @@ class by class:
 * **Convergence** per class as in scikit-learn: a class has converged when its
   assignments did not change, or when the squared shift of its centroids is at most
   ``tolerance`` times the mean per-dimension variance of the class. The loop stops when
-  every class has converged or after ``max_iterations``; a final assignment step makes
-  assignments, counts and inertia consistent with the returned centroids.
+  every class has converged or after ``max_iterations``.
+* **Hartigan refinement** (``refine_steps``, default 5; 0 turns it off; not in
+  scikit-learn): points are moved to another cluster of their class while that lowers
+  the class's inertia, counting the shift of both means (see
+  :func:`_hartigan_refine`). Lloyd's fixed points include many poor partitions of
+  small classes in high dimension (e.g. a singleton cluster beside one holding all the
+  rest); measured on 500 classes of 2-12
+  points in 128-d with k=2 (benchmark case (c)), Lloyd from k-means++, ours and
+  scikit-learn's alike, ends >2% above the exact optimum in 29% of the classes, with the
+  refinement in 11% (10 restarts: 5% and 1.4%). On case (b) (1,000 classes of ~100
+  points, 128-d, k=8) it lowers the total inertia by 1.5% with 5 steps (2% with 10, at
+  about twice the cost); on case (c) 3 steps already give all of the gain.
+  Refinement only lowers the inertia; once no class can improve, the partition is
+  again a Lloyd fixed point.
+* A final assignment step makes assignments, counts and inertia consistent with the
+  returned centroids.
+
+Every class is clustered relative to its first example (translation invariance), so
+distances by the expansion ``‖x‖² − 2x·c + ‖c‖²``, used in the Lloyd steps when there
+are few classes, do not cancel on data with a large common offset.
 
 Empty clusters. A slot of class ``c`` is *empty* when ``counts[c, j] == 0``; downstream
 code uses ``counts > 0`` as the valid mask, and the centroid of an empty slot is zeros.
@@ -70,7 +88,8 @@ class KMeansResult(NamedTuple):
         centroid.
       iterations: ``[]`` int32, Lloyd iterations run (the maximum over restarts).
       converged: ``[]`` bool, whether every class converged before ``max_iterations``
-        (in every restart).
+        (in every restart). The refinement (``refine_steps``) is a bounded polish
+        after that and does not enter.
     """
 
     centroids: jax.Array
@@ -121,8 +140,38 @@ def _sq_distances_to_class_rows(x: jax.Array, labels: jax.Array,
     return jax.lax.map(one_example, (x, labels), batch_size=chunk)
 
 
+# At most this many classes: distances by one matmul against every class's centroids.
+_DENSE_MAX_CLASSES = 32
+
+
+def _sq_distances_fast(x: jax.Array, labels: jax.Array, table: jax.Array) -> jax.Array:
+    """Like :func:`_sq_distances_to_class_rows`, faster for few classes.
+
+    With few classes (``C <= 32``) one matmul ``x @ table.reshape(C·m, d).T`` and the
+    expansion ``‖x‖² − 2x·c + ‖c‖²`` (clamped at 0) beat gathering ``[N, m, d]``
+    centroids: case (a) of the benchmark, 10 classes, spends its time here. The data
+    are centred per class (see :func:`_kmeans_per_class_core`), so the expansion does
+    not cancel catastrophically; it is not exactly 0 for a point on its centroid,
+    hence k-means++ and the empty-cluster re-seeding use the difference form.
+    """
+    num_classes, m, d = table.shape
+    if num_classes > _DENSE_MAX_CLASSES:
+        return _sq_distances_to_class_rows(x, labels, table)
+    n = x.shape[0]
+    flat = table.reshape(num_classes * m, d)
+    flat_sq = jnp.sum(jnp.square(flat), axis=-1).reshape(num_classes, m)
+    chunk = int(min(n, max(64, _CHUNK_FLOATS // max(1, num_classes * m))))
+
+    def one_example(example):
+        point, label = example
+        cross = (flat @ point).reshape(num_classes, m)[label]
+        return jnp.maximum(jnp.sum(jnp.square(point)) - 2 * cross + flat_sq[label], 0)
+
+    return jax.lax.map(one_example, (x, labels), batch_size=chunk)
+
+
 def _nearest_slot(x: jax.Array, labels: jax.Array, centroids: jax.Array,
-                  valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+                  valid: jax.Array, fast: bool = False) -> tuple[jax.Array, jax.Array]:
     """Nearest valid slot of every example's own class.
 
     Args:
@@ -133,10 +182,11 @@ def _nearest_slot(x: jax.Array, labels: jax.Array, centroids: jax.Array,
 
     Returns:
       ``(slot [N] int32, sq_distance [N])``; slot 0 and ``+inf`` when the class has no
-      valid slot. Ties go to the lowest slot.
+      valid slot. Ties go to the lowest slot. ``fast`` uses
+      :func:`_sq_distances_fast` (only for data centred per class).
     """
-    sq_distances = jnp.where(valid[labels],
-                             _sq_distances_to_class_rows(x, labels, centroids), jnp.inf)
+    distances = _sq_distances_fast if fast else _sq_distances_to_class_rows
+    sq_distances = jnp.where(valid[labels], distances(x, labels, centroids), jnp.inf)
     slot = jnp.argmin(sq_distances, axis=1).astype(jnp.int32)
     return slot, jnp.take_along_axis(sq_distances, slot[:, None], axis=1)[:, 0]
 
@@ -353,6 +403,80 @@ def _relocate_empty(x, labels, assignments, sq_distances, sums, counts, active, 
     return sums, counts, active
 
 
+def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps):
+    """Hartigan single-point moves after Lloyd, in every class at once.
+
+    Lloyd stops at any partition where every point is nearest to its own centroid. On
+    small classes in high dimension many such partitions are poor (e.g. a singleton
+    cluster next to one holding all the rest), and a k-means++ start lands in them
+    often. Moving point ``i`` from cluster ``a`` (``n_a`` points) to ``j`` changes the
+    inertia by exactly
+
+        ``Δ_ij = n_j / (n_j + 1) · ‖x_i − μ_j‖²  −  n_a / (n_a − 1) · ‖x_i − μ_a‖²``
+
+    (both means move). Every step computes, for every point, its best ``Δ`` and then,
+    per class, either makes *all* improving moves at once (when the inertia of that
+    partition, ``Σ‖x‖² − Σ_j ‖S_j‖² / n_j``, is at least as low as the best single move
+    gives, and no cluster is emptied) or only the class's best single move. So the
+    inertia never rises, and mid-size classes with many improving moves need few steps.
+    It stops when no class has a move that lowers its inertia by more than a relative
+    ``1e-6``, or after ``max_steps`` steps. A partition without improving moves is also a
+    Lloyd fixed point (a point nearer to another centroid always has ``Δ < 0``).
+
+    Returns:
+      ``(assignments [N] int32, steps [] int32, finished [] bool)``.
+    """
+    n = x.shape[0]
+    rows = jnp.arange(n)
+    class_sq_norms = jax.ops.segment_sum(jnp.sum(jnp.square(x), axis=-1), labels,
+                                         num_classes)
+
+    def partition_inertia(sums, counts):
+        # Σ_i ‖x_i‖² − Σ_j ‖S_j‖² / n_j per class (x is centred per class, so this does
+        # not cancel badly).
+        per_slot = (jnp.sum(jnp.square(sums), axis=-1)
+                    / jnp.maximum(counts, 1).astype(x.dtype))
+        return class_sq_norms - jnp.sum(per_slot, axis=1)
+
+    def step_fn(carry):
+        assignments, step, _ = carry
+        sums, counts = _class_sums(x, labels, assignments, num_classes, k)
+        centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
+        sq = _sq_distances_fast(x, labels, centroids)  # [N, k]
+        sizes = counts[labels].astype(x.dtype)  # [N, k]
+        own_size = sizes[rows, assignments]
+        own_sq = sq[rows, assignments]
+        removal = own_size / jnp.maximum(own_size - 1, 1) * own_sq
+        addition = sizes / (sizes + 1) * sq
+        allowed = ((counts[labels] > 0) & (jnp.arange(k) != assignments[:, None])
+                   & (own_size > 1)[:, None])
+        change = jnp.where(allowed, addition - removal[:, None], jnp.inf)
+        target = jnp.argmin(change, axis=1).astype(jnp.int32)
+        best = change[rows, target]
+        class_inertia = jax.ops.segment_sum(own_sq, labels, num_classes)
+        improves = best < -1e-6 * class_inertia[labels]
+        index, found = _segment_argmax(jnp.where(improves, -best, -jnp.inf), labels,
+                                       num_classes)
+        one_move = assignments.at[jnp.where(found, index, n)].set(
+            target[index], mode="drop")
+        all_moves = jnp.where(improves, target, assignments)
+        all_sums, all_counts = _class_sums(x, labels, all_moves, num_classes, k)
+        keeps_clusters = ~jnp.any((counts > 0) & (all_counts == 0), axis=1)
+        best_single = jnp.where(found, best[index], 0)
+        take_all = keeps_clusters & (partition_inertia(all_sums, all_counts)
+                                     <= partition_inertia(sums, counts) + best_single)
+        assignments = jnp.where(take_all[labels], all_moves, one_move)
+        return assignments, step + 1, jnp.any(found)
+
+    def cond_fn(carry):
+        _, step, moved = carry
+        return moved & (step < max_steps)
+
+    assignments, steps, moved = jax.lax.while_loop(
+        cond_fn, step_fn, (assignments, jnp.zeros((), jnp.int32), jnp.array(True)))
+    return assignments, steps, ~moved
+
+
 class _LloydState(NamedTuple):
     centroids: jax.Array        # [C, k, d]
     active: jax.Array           # [C, k] bool
@@ -362,7 +486,7 @@ class _LloydState(NamedTuple):
 
 
 def _kmeans_single(x, labels, key, tolerance, *, num_classes, k, max_iterations,
-                   num_local_trials):
+                   num_local_trials, refine_steps):
     """One restart: k-means++ then Lloyd; returns a KMeansResult (unreduced)."""
     n, d = x.shape
     centroids, active = _kmeans_plusplus(x, labels, key, num_classes=num_classes, k=k,
@@ -382,14 +506,20 @@ def _kmeans_single(x, labels, key, tolerance, *, num_classes, k, max_iterations,
         return (state.iteration < max_iterations) & ~jnp.all(state.class_converged)
 
     def body_fn(state: _LloydState):
-        assignments, sq_distances = _nearest_slot(x, labels, state.centroids, state.active)
+        assignments, _ = _nearest_slot(x, labels, state.centroids, state.active,
+                                       fast=True)
         sums, counts = _class_sums(x, labels, assignments, num_classes, k)
         any_empty = jnp.any(state.active & (counts == 0))
+
+        def relocate():
+            # Exact distances (difference form): a point on its centroid must be at 0.
+            own = state.centroids[labels, assignments]
+            sq_distances = jnp.sum(jnp.square(x - own), axis=-1)
+            return _relocate_empty(x, labels, assignments, sq_distances, sums, counts,
+                                   state.active, num_classes=num_classes, k=k)
+
         sums, counts, active = jax.lax.cond(
-            any_empty,
-            lambda: _relocate_empty(x, labels, assignments, sq_distances, sums, counts,
-                                    state.active, num_classes=num_classes, k=k),
-            lambda: (sums, counts, state.active))
+            any_empty, relocate, lambda: (sums, counts, state.active))
         new_centroids = jnp.where(
             counts[..., None] > 0,
             sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype), state.centroids)
@@ -406,14 +536,23 @@ def _kmeans_single(x, labels, key, tolerance, *, num_classes, k, max_iterations,
                         jnp.zeros((), jnp.int32), jnp.zeros((num_classes,), bool))
     state = jax.lax.while_loop(cond_fn, body_fn, state)
 
+    converged = jnp.all(state.class_converged)
+    centroids = state.centroids
+    if refine_steps > 0:
+        assignments, _ = _nearest_slot(x, labels, centroids, state.active, fast=True)
+        assignments, _, _ = _hartigan_refine(
+            x, labels, assignments, num_classes=num_classes, k=k,
+            max_steps=refine_steps)
+        sums, counts = _class_sums(x, labels, assignments, num_classes, k)
+        centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
     # Final assignment step so that assignments, counts and inertia all refer to the
     # returned centroids.
-    assignments, sq_distances = _nearest_slot(x, labels, state.centroids, state.active)
+    assignments, sq_distances = _nearest_slot(x, labels, centroids, state.active)
     _, counts = _class_sums(x, labels, assignments, num_classes, k)
     inertia = jax.ops.segment_sum(sq_distances, labels, num_classes)
-    centroids = jnp.where(counts[..., None] > 0, state.centroids, 0)
+    centroids = jnp.where(counts[..., None] > 0, centroids, 0)
     return KMeansResult(centroids, assignments, counts, inertia, state.iteration,
-                        jnp.all(state.class_converged))
+                        converged)
 
 
 def _default_local_trials(k: int) -> int:
@@ -422,13 +561,35 @@ def _default_local_trials(k: int) -> int:
 
 
 def _kmeans_per_class_core(embeddings, labels, key, tolerance, *, k, num_classes,
-                           max_iterations, num_restarts, num_local_trials):
+                           max_iterations, num_restarts, num_local_trials, refine_steps):
     x = embeddings.astype(_compute_dtype(embeddings.dtype))
     labels = labels.astype(jnp.int32)
     tolerance = jnp.asarray(tolerance, x.dtype)
+    # k-means is translation invariant: cluster every class relative to one of its own
+    # examples (the first). Distances by the expansion ‖x‖² − 2x·c + ‖c‖²
+    # (`_sq_distances_fast`) then cancel only O(spread²), not O(offset²), and the
+    # centroid sums carry no large common offset. A data point (rather than the class
+    # mean) keeps exact duplicates of it exactly at 0. It is added back to the
+    # returned centroids.
+    n = x.shape[0]
+    first = jax.ops.segment_min(jnp.arange(n, dtype=jnp.int32), labels, num_classes)
+    offsets = jnp.where((first < n)[:, None], x[jnp.minimum(first, n - 1)], 0)
+    x = x - offsets[labels]
+    result = _kmeans_restarts(x, labels, key, tolerance, k=k, num_classes=num_classes,
+                              max_iterations=max_iterations, num_restarts=num_restarts,
+                              num_local_trials=num_local_trials,
+                              refine_steps=refine_steps)
+    centroids = jnp.where(result.counts[..., None] > 0,
+                          result.centroids + offsets[:, None, :], 0)
+    return result._replace(centroids=centroids)
+
+
+def _kmeans_restarts(x, labels, key, tolerance, *, k, num_classes, max_iterations,
+                     num_restarts, num_local_trials, refine_steps):
     run = functools.partial(
         _kmeans_single, x, labels, tolerance=tolerance, num_classes=num_classes, k=k,
-        max_iterations=max_iterations, num_local_trials=num_local_trials)
+        max_iterations=max_iterations, num_local_trials=num_local_trials,
+        refine_steps=refine_steps)
     if num_restarts == 1:
         return run(key)
     # Restarts run one after the other (`lax.map`), not under `jax.vmap`: on the CPU a
@@ -453,7 +614,7 @@ def _kmeans_per_class_core(embeddings, labels, key, tolerance, *, k, num_classes
 _kmeans_per_class_jit = jax.jit(
     _kmeans_per_class_core,
     static_argnames=("k", "num_classes", "max_iterations", "num_restarts",
-                     "num_local_trials"))
+                     "num_local_trials", "refine_steps"))
 
 
 def _is_concrete(array) -> bool:
@@ -464,7 +625,8 @@ def kmeans_per_class(embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayL
                      k: int, *, key: jax.Array, num_classes: int | None = None,
                      max_iterations: int = 100, tolerance: float = 1e-4,
                      num_restarts: int = 1,
-                     num_local_trials: int | None = None) -> KMeansResult:
+                     num_local_trials: int | None = None,
+                     refine_steps: int = 5) -> KMeansResult:
     """k-means (k-means++ initialisation) inside every class, all classes at once.
 
     Every class ``c`` is clustered independently into at most ``k`` clusters,
@@ -495,6 +657,11 @@ def kmeans_per_class(embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayL
         inertia (static).
       num_local_trials: candidates per greedy k-means++ round (static); ``None`` uses
         scikit-learn's ``2 + int(log(k))``; 1 is plain k-means++.
+      refine_steps: after Lloyd, at most this many steps of Hartigan moves (points moved
+        to another cluster of their class while that lowers the inertia; see the module
+        docstring; static). Only ever lowers the inertia; each step costs about one
+        Lloyd iteration, and the steps stop early once no class can improve. 0 is
+        scikit-learn's plain Lloyd.
 
     Returns:
       A :class:`KMeansResult`: ``centroids [C, k, d]``, ``assignments [N]`` (slot within
@@ -537,6 +704,8 @@ def kmeans_per_class(embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayL
     if not isinstance(num_local_trials, (int, np.integer)) or num_local_trials < 1:
         raise ValueError(
             f"num_local_trials must be an integer >= 1, got {num_local_trials!r}.")
+    if not isinstance(refine_steps, (int, np.integer)) or refine_steps < 0:
+        raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}.")
     if _is_concrete(tolerance) and not float(tolerance) >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance!r}.")
 
@@ -561,4 +730,5 @@ def kmeans_per_class(embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayL
                                  num_classes=int(num_classes),
                                  max_iterations=int(max_iterations),
                                  num_restarts=int(num_restarts),
-                                 num_local_trials=int(num_local_trials))
+                                 num_local_trials=int(num_local_trials),
+                                 refine_steps=int(refine_steps))
