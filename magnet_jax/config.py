@@ -68,7 +68,7 @@ class TrainConfig:
     linkage: str = "ward"  # agglomerative: ward, average or single
     distance_threshold: float | None = None  # agglomerative relative cut τ; None: K per class
     cluster_subsample: int = 1000  # agglomerative: points clustered per class
-    eval_chunk_size: int = 1024
+    eval_chunk_size: int = 256  # rows per embedding call (refresh, evaluation)
     seed: int = 0
     workdir: str = "runs/magnet-digits"
     num_devices: int | None = None  # None: all devices

@@ -9,8 +9,8 @@ Data flow (DESIGN.md §2), one direction::
 Everything numeric is a jitted pure function of explicit pytrees (:class:`TrainState`,
 :class:`~magnet_jax.index.ClusterIndex`, :class:`~magnet_jax.objectives.TrainingData`).
 The host loop in :func:`train` only decides when to refresh, evaluate, log and
-checkpoint. Steps between two such events run as ONE jitted call (a ``fori_loop`` with a
-traced trip count, so no recompilation), which keeps Python dispatch off the hot path.
+checkpoint. Steps between two such events are dispatched asynchronously, one jitted call
+each; the host waits only when it logs.
 
 Sharding: one ``data`` mesh axis over all devices (all hosts after
 ``jax.distributed.initialize()``). Parameters, optimizer state, the cluster index and the
@@ -22,6 +22,7 @@ loss is the loss of the global batch whatever the number of devices.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -67,10 +68,10 @@ class TrainState:
 class StepFunctions(NamedTuple):
     """The jitted functions of a run.
 
-    run_steps: (state, index, data, num_steps) -> (state, index, mean loss []); state and
-        index are donated.
+    run_steps: (state, index, data, num_steps) -> (state, index, mean loss []), the jitted
+        step called ``num_steps`` times; state and index are donated.
     train_step: one step, (state, index, data) -> (state, index, loss []).
-    embed: (params, x [N, ...]) -> embeddings [N, d], in chunks, sharded over ``data``.
+    embed: (params, x [N, ...]) -> embeddings [N, d], in jitted chunks sharded over ``data``.
     """
 
     run_steps: Any
@@ -128,38 +129,45 @@ def build_step_functions(
             index = index_lib.record_batch(index, batch.cluster_ids, output.example_losses, output.variance)
         return TrainState(state.step + 1, params, opt_state, state.rng), index, loss
 
-    def run_steps(state: TrainState, index, data: TrainingData, num_steps: jax.Array):
-        def body(_, carry):
-            state, index, loss_sum = carry
-            state, index, loss = train_step(state, index, data)
-            return state, index, loss_sum + loss
+    jitted_step = jax.jit(train_step, donate_argnums=(0, 1))
 
-        state, index, loss_sum = jax.lax.fori_loop(0, num_steps, body, (state, index, jnp.zeros(())))
-        return state, index, loss_sum / jnp.maximum(num_steps, 1)
+    def run_steps(state: TrainState, index, data: TrainingData, num_steps):
+        # A host loop over the jitted step rather than one jitted fori_loop: XLA on CPU runs
+        # convolutions inside a while-loop body ~10x slower (measured: the Fashion-MNIST
+        # convnet at batch 48, 208 ms vs 17-21 ms per step), and asynchronous dispatch keeps
+        # the host off the critical path (the MLP on digits: 0.6 vs 0.7 ms per step).
+        num_steps = int(num_steps)
+        loss_sum = jnp.zeros(())
+        for _ in range(num_steps):
+            state, index, loss = jitted_step(state, index, data)
+            loss_sum = loss_sum + loss
+        return state, index, loss_sum / max(num_steps, 1)
+
+    @functools.partial(jax.jit, static_argnames="chunk", out_shardings=replicated)
+    def embed_chunk(params, x: jax.Array, start: jax.Array, chunk: int) -> jax.Array:
+        rows = jax.lax.dynamic_slice_in_dim(x, start, chunk)
+        if chunk % num_devices == 0:
+            rows = jax.lax.with_sharding_constraint(rows, batch_sharding)
+        return nnx.merge(graphdef, nnx.State(params))(rows)
 
     def embed(params, x: jax.Array) -> jax.Array:
+        # Fixed-size chunks (one compilation), dispatched from the host: on CPU a lax.map over
+        # the chunks ran 1.5x slower (the while-loop penalty of run_steps). The last chunk
+        # is shifted back to end at N and overlaps the one before it.
         num_examples = x.shape[0]
         chunk = min(config.eval_chunk_size, num_examples)
-        # The last chunk is shifted back to end at N: it overlaps the one before and
-        # writes the same values twice, which keeps every chunk the same static shape.
-        starts = jnp.minimum(jnp.arange(0, num_examples, chunk), num_examples - chunk)
-        model = nnx.merge(graphdef, nnx.State(params))
-
-        def embed_chunk(start):
-            rows = jax.lax.dynamic_slice_in_dim(x, start, chunk)
-            if chunk % num_devices == 0:
-                rows = jax.lax.with_sharding_constraint(rows, batch_sharding)
-            return model(rows)
-
-        chunks = jax.lax.map(embed_chunk, starts)
-        positions = (starts[:, None] + jnp.arange(chunk)).reshape(-1)
-        flat = chunks.reshape(-1, chunks.shape[-1])
-        return jnp.zeros((num_examples, flat.shape[-1]), flat.dtype).at[positions].set(flat)
+        starts = list(range(0, num_examples - chunk + 1, chunk))
+        parts = [embed_chunk(params, x, start, chunk) for start in starts]
+        covered = starts[-1] + chunk
+        if covered < num_examples:
+            last = embed_chunk(params, x, num_examples - chunk, chunk)
+            parts.append(last[chunk - (num_examples - covered):])
+        return jnp.concatenate(parts, axis=0)
 
     return StepFunctions(
-        run_steps=jax.jit(run_steps, donate_argnums=(0, 1)),
-        train_step=jax.jit(train_step, donate_argnums=(0, 1)),
-        embed=jax.jit(embed, out_shardings=replicated),
+        run_steps=run_steps,
+        train_step=jitted_step,
+        embed=embed,
     )
 
 

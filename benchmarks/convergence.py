@@ -1,0 +1,293 @@
+"""Convergence: Magnet Loss vs triplet vs softmax at equal network, optimizer, batch and iterations.
+
+The paper (Rippel et al. 2016) claims magnet reaches the triplet baseline's error in 5-30x
+fewer iterations. This script measures it in one regime per run:
+
+- ``quick``: digits (MLP), seconds; CI runs it so the script never rots.
+- ``fashion_mnist`` / ``mnist``: from scratch, small convnet.
+- ``finetune_upper_body``: the paper's regime scaled down: a convnet pretrained briefly with
+  softmax on the five Fashion-MNIST classes that are NOT tops (trouser, sandal, sneaker,
+  bag, ankle boot), then fine-tuned on the five confusable upper-body classes (T-shirt,
+  pullover, dress, coat, shirt). Every method and seed starts from the same pretrained trunk.
+
+Protocol. Every method uses the same network, Adam, batch size (M·D = 48) and number of
+iterations. Its learning rate (and triplet's mining; triplet embeddings are L2-normalised,
+margin 0.2 unless overridden) is chosen by a small sweep on a stratified 10% validation
+split of the training set (seed 0), never on the test set; the same sweep picks each
+method's evaluator (kNN k in {1, 5}; softmax may also be scored by its own classifier;
+magnet is scored by kNC). Then every method trains ``--seeds`` seeds on the full training
+set and is evaluated on the full test set every ``eval_every`` iterations (and at 0).
+
+Speed-up = iterations triplet needs to reach its best mean test error ÷ iterations magnet
+(kNC) needs to reach that same error, linearly interpolated on the mean curves ("not
+reached" is a valid result); per seed the same on that seed's curves. Also the relative
+error reduction at the final iteration. The numbers printed are recomputed from the JSON
+written (``--check PATH`` recomputes and compares them for an existing file).
+
+Commands (results/convergence_<regime>.json and .png):
+  python benchmarks/convergence.py --regime quick
+  python benchmarks/convergence.py --regime fashion_mnist --steps 1500 --seeds 2 --lrs 1e-3 3e-3
+  python benchmarks/convergence.py --check benchmarks/results/convergence_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+from _common import Method, log  # noqa: E402
+
+# Fashion-MNIST class ids.
+UPPER_BODY = (0, 2, 3, 4, 6)  # T-shirt/top, Pullover, Dress, Coat, Shirt
+OTHER_FIVE = (1, 5, 7, 8, 9)  # Trouser, Sandal, Sneaker, Bag, Ankle boot
+
+REGIMES = {
+    "quick": dict(dataset="digits", steps=200, eval_every=25, seeds=2, lrs=(3e-3,), sweep_steps=100,
+                  triplet_minings=("batch_all",), magnet=dict(clusters_per_class=4, clusters_per_batch=12,
+                                                               examples_per_cluster=4),
+                  classes_per_batch=6),
+    "fashion_mnist": dict(dataset="fashion_mnist", steps=3000, eval_every=250, seeds=3, lrs=(3e-4, 1e-3, 3e-3),
+                          triplet_minings=("batch_all", "semi_hard"),
+                          magnet=dict(clusters_per_class=4, clusters_per_batch=12, examples_per_cluster=4),
+                          classes_per_batch=6),
+    "mnist": dict(dataset="mnist", steps=3000, eval_every=250, seeds=3, lrs=(3e-4, 1e-3, 3e-3),
+                  triplet_minings=("batch_all", "semi_hard"),
+                  magnet=dict(clusters_per_class=4, clusters_per_batch=12, examples_per_cluster=4),
+                  classes_per_batch=6),
+    "finetune_upper_body": dict(dataset="fashion_mnist", steps=2000, eval_every=200, seeds=3, lrs=(3e-4, 1e-3),
+                                triplet_minings=("batch_all", "semi_hard"),
+                                magnet=dict(clusters_per_class=2, clusters_per_batch=8, examples_per_cluster=6),
+                                classes_per_batch=4, pretrain_steps=1000, pretrain_lr=1e-3),
+}
+BATCH = 48
+
+
+def subset_classes(dataset, classes, name):
+    """The examples of ``classes`` only, relabelled 0..len(classes)-1 in that order."""
+    from magnet_jax.data import Dataset
+
+    remap = np.full(dataset.num_classes, -1, np.int32)
+    remap[list(classes)] = np.arange(len(classes), dtype=np.int32)
+    train = np.isin(dataset.y_train, classes)
+    test = np.isin(dataset.y_test, classes)
+    return Dataset(name=name, x_train=dataset.x_train[train], y_train=remap[dataset.y_train[train]],
+                   x_test=dataset.x_test[test], y_test=remap[dataset.y_test[test]],
+                   class_names=tuple(dataset.class_names[c] for c in classes))
+
+
+def methods_for(regime: dict, lrs) -> list[Method]:
+    lr_grid = [{"lr": lr} for lr in lrs]
+    m = regime["magnet"]
+    classes = regime["classes_per_batch"]
+    triplet_grid = [{"lr": lr, "mining": mining} for mining in regime["triplet_minings"] for lr in lrs]
+    return [
+        Method("magnet", dict(loss="magnet", **m), lr_grid),
+        Method("triplet", dict(loss="triplet", normalize=True, margin=0.2, clusters_per_batch=classes,
+                               examples_per_cluster=BATCH // classes), triplet_grid),
+        Method("softmax", dict(loss="softmax", clusters_per_batch=classes, examples_per_cluster=BATCH // classes),
+               lr_grid),
+    ]
+
+
+def load(regime_name: str, data_dir: str):
+    from magnet_jax.data import load_dataset
+
+    regime = REGIMES[regime_name]
+    dataset = load_dataset(regime["dataset"], data_dir)
+    source = None
+    if regime_name == "finetune_upper_body":
+        source = subset_classes(dataset, OTHER_FIVE, "fashion_mnist/other5")
+        dataset = subset_classes(dataset, UPPER_BODY, "fashion_mnist/upper_body")
+    return dataset, source
+
+
+def pretrain(source, regime: dict, base: dict) -> tuple[dict, dict]:
+    """Softmax on the source task; returns (trunk params, description)."""
+    import jax
+
+    from magnet_jax.config import TrainConfig
+
+    steps = regime["pretrain_steps"]
+    config = TrainConfig(**{**base, "loss": "softmax", "lr": regime["pretrain_lr"], "clusters_per_batch": 6,
+                            "examples_per_cluster": BATCH // 6, "steps": steps, "seed": 1000,
+                            "workdir": "/nonexistent-unused"})
+    curve = _common.learning_curve(config, source, [steps])
+    info = {"source": source.name, "classes": list(source.class_names), "loss": "softmax", "steps": steps,
+            "lr": regime["pretrain_lr"], "batch": config.batch_size, "seed": 1000,
+            "source_test_errors": {k: v[-1] for k, v in curve["metrics"].items()},
+            "seconds": round(curve["seconds"], 1)}
+    log(f"pretrained on {source.name}: {info['source_test_errors']}")
+    trunk = jax.tree.map(lambda a: np.array(a, copy=True), _common.trunk_params(curve["params"]))
+    return trunk, info
+
+
+def summary_of(results: dict) -> dict:
+    """The speed-ups and final errors, recomputed from a results dict (or JSON file)."""
+    curves = {name: {"seeds": m["seeds"]} for name, m in results["methods"].items()}
+    out = _common.summarise(curves, reference="triplet", candidate="magnet")
+    vs_softmax = _common.summarise({k: curves[k] for k in ("softmax", "magnet") if k in curves},
+                                   reference="softmax", candidate="magnet")
+    for key in ("speedup_vs_softmax", "relative_error_reduction_vs_softmax"):
+        if key in vs_softmax:
+            out[key] = vs_softmax[key]
+    return out
+
+
+def print_summary(results: dict, summary: dict) -> None:
+    print(f"\nregime {results['regime']}: {results['steps']} iterations, {len(results['seeds'])} seeds, "
+          f"batch {BATCH}; test error (mean ± std over seeds) at the final iteration:")
+    print("| method | evaluator | chosen | final test error |")
+    print("|---|---|---|---|")
+    for name, method in results["methods"].items():
+        f = summary["final_error"][name]
+        chosen = ", ".join(f"{k}={v}" for k, v in method["chosen"].items())
+        print(f"| {name} | {method['evaluator']} | {chosen} | {100 * f['mean']:.2f} ± {100 * f['std']:.2f}% |")
+    s = summary["speedup_vs_triplet"]
+    print(f"speed-up vs triplet (mean curves): {_common.format_speedup(s['mean'])}")
+    for p in s["per_seed"]:
+        print(f"  seed {p['seed']}: {_common.format_speedup(p)}")
+    print(f"relative error reduction vs triplet at the final iteration: "
+          f"{100 * summary['relative_error_reduction_vs_triplet']:.1f}%")
+    if "relative_error_reduction_vs_softmax" in summary:
+        print(f"speed-up vs softmax ({results['methods']['softmax']['evaluator']}): "
+              f"{_common.format_speedup(summary['speedup_vs_softmax']['mean'])}; relative error reduction vs softmax: "
+              f"{100 * summary['relative_error_reduction_vs_softmax']:.1f}%")
+
+
+def check(path: Path) -> int:
+    results = json.loads(path.read_text())
+    recomputed = summary_of(results)
+    stored = {k: results[k] for k in recomputed}
+    same = json.dumps(recomputed, sort_keys=True) == json.dumps(stored, sort_keys=True)
+    print_summary(results, recomputed)
+    print(f"\nstored summary {'equals' if same else 'DIFFERS FROM'} the one recomputed from the curves")
+    return 0 if same else 1
+
+
+def plot(results: dict, path: Path) -> None:
+    from magnet_jax.plotting import plot_learning_curves
+
+    # Iteration 0 (the untrained network, up to 90% error) is left out of the picture so
+    # the curves are readable; it stays in the JSON and in the speed-up's interpolation.
+    curves = {f"{name} ({m['evaluator']})": [(s["iterations"][1:], s["test_error"][1:]) for s in m["seeds"]]
+              for name, m in results["methods"].items()}
+    plot_learning_curves(curves, path, title=f"{results['regime']}: test error vs iterations (mean ± std)")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--regime", choices=sorted(REGIMES), default="quick")
+    parser.add_argument("--quick", action="store_true", help="same as --regime quick")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default per regime)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates swept on validation")
+    parser.add_argument("--minings", nargs="+", default=None, help="triplet minings swept")
+    parser.add_argument("--sweep-steps", type=int, default=None, help="iterations of a sweep run (default --steps)")
+    parser.add_argument("--pretrain-steps", type=int, default=None,
+                        help="finetune_upper_body: softmax pretraining steps on the source (0: random init, the control)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="train on a stratified subset of this many training examples (seed 1; the full "
+                             "test set is kept): a reduced-scale run")
+    parser.add_argument("--data-dir", default=str(_common.DEFAULT_DATA_DIR))
+    parser.add_argument("--output", default=None, help="default results/convergence_<regime>.json")
+    parser.add_argument("--check", type=Path, default=None, help="recompute the summary of a results JSON")
+    args = parser.parse_args(argv)
+    if args.check:
+        return check(args.check)
+    regime_name = "quick" if args.quick else args.regime
+    regime = copy.deepcopy(REGIMES[regime_name])
+    if args.minings:
+        regime["triplet_minings"] = tuple(args.minings)
+    if args.pretrain_steps is not None:
+        regime["pretrain_steps"] = args.pretrain_steps
+    steps = args.steps or regime["steps"]
+    eval_every = args.eval_every or regime["eval_every"]
+    seeds = list(range(args.seeds or regime["seeds"]))
+    lrs = tuple(args.lrs or regime["lrs"])
+    sweep_steps = args.sweep_steps or regime.get("sweep_steps") or steps
+    output = Path(args.output) if args.output else _common.RESULTS / f"convergence_{regime_name}.json"
+    started = time.perf_counter()
+    environment = _common.environment()  # at the start: the library version this run used
+    _common.enable_compilation_cache()
+
+    from magnet_jax.data import split_validation
+
+    dataset, source = load(regime_name, args.data_dir)
+    dataset = _common.subsample_train(dataset, args.train_size)
+    if source is not None:
+        source = _common.subsample_train(source, args.train_size)
+    validation = split_validation(dataset, fraction=0.1, seed=0)
+    base = dict(dataset=dataset.name, embedding_dim=32, optimizer="adam", eval_every=10**9, checkpoint_every=10**9,
+                log_every=10**9, num_nearest_clusters=128)
+    init_trunk, pretrain_info = None, None
+    if source is not None and regime["pretrain_steps"] > 0:  # --pretrain-steps 0: the random-init control
+        init_trunk, pretrain_info = pretrain(source, regime, base)
+
+    methods = methods_for(regime, lrs)
+    eval_steps = list(range(0, steps + 1, eval_every))
+    if eval_steps[-1] != steps:
+        eval_steps.append(steps)
+    results = {"regime": regime_name, "dataset": dataset.name, "num_train": dataset.num_train,
+               "num_test": dataset.num_test, "steps": steps, "eval_every": eval_every,
+               "seeds": seeds, "batch_size": BATCH, "sweep": {"split": "stratified 10% of train, seed 0",
+                                                              "steps": sweep_steps, "seed": 0, "lrs": list(lrs)},
+               "pretrain": pretrain_info, "methods": {}}
+    pseudo = {}
+    for method in methods:
+        log(f"{method.name}: sweep of {len(method.grid)} points on validation ({sweep_steps} it.)")
+        chosen = _common.sweep(base, method, validation, sweep_steps, init_trunk=init_trunk)
+        entry = {"fixed": method.fixed, "chosen": chosen["chosen"], "evaluator": chosen["metric"],
+                 "sweep": chosen["trials"], "seeds": []}
+        extra_metric, extra_name = None, None
+        if method.name == "softmax" and chosen["metric"] != "classifier_error":
+            extra_metric, extra_name = "classifier_error", "softmax_classifier"
+        elif method.name == "softmax":  # the classifier won: keep the best kNN curve too
+            vals = chosen["chosen_validation"]
+            extra_metric = min((m for m in vals if m.startswith("knn")), key=vals.get)
+            extra_name = "softmax_embedding_knn"
+        elif method.name == "magnet":  # magnet's embedding scored by its best kNN too
+            vals = chosen["chosen_validation"]
+            extra_metric = min((m for m in vals if m.startswith("knn")), key=vals.get)
+            extra_name = "magnet_knn"
+        if extra_name:
+            pseudo[extra_name] = {"fixed": method.fixed, "chosen": chosen["chosen"], "evaluator": extra_metric,
+                                  "note": f"the same runs as {method.name}, scored by {extra_metric}", "seeds": []}
+        for seed in seeds:
+            config = _common.make_config(base, method, {**chosen["chosen"], "steps": steps}, seed)
+            curve = _common.learning_curve(config, dataset, eval_steps, init_trunk=init_trunk)
+            entry["seeds"].append({"seed": seed, "iterations": curve["iterations"],
+                                   "test_error": curve["metrics"][chosen["metric"]],
+                                   "all_metrics": curve["metrics"], "seconds": round(curve["seconds"], 1),
+                                   "init": curve["init"]})
+            if extra_name:
+                pseudo[extra_name]["seeds"].append({"seed": seed, "iterations": curve["iterations"],
+                                                    "test_error": curve["metrics"][extra_metric]})
+            log(f"{method.name} seed {seed}: final {chosen['metric']} = {curve['metrics'][chosen['metric']][-1]:.4f} "
+                f"({curve['seconds']:.0f} s)")
+        results["methods"][method.name] = entry
+    results["methods"].update(pseudo)
+    results["environment"] = environment
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["command"] = "python benchmarks/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # The summary is computed from the curves exactly as stored (a JSON round trip).
+    results = json.loads(json.dumps(results))
+    summary = summary_of(results)
+    results.update(summary)
+    _common.write_json(output, results)
+    plot(results, output.with_suffix(".png"))
+    print_summary(results, summary_of(json.loads(output.read_text())))
+    log(f"wrote {output} and {output.with_suffix('.png')} in {results['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
