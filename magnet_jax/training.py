@@ -130,6 +130,14 @@ def build_step_functions(
         return TrainState(state.step + 1, params, opt_state, state.rng), index, loss
 
     jitted_step = jax.jit(train_step, donate_argnums=(0, 1))
+    # XLA:CPU runs the per-device parts of all dispatched programs, and the intra-op work
+    # of their convolutions, on one shared thread pool. With several CPU devices, a program
+    # whose device-0 part waits in a collective can hold the thread that device 1's part of
+    # the previous program needs: a deadlock (seen with 2 CPU devices on 2 cores, on
+    # consecutive train steps and on independent embedding chunks). So on a multi-device
+    # CPU every program is finished before the next is dispatched; GPUs and TPUs queue
+    # programs per device and keep asynchronous dispatch.
+    serialize = num_devices > 1 and mesh.devices.flat[0].platform == "cpu"
 
     def run_steps(state: TrainState, index, data: TrainingData, num_steps):
         # A host loop over the jitted step rather than one jitted fori_loop: XLA on CPU runs
@@ -140,29 +148,39 @@ def build_step_functions(
         loss_sum = jnp.zeros(())
         for _ in range(num_steps):
             state, index, loss = jitted_step(state, index, data)
+            if serialize:
+                loss.block_until_ready()
             loss_sum = loss_sum + loss
         return state, index, loss_sum / max(num_steps, 1)
 
-    @functools.partial(jax.jit, static_argnames="chunk", out_shardings=replicated)
+    # The embedding output stays sharded like the input rows: a per-row model needs no
+    # collective inside a chunk.
+    @functools.partial(jax.jit, static_argnames="chunk")
     def embed_chunk(params, x: jax.Array, start: jax.Array, chunk: int) -> jax.Array:
         rows = jax.lax.dynamic_slice_in_dim(x, start, chunk)
-        if chunk % num_devices == 0:
-            rows = jax.lax.with_sharding_constraint(rows, batch_sharding)
-        return nnx.merge(graphdef, nnx.State(params))(rows)
+        sharding = batch_sharding if chunk % num_devices == 0 else replicated
+        rows = jax.lax.with_sharding_constraint(rows, sharding)
+        embeddings = nnx.merge(graphdef, nnx.State(params))(rows)
+        return jax.lax.with_sharding_constraint(embeddings, sharding)
+
+    def embed_one(params, x, start, chunk):
+        out = embed_chunk(params, x, start, chunk)
+        return out.block_until_ready() if serialize else out
 
     def embed(params, x: jax.Array) -> jax.Array:
-        # Fixed-size chunks (one compilation), dispatched from the host: on CPU a lax.map over
+        """Embeds ``x [N, ...]`` → ``[N, E]`` (replicated on the mesh) in fixed-size chunks."""
+        # One compilation for all chunks, dispatched from the host: on CPU a lax.map over
         # the chunks ran 1.5x slower (the while-loop penalty of run_steps). The last chunk
         # is shifted back to end at N and overlaps the one before it.
         num_examples = x.shape[0]
         chunk = min(config.eval_chunk_size, num_examples)
         starts = list(range(0, num_examples - chunk + 1, chunk))
-        parts = [embed_chunk(params, x, start, chunk) for start in starts]
+        parts = [embed_one(params, x, start, chunk) for start in starts]
         covered = starts[-1] + chunk
         if covered < num_examples:
-            last = embed_chunk(params, x, num_examples - chunk, chunk)
+            last = embed_one(params, x, num_examples - chunk, chunk)
             parts.append(last[chunk - (num_examples - covered):])
-        return jnp.concatenate(parts, axis=0)
+        return jax.device_put(jnp.concatenate(parts, axis=0), replicated)
 
     return StepFunctions(
         run_steps=run_steps,
