@@ -11,9 +11,11 @@ one jitted call) on three workloads and compares the per-class inertia:
 Data: a Gaussian mixture per class (1-4 modes, fixed seed). Both sides use k-means++
 initialisation, max_iter=100, tol=1e-4 (the same relative-shift criterion), one
 initialisation (plus rows with restarts for ours). Ours refines Lloyd's result with
-Hartigan moves by default (``refine_steps=5``); case (c) adds rows without them
-(plain Lloyd, like scikit-learn), where ours and scikit-learn have the same per-class
-distribution of local minima.
+Hartigan moves by default (``refine_steps=5``) and, for k=2, solves every class of at
+most 12 examples exactly by enumeration (``exhaustive_max_points=12``, the "exact"
+column). Case (c) adds a row with the refinement but without the exact step, and rows
+with neither (plain Lloyd, like scikit-learn), where ours and scikit-learn have the
+same per-class distribution of local minima.
 
 Run (full, a few minutes; the scikit-learn loop of (c) dominates):
   python benchmarks/kmeans.py
@@ -51,7 +53,7 @@ CASES = {
               dim=128, k=8, sizes=None),
     "c": dict(name="(c) 10,000 classes of 2-12, 128-d, k=2", num_classes=10_000, n=None,
               dim=128, k=2, sizes=(2, 12), extra_restarts=(10,),
-              unrefined_restarts=(1, 10)),
+              inexact_restarts=(1,), unrefined_restarts=(1, 10)),
 }
 QUICK_CASES = {
     "a": dict(name="(a, quick) 4 classes, 2k x 16, k=4", num_classes=4, n=2_000, dim=16,
@@ -97,10 +99,14 @@ def sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance, seed=0):
 
 
 def ours(x, labels, num_classes, k, max_iterations, tolerance, num_restarts, seed=0,
-         refine=True):
+         refine=True, exact=True):
     x_dev, labels_dev = jax.device_put(x), jax.device_put(labels)
 
-    options = {} if refine else dict(refine_steps=0)  # refined: the default steps
+    options = {}  # the defaults: refine_steps=5, exhaustive_max_points=12
+    if not refine:
+        options["refine_steps"] = 0
+    if not exact:
+        options["exhaustive_max_points"] = 0
 
     def call(s):
         result = kmeans_per_class(x_dev, labels_dev, k, key=jax.random.key(s),
@@ -151,16 +157,20 @@ def run_case(case, restarts, max_iterations, tolerance):
     sk_seconds, sk_inertia = sklearn_loop(x, labels, num_classes, k, max_iterations,
                                           tolerance)
     rows = []
-    # Rows without the Hartigan refinement (plain Lloyd, as scikit-learn) show how much
-    # of the per-class gap is the refinement's and how much the restarts'.
-    configs = ([(r, True) for r in list(restarts) + list(case.get("extra_restarts", ()))]
-               + [(r, False) for r in case.get("unrefined_restarts", ())])
-    for num_restarts, refine in configs:
+    # Rows without the exact step, and without the Hartigan refinement too (plain
+    # Lloyd, as scikit-learn), show how much of the per-class gap is each step's and
+    # how much the restarts'.
+    configs = ([(r, True, True)
+                for r in list(restarts) + list(case.get("extra_restarts", ()))]
+               + [(r, True, False) for r in case.get("inexact_restarts", ())]
+               + [(r, False, False) for r in case.get("unrefined_restarts", ())])
+    for num_restarts, refine, exact in configs:
         first, warm, result = ours(x, labels, num_classes, k, max_iterations, tolerance,
-                                   num_restarts, refine=refine)
+                                   num_restarts, refine=refine, exact=exact)
         row = dict(
             case=case["name"], n=int(x.shape[0]), dim=int(x.shape[1]),
             num_classes=num_classes, k=k, num_restarts=num_restarts, refine=refine,
+            exact=exact and k == 2,
             sklearn_seconds=sk_seconds, ours_first_call_seconds=first,
             ours_warm_seconds=warm, speedup_warm=sk_seconds / warm,
             speedup_incl_compile=sk_seconds / first,
@@ -169,23 +179,26 @@ def run_case(case, restarts, max_iterations, tolerance):
         row.update(compare_inertia(np.asarray(result.inertia, np.float64), sk_inertia,
                                    scatter))
         rows.append(row)
-        print(f"  {case['name']}, restarts={num_restarts}, refine={refine}: "
+        print(f"  {case['name']}, restarts={num_restarts}, refine={refine}, "
+              f"exact={row['exact']}: "
               f"sklearn {sk_seconds:.2f}s, "
               f"ours {warm:.3f}s warm / {first:.2f}s first, "
-              f"inertia ratio {row['total_ratio']:.4f}", flush=True)
+              f"inertia ratio {row['total_ratio']:.4f}, "
+              f"within 2% {100 * row['fraction_within_2pct']:.2f}%", flush=True)
     return rows
 
 
 def markdown(rows):
     lines = [
-        "| case | restarts | refine | sklearn loop (s) | ours warm (s) | ours 1st call (s) | "
-        "speed-up warm | speed-up incl. compile | inertia ours/sk total | worst class "
-        "| classes within 2% |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | restarts | refine | exact (k=2) | sklearn loop (s) | ours warm (s) | "
+        "ours 1st call (s) | speed-up warm | speed-up incl. compile | "
+        "inertia ours/sk total | worst class | classes within 2% |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['num_restarts']} | {'yes' if r['refine'] else 'no'} | "
+            f"{'-' if r['k'] != 2 else 'yes' if r['exact'] else 'no'} | "
             f"{r['sklearn_seconds']:.2f} | "
             f"{r['ours_warm_seconds']:.3f} | {r['ours_first_call_seconds']:.2f} | "
             f"{r['speedup_warm']:.1f}x | {r['speedup_incl_compile']:.1f}x | "

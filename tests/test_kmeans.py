@@ -161,14 +161,150 @@ def test_zero_tolerance_converges_to_means_of_the_assignments():
 
 
 def _brute_force_inertia_k2(points):
-    """Exact optimum of k=2 k-means: every 2-partition of a few points."""
+    """Exact optimum of k=2 k-means in float64: every 2-partition of a few points,
+    scored by squared distances to the two means (no sufficient statistics)."""
     points = points.astype(np.float64)
-    best = np.inf
-    for mask in range(1, 2 ** (len(points) - 1)):
-        side = (mask >> np.arange(len(points))) & 1 == 1
-        best = min(best, sum(((part - part.mean(0)) ** 2).sum()
-                             for part in (points[side], points[~side])))
-    return best
+    n = len(points)
+    if n < 2:
+        return 0.0
+    masks = np.arange(1, 2 ** (n - 1))
+    side = ((masks[:, None] >> np.arange(n)) & 1).astype(bool)  # [P, n], True: part A
+    size_a = side.sum(1, keepdims=True)
+    mean_a = side @ points / size_a
+    mean_b = (~side) @ points / (n - size_a)
+    sq_a = ((points[None] - mean_a[:, None]) ** 2).sum(-1)
+    sq_b = ((points[None] - mean_b[:, None]) ** 2).sum(-1)
+    return float(np.where(side, sq_a, sq_b).sum(1).min())
+
+
+def _partition_inertia(points, slots):
+    points = points.astype(np.float64)
+    return sum(((points[slots == j] - points[slots == j].mean(0)) ** 2).sum()
+               for j in np.unique(slots))
+
+
+def _tiny_classes(rng, dim, repeats=2, max_points=12):
+    """Classes of every size 2..max_points (``repeats`` each), plus duplicates: a class
+    of 2 distinct points (7 examples), one of 3 distinct points (9), one of a single
+    point repeated (5), and n == k = 2 with both points equal."""
+    classes = [rng.normal(size=(size, dim)) * rng.uniform(0.1, 10)
+               for size in range(2, max_points + 1) for _ in range(repeats)]
+    classes.append(rng.normal(size=(2, dim))[rng.integers(0, 2, 7)])
+    classes.append(rng.normal(size=(3, dim))[rng.integers(0, 3, 9)])
+    classes.append(np.repeat(rng.normal(size=(1, dim)), 5, axis=0))
+    classes.append(np.repeat(rng.normal(size=(1, dim)), 2, axis=0))
+    return classes
+
+
+def _flatten_classes(rng, classes, first_label=0):
+    x = np.concatenate(classes).astype(np.float32)
+    y = np.concatenate([np.full(len(c), first_label + i) for i, c in enumerate(classes)])
+    return x, y.astype(np.int32)
+
+
+@pytest.mark.parametrize("dim", [1, 5, 16])
+def test_exact_two_means_equals_numpy_brute_force(dim):
+    rng = np.random.default_rng(dim)
+    classes = _tiny_classes(rng, dim)
+    x, y = _flatten_classes(rng, classes)
+    order = rng.permutation(y.size)  # classes interleaved
+    x, y = x[order], y[order]
+    num_classes = len(classes) + 1  # plus an absent class
+    exact_fn = jax.jit(kmeans_module._exact_two_means,
+                       static_argnames=("num_classes", "max_points"))
+    slots, exact = exact_fn(x, y, num_classes=num_classes, max_points=12)
+    slots = np.asarray(slots)
+    assert np.asarray(exact).tolist() == [True] * len(classes) + [False]
+    assert set(np.unique(slots)) <= {0, 1}
+    for label in range(len(classes)):
+        members = y == label
+        points = x[members]
+        optimum = _brute_force_inertia_k2(points)
+        scatter = ((points - points.mean(0)) ** 2).sum()
+        assert slots[members][0] == 0  # the class's first example is in slot 0
+        assert (slots[members] == 1).any()  # two non-empty parts
+        np.testing.assert_allclose(_partition_inertia(points, slots[members]), optimum,
+                                   rtol=1e-5, atol=1e-6 * scatter + 1e-7,
+                                   err_msg=f"class {label}, n={members.sum()}")
+
+
+def test_exact_two_means_skips_larger_classes_and_respects_max_points():
+    rng = np.random.default_rng(7)
+    sizes = [1, 2, 5, 6, 13]
+    y = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
+    x = rng.normal(size=(y.size, 3)).astype(np.float32)
+    slots, exact = kmeans_module._exact_two_means(jnp.asarray(x), jnp.asarray(y),
+                                                  num_classes=5, max_points=5)
+    assert np.asarray(exact).tolist() == [False, True, True, False, False]
+    slots = np.asarray(slots)
+    np.testing.assert_array_equal(slots[(y == 0) | (y >= 3)], 0)
+    np.testing.assert_allclose(_partition_inertia(x[y == 2], slots[y == 2]),
+                               _brute_force_inertia_k2(x[y == 2]), rtol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _mixed_tiny_and_large():
+    """Tiny classes (all sizes 2-12, duplicates) beside large ones, d = 6, k = 2, plus
+    a class of 13 (just above the exhaustive bound), a single example and an absent
+    class; both with the exhaustive step (default) and without it."""
+    rng = np.random.default_rng(11)
+    classes = _tiny_classes(rng, 6, repeats=3)
+    large = [rng.normal(scale=3.0, size=(4, 6))[rng.integers(0, 4, size)]
+             + rng.normal(size=(size, 6)) for size in (300, 150, 40, 13)]
+    classes += large + [rng.normal(size=(1, 6))]
+    x, y = _flatten_classes(rng, classes)
+    order = rng.permutation(y.size)
+    x, y = x[order], y[order]
+    num_classes = len(classes) + 1
+    tiny = np.arange(num_classes) < len(classes) - len(large) - 1
+    key = jax.random.key(5)
+    new = kmeans_per_class(x, y, 2, key=key, num_classes=num_classes)
+    old = kmeans_per_class(x, y, 2, key=key, num_classes=num_classes,
+                           exhaustive_max_points=0)
+    return x, y, num_classes, tiny, new, old
+
+
+def test_exhaustive_step_makes_tiny_classes_exact_and_leaves_large_ones_alone():
+    x, y, num_classes, tiny, new, old = _mixed_tiny_and_large()
+    _check_invariants(new, x, y, num_classes, 2)
+    _check_invariants(old, x, y, num_classes, 2)
+    inertia = np.asarray(new.inertia, np.float64)
+    labels = np.flatnonzero(tiny)
+    optimum = np.array([_brute_force_inertia_k2(x[y == c]) for c in labels])
+    scatter = max(((x[y == c] - x[y == c].mean(0)) ** 2).sum() for c in labels)
+    # Tiny classes: the exact optimum, never worse than the local search.
+    np.testing.assert_allclose(inertia[tiny], optimum, rtol=1e-5, atol=1e-6 * scatter)
+    assert (inertia[tiny] <= np.asarray(old.inertia)[tiny]).all()
+    assert (np.asarray(old.inertia)[tiny] > 1.02 * optimum + 1e-6).any()
+    # A class of one distinct point keeps a single cluster (n == k == 2 included).
+    counts = np.asarray(new.counts)
+    duplicates = np.flatnonzero(tiny)[-2:]
+    assert sorted(counts[duplicates[0]].tolist()) == [0, 5]
+    assert sorted(counts[duplicates[1]].tolist()) == [0, 2]
+    # Everything else (large classes, the class of 13, size 1, absent): unchanged, up
+    # to float rounding (the larger program is fused differently by XLA).
+    members = ~tiny[y]
+    np.testing.assert_array_equal(np.asarray(new.assignments)[members],
+                                  np.asarray(old.assignments)[members])
+    np.testing.assert_array_equal(counts[~tiny], np.asarray(old.counts)[~tiny])
+    for field in ("centroids", "inertia"):
+        np.testing.assert_allclose(np.asarray(getattr(new, field))[~tiny],
+                                   np.asarray(getattr(old, field))[~tiny],
+                                   rtol=1e-5, atol=1e-6, err_msg=field)
+    assert int(new.iterations) == int(old.iterations)
+    assert bool(new.converged) == bool(old.converged)
+
+
+def test_exhaustive_step_under_jit_matches_eager():
+    x, y, num_classes, _, eager, _ = _mixed_tiny_and_large()
+    jitted = jax.jit(functools.partial(kmeans_per_class, k=2, num_classes=num_classes,
+                                       exhaustive_max_points=12))
+    result = jitted(x, y, key=jax.random.key(5))
+    assert jax.tree.structure(result) == jax.tree.structure(eager)
+    np.testing.assert_array_equal(result.assignments, eager.assignments)
+    np.testing.assert_array_equal(result.counts, eager.counts)
+    np.testing.assert_allclose(result.centroids, eager.centroids, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(result.inertia, eager.inertia, rtol=1e-5, atol=1e-6)
 
 
 def test_hartigan_refinement_leaves_a_poor_lloyd_fixed_point():
@@ -197,18 +333,23 @@ def test_hartigan_refinement_leaves_a_poor_lloyd_fixed_point():
 def test_tiny_high_dimensional_classes_reach_the_brute_force_optimum():
     # 80 classes of 4-8 points of one Gaussian in 32-d, k=2: Lloyd alone ends >2%
     # above the exact optimum in ~45% of the classes (measured, with or without this
-    # library); with the Hartigan refinement (default) in 6-9%; never >15% above.
+    # library); with the Hartigan refinement in 6-9%; never >15% above. The exhaustive
+    # step (default) makes every class exact.
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(80), rng.integers(4, 9, 80)).astype(np.int32)
     rng.shuffle(y)
     x = rng.normal(size=(y.size, 32)).astype(np.float32)
-    result = kmeans_per_class(x, y, 2, key=jax.random.key(0))
-    _check_invariants(result, x, y, 80, 2)
     optimum = np.array([_brute_force_inertia_k2(x[y == c]) for c in range(80)])
-    inertia = np.asarray(result.inertia, np.float64)
+    refined = kmeans_per_class(x, y, 2, key=jax.random.key(0), exhaustive_max_points=0)
+    _check_invariants(refined, x, y, 80, 2)
+    inertia = np.asarray(refined.inertia, np.float64)
     assert (inertia >= optimum * (1 - 1e-5)).all()
     assert (inertia <= 1.02 * optimum).mean() >= 0.85
     assert (inertia <= 1.15 * optimum).all()
+    exact = kmeans_per_class(x, y, 2, key=jax.random.key(0))
+    _check_invariants(exact, x, y, 80, 2)
+    np.testing.assert_allclose(np.asarray(exact.inertia, np.float64), optimum,
+                               rtol=1e-5)
 
 
 def test_large_offset_gives_the_same_clustering():
@@ -357,6 +498,8 @@ def test_assign_to_centroids_and_centroids_from_assignments():
     (dict(tolerance=-1.0), "tolerance must be >= 0"),
     (dict(num_local_trials=0), "num_local_trials must be an integer >= 1"),
     (dict(refine_steps=-1), "refine_steps must be an integer >= 0"),
+    (dict(exhaustive_max_points=-1), "exhaustive_max_points must be an integer in"),
+    (dict(exhaustive_max_points=21), "exhaustive_max_points must be an integer in"),
     (dict(embeddings=np.zeros((4, 2), np.int32)), "embeddings must be floating"),
     (dict(embeddings=np.zeros((0, 2), np.float32), labels=np.zeros((0,), np.int32)),
      "no examples"),
