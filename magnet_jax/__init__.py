@@ -12,6 +12,7 @@ The numerical core is pure, jittable functions of explicit pytrees:
 The trainer (:mod:`magnet_jax.training`) and the ``magnet-jax`` command are built on them.
 """
 
+from magnet_jax.augment import random_shift
 from magnet_jax.evaluation import (
     knc_error,
     knc_predict,
@@ -46,6 +47,7 @@ from magnet_jax.losses import (
     triplet_loss,
 )
 from magnet_jax.sampling import GroupTable, class_balanced_batch, group_table, sample_from_groups, uniform_batch
+from magnet_jax.warm_start import graft_params
 
 __version__ = "0.1.0"
 
@@ -61,6 +63,7 @@ __all__ = [
     "centroids_from_assignments",
     "class_balanced_batch",
     "contrastive_loss",
+    "graft_params",
     "group_table",
     "index_from_assignments",
     "kmeans_per_class",
@@ -76,6 +79,7 @@ __all__ = [
     "normalized_softmax_loss",
     "pairwise_distances",
     "proxy_nca_loss",
+    "random_shift",
     "recompute_centroids",
     "record_batch",
     "refresh_index",

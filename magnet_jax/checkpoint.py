@@ -12,6 +12,9 @@ Saving is synchronous: when :meth:`Checkpointer.save` returns, the checkpoint is
 and finalised. Orbax writes each step into a temporary directory and renames it only when
 complete, so a process killed mid-save (even by SIGKILL) leaves a temporary directory that
 is never listed as a step and never loaded.
+
+:func:`complete_steps` and :func:`restore_params` read a run's checkpoints without a
+template and without creating anything: what a warm start (``--init-from``) needs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import os
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Restored(NamedTuple):
@@ -85,3 +90,46 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+    """The steps of the finished checkpoints under ``directory``, ascending.
+
+    ``[]`` when the directory does not exist or holds none. Temporary folders of saves
+    that never finished are not steps. Reads only: unlike :class:`Checkpointer`, creates
+    nothing.
+    """
+    path = epath.Path(os.path.abspath(os.fspath(directory)))
+    if not path.is_dir():
+        return []
+    return sorted(int(step) for step in ocp.utils.checkpoint_steps(path))
+
+
+def restore_params(directory: str | os.PathLike, step: int) -> Any:
+    """The ``params`` of the ``state`` saved at ``step`` under ``directory``, without a template.
+
+    Returns the nested dict as it was saved, with host ``numpy`` arrays of the saved
+    dtypes: dict keys are strings (an ``nnx.List`` index ``0`` comes back as ``"0"``), and
+    nothing depends on the model, the mesh or the number of devices of the run that saved
+    it. Only the parameters are read, not the optimizer state.
+
+    Raises:
+        ValueError: the step holds no ``state`` item with ``params``.
+    """
+    path = epath.Path(os.path.abspath(os.fspath(directory))) / str(step) / "state"
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path.parent} has no 'state' item (looked for {path})")
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        tree = handler.metadata(path).tree
+        if not isinstance(tree, dict) or "params" not in tree:
+            keys = sorted(tree) if isinstance(tree, dict) else type(tree).__name__
+            raise ValueError(f"the state saved in {path} has no 'params' (it has {keys})")
+        item = {"params": tree["params"]}
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        restored = handler.restore(
+            path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        )
+    finally:
+        handler.close()
+    return restored["params"]

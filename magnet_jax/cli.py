@@ -40,6 +40,9 @@ _HELP = {
     "seed": "random seed",
     "workdir": "where checkpoints, history.jsonl and metrics.json go; rerun to resume",
     "num_devices": "use the first N devices (default: all)",
+    "init_from": "warm start a new run from the latest checkpoint of a previous run (its --workdir, or "
+    "its checkpoints/ folder): copies every parameter whose path and shape match, the rest stays "
+    "freshly initialised; ignored when --workdir resumes its own checkpoint",
     "normalize": "L2-normalise the embeddings",
     "clustering": "how the index clusters each class: kmeans, or agglomerative (at most K clusters, the number may differ per class)",
     "kmeans_restarts": "k-means: keep the best of N k-means++ runs by inertia, per class",

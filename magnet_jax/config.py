@@ -55,6 +55,7 @@ class TrainConfig:
     lr: float = 1e-3
     lr_schedule: str = "constant"  # or cosine: decay to 0 over `steps`
     weight_decay: float = 0.0
+    augment_shift: int = 0  # images: random translations of up to this many pixels
     refresh_every: int | None = None  # None: once per epoch of M·D-example batches
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -71,6 +72,7 @@ class TrainConfig:
     eval_chunk_size: int = 256  # rows per embedding call (refresh, evaluation)
     seed: int = 0
     workdir: str = "runs/magnet-digits"
+    init_from: str | None = None  # warm start: a previous run's workdir (or its checkpoints/)
     num_devices: int | None = None  # None: all devices
 
     @property
@@ -119,6 +121,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.augment_shift < 0:
+            raise ValueError(f"augment_shift must be >= 0, got {self.augment_shift}")
         if self.refresh_every is not None and self.refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
         if self.clusters_per_batch < 2:
@@ -144,5 +148,7 @@ class TrainConfig:
             raise ValueError(f"distance_threshold must be > 0, got {self.distance_threshold}")
         if self.cluster_subsample < 2:
             raise ValueError(f"cluster_subsample must be >= 2, got {self.cluster_subsample}")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise ValueError(f"init_from must name a run's work directory, got {self.init_from!r}")
         if self.num_devices is not None and self.num_devices < 1:
             raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")

@@ -37,14 +37,17 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from magnet_jax import evaluation
+from magnet_jax import augment, evaluation
 from magnet_jax import index as index_lib
 from magnet_jax import sampling
-from magnet_jax.checkpoint import Checkpointer
+from magnet_jax.checkpoint import Checkpointer, complete_steps
 from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, load_dataset
 from magnet_jax.models import create_model, default_architecture
 from magnet_jax.objectives import Objective, TrainingData, get_objective
+from magnet_jax.warm_start import WarmStart, find_init_checkpoint, warm_start_params
+
+_AUGMENT_STREAM = 0x617567  # folded into a step's key for its augmentations
 
 
 @struct.dataclass
@@ -115,7 +118,10 @@ def build_step_functions(
     def train_step(state: TrainState, index, data: TrainingData):
         key = jax.random.fold_in(state.rng, state.step)
         batch = objective.sample(key, index, data, config)
-        inputs = jax.lax.with_sharding_constraint(data.x[batch.indices], batch_sharding)
+        inputs = data.x[batch.indices]
+        if config.augment_shift:
+            inputs = augment.random_shift(jax.random.fold_in(key, _AUGMENT_STREAM), inputs, config.augment_shift)
+        inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
 
         def loss_of(params):
             model = nnx.merge(graphdef, nnx.State(params))
@@ -208,6 +214,7 @@ class Run:
     data: TrainingData
     x_test: jax.Array
     initial_state: TrainState
+    warm_start: "WarmStart | None" = None  # what --init-from copied into initial_state
 
     @property
     def refresh_every(self) -> int:
@@ -225,6 +232,11 @@ def _check_against_data(config: TrainConfig, dataset: Dataset, objective: Object
             f"the batch of M·D = {config.clusters_per_batch}·{config.examples_per_cluster} = "
             f"{config.batch_size} examples cannot be split evenly over {num_devices} devices; "
             f"choose M and D so that M·D is a multiple of {num_devices}"
+        )
+    if config.augment_shift and dataset.x_train.ndim != 4:
+        raise ValueError(
+            f"--augment-shift {config.augment_shift} translates images [N, H, W, C], but "
+            f"{dataset.name} has examples of shape {dataset.x_train.shape[1:]}"
         )
     if objective.uses_index:
         smallest = int(np.argmin(np.where(class_sizes > 0, class_sizes, np.iinfo(np.int64).max)))
@@ -249,9 +261,19 @@ def _check_against_data(config: TrainConfig, dataset: Dataset, objective: Object
         )
 
 
-def prepare(config: TrainConfig, dataset: Dataset | None = None) -> Run:
-    """Loads the data, builds the model and the jitted functions; raises on bad input."""
+def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: bool = True) -> Run:
+    """Loads the data, builds the model and the jitted functions; raises on bad input.
+
+    With ``config.init_from`` and ``warm_start`` (the default), the initial parameters are
+    those of a fresh model with every leaf that the source run's latest checkpoint has at
+    the same path and shape copied in (:func:`magnet_jax.warm_start.graft_params`); the optimizer state is
+    initialised from them, and ``run.warm_start`` says what was copied. :func:`train`
+    passes ``warm_start=False`` when it resumes the run's own checkpoint, which already
+    holds the warm-started parameters.
+    """
     config.validate()
+    # The source is looked up before the data is loaded: a mistyped path fails at once.
+    source = find_init_checkpoint(config.init_from) if config.init_from is not None and warm_start else None
     objective = get_objective(config.loss)
     if dataset is None:
         dataset = load_dataset(config.dataset, config.data_dir)
@@ -271,6 +293,9 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None) -> Run:
     )
     graphdef, params_state = nnx.split(model)
     params = nnx.to_pure_dict(params_state)
+    warm = None
+    if source is not None:
+        params, warm = warm_start_params(config.init_from, *source, params)
     optimizer = make_optimizer(config)
 
     replicated = NamedSharding(mesh, P())
@@ -290,7 +315,7 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None) -> Run:
     state = jax.device_put(state, replicated)
     steps = build_step_functions(objective, graphdef, optimizer, config, mesh)
     x_test = jax.device_put(jnp.asarray(dataset.x_test), replicated)
-    return Run(config, dataset, objective, mesh, graphdef, optimizer, steps, data, x_test, state)
+    return Run(config, dataset, objective, mesh, graphdef, optimizer, steps, data, x_test, state, warm)
 
 
 # --------------------------------------------------------------------------------------
@@ -445,7 +470,8 @@ class _Workdir:
         os.replace(tmp, self.history)
 
 
-# Fields that may differ between a run and its resumption.
+# Fields that may differ between a run and its resumption. Not init_from: it is ignored on
+# resume (the checkpoint holds the warm-started parameters) but names what the run is.
 _RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "log_every", "max_checkpoints", "workdir"}
 
 
@@ -468,14 +494,18 @@ def train(config: TrainConfig, *, progress: bool = True, dataset: Dataset | None
     """Trains (or resumes) the run described by ``config``; returns the final metrics.
 
     Writes ``config.json``, ``history.jsonl`` (one JSON line per logged step, refresh and
-    evaluation), ``metrics.json`` (final metrics) and ``checkpoints/`` under
+    evaluation, and first an ``"init"`` line when ``config.init_from`` warm-starts a fresh
+    run, see :meth:`WarmStart.record`), ``metrics.json`` (final metrics) and ``checkpoints/`` under
     ``config.workdir``. Running it again with the same work directory resumes from the
     latest checkpoint and ends with the same parameters and metrics as an uninterrupted run.
     """
     from tqdm.auto import tqdm
 
-    run = prepare(config, dataset)  # raises before anything is written
     workdir = _Workdir(config.workdir)
+    # A run that resumes its own checkpoint ignores --init-from: the checkpoint already
+    # holds the warm-started parameters, and the source need not exist any more.
+    resuming = bool(complete_steps(workdir.checkpoints))
+    run = prepare(config, dataset, warm_start=not resuming)  # raises before anything is written
     saved = workdir.saved_config()
     if saved is not None:
         _check_same_run(saved, config, workdir.path)
@@ -504,6 +534,10 @@ def train(config: TrainConfig, *, progress: bool = True, dataset: Dataset | None
         history.write(json.dumps(record, sort_keys=True) + "\n")
         history.flush()
         history_lines += 1
+
+    if latest is None and run.warm_start is not None:
+        log(run.warm_start.record())
+        print(run.warm_start.summary(), flush=True)
 
     bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"{config.loss} on {config.dataset}", unit="step")
     try:
@@ -558,7 +592,7 @@ def load_for_evaluation(workdir: str) -> tuple[Run, TrainState, Any]:
     if saved is None:
         raise FileNotFoundError(f"no run in {files.path}: {files.config} is missing (train one with `magnet-jax train --workdir {workdir}`)")
     config = TrainConfig.from_dict(saved)
-    run = prepare(config)
+    run = prepare(config, warm_start=False)  # the checkpoint holds the parameters
     checkpointer = Checkpointer(files.checkpoints)
     latest = checkpointer.latest_step()
     if latest is None:
