@@ -144,28 +144,6 @@ def trunk_params(params: dict) -> dict:
     return params["trunk"]
 
 
-def _graft(target: Any, source: Any) -> tuple[Any, int, int]:
-    """target with every leaf that ``source`` has at the same path and shape replaced."""
-    if isinstance(target, dict):
-        out, copied, total = {}, 0, 0
-        for key, value in target.items():
-            if isinstance(source, dict) and key in source:
-                out[key], c, t = _graft(value, source[key])
-            else:
-                out[key], c, t = value, 0, _count_leaves(value)
-            copied, total = copied + c, total + t
-        return out, copied, total
-    if source is not None and np.shape(source) == np.shape(target):
-        return source, 1, 1
-    return target, 0, 1
-
-
-def _count_leaves(tree: Any) -> int:
-    import jax
-
-    return len(jax.tree.leaves(tree))
-
-
 def learning_curve(config, dataset, eval_steps: Sequence[int], *, init_trunk: dict | None = None,
                    ks: Sequence[int] = KS) -> dict:
     """Trains ``config`` on ``dataset`` and evaluates at ``eval_steps`` (0 allowed).
@@ -181,6 +159,7 @@ def learning_curve(config, dataset, eval_steps: Sequence[int], *, init_trunk: di
     from jax.sharding import PartitionSpec as P
 
     from magnet_jax import training
+    from magnet_jax.warm_start import graft_params
 
     run = training.prepare(config, dataset)
     state = run.initial_state
@@ -190,8 +169,8 @@ def learning_curve(config, dataset, eval_steps: Sequence[int], *, init_trunk: di
         # init_trunk would be deleted (or overwritten) by the first run.
         init_trunk = jax.tree.map(lambda a: jnp.array(np.asarray(a), copy=True), init_trunk)
         params = jax.tree.map(lambda a: a, state.params)
-        params["trunk"], copied, total = _graft(params["trunk"], init_trunk)
-        init_note = f"warm: {copied}/{total} trunk arrays copied"
+        params["trunk"], copied, skipped = graft_params(params["trunk"], init_trunk)
+        init_note = f"warm: {len(copied)}/{len(copied) + len(skipped)} trunk arrays copied"
         state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                     opt_state=run.optimizer.init(params), rng=state.rng)
         state = jax.device_put(state, NamedSharding(run.mesh, P()))

@@ -44,7 +44,7 @@ class TrainConfig:
     architecture: str | None = None  # None: mlp for flat inputs, convnet for images
     embedding_dim: int = 32
     normalize: bool = False  # L2-normalise embeddings
-    steps: int = 1500
+    steps: int = 3000
     clusters_per_class: int = 4  # K
     clusters_per_batch: int = 8  # M
     examples_per_cluster: int = 8  # D
@@ -53,7 +53,7 @@ class TrainConfig:
     mining: str = "batch_all"  # triplet mining
     optimizer: str = "adam"  # adam, or sgd (momentum 0.9)
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # or cosine: decay to 0 over `steps`
+    lr_schedule: str = "cosine"  # cosine: decay to 0 over `steps`; or constant
     weight_decay: float = 0.0
     augment_shift: int = 0  # images: random translations of up to this many pixels
     refresh_every: int | None = None  # None: once per epoch of M·D-example batches

@@ -7,8 +7,8 @@ them, class names.
 Names accepted by :func:`load_dataset`:
 
 * ``digits`` -- scikit-learn's bundled 8x8 digits (no files needed). A fixed stratified
-  split (25% of every class to test, seed 0): 1,347 train / 450 test examples, ``x`` of
-  shape ``[N, 64]`` scaled ``/16`` to ``[0, 1]``.
+  split (25% of every class to test, seed 0): 1,347 train / 450 test examples, images
+  ``[N, 8, 8, 1]`` scaled ``/16`` to ``[0, 1]``.
 * ``mnist``, ``fashion_mnist`` -- the standard idx files (``.gz`` or uncompressed). The
   decompressed content of the canonical files is checked against embedded SHA-256 sums.
   Images ``[N, 28, 28, 1]`` in ``[0, 1]``.
@@ -102,8 +102,8 @@ class Dataset:
 
     Attributes:
       name: what the dataset is called (``"fashion_mnist"``, ``"npz:feats.npz"``, ...).
-      x_train: ``[N, ...]`` float32 inputs. Images are NHWC in ``[0, 1]``; digits are
-        ``[N, 64]`` in ``[0, 1]``; precomputed features are as given.
+      x_train: ``[N, ...]`` float32 inputs. Images (digits too) are NHWC in ``[0, 1]``;
+        precomputed features are as given.
       y_train: ``[N]`` int32 labels in ``[0, C)``.
       x_test: ``[M, ...]`` float32, same trailing shape as ``x_train``.
       y_test: ``[M]`` int32 labels in ``[0, C)``.
@@ -430,7 +430,7 @@ def _load_digits() -> Dataset:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)
+    x = (bunch.images[..., None] / 16.0).astype(np.float32)  # [1797, 8, 8, 1]
     y = bunch.target.astype(np.int32)
     train, test = stratified_split(y, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
     return Dataset(

@@ -27,7 +27,7 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
 
 
 class MLP(nnx.Module):
-    """Fully connected trunk for flat inputs ``[B, features]`` (digits, precomputed features)."""
+    """Fully connected trunk for flat inputs ``[B, features]`` (precomputed features; images are flattened)."""
 
     def __init__(
         self, in_features: int, hidden: Sequence[int], out_features: int, *, head_bias: bool = True, rngs: nnx.Rngs
@@ -60,7 +60,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
 
 class ConvNet(nnx.Module):
-    """Small convnet for 28×28 and 32×32 images ``[B, H, W, C]``.
+    """Small convnet for images ``[B, H, W, C]`` (8×8 digits, 28×28, 32×32).
 
     Two 3×3 conv layers (32 and 64 channels, ReLU, 2×2 max-pool), flatten, a 256-unit dense
     layer, then the embedding. No normalisation layers: two conv layers

@@ -378,7 +378,7 @@ def test_npz_missing_file_and_keys(tmp_path):
 
 def test_digits_split_fixed_and_stratified():
     ds = load_dataset("digits")
-    assert ds.x_train.shape == (1347, 64) and ds.x_test.shape == (450, 64)
+    assert ds.x_train.shape == (1347, 8, 8, 1) and ds.x_test.shape == (450, 8, 8, 1)
     assert ds.x_train.dtype == np.float32 and ds.x_train.min() == 0.0 and ds.x_train.max() == 1.0
     counts = np.bincount(np.concatenate([ds.y_train, ds.y_test]))
     np.testing.assert_array_equal(np.bincount(ds.y_test), np.round(counts * 0.25).astype(int))
@@ -388,7 +388,7 @@ def test_digits_split_fixed_and_stratified():
     # pin the split itself, so that it cannot drift between releases
     from sklearn.datasets import load_digits
 
-    all_x = (load_digits().data / 16).astype(np.float32)
+    all_x = (load_digits().images[..., None] / 16).astype(np.float32)
     np.testing.assert_array_equal(ds.x_test[:10], all_x[[1, 5, 9, 12, 14, 15, 16, 17, 19, 23]])
 
 
