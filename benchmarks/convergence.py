@@ -9,6 +9,14 @@ fewer iterations. This script measures it in one regime per run:
   softmax on the five Fashion-MNIST classes that are NOT tops (trouser, sandal, sneaker,
   bag, ankle boot), then fine-tuned on the five confusable upper-body classes (T-shirt,
   pullover, dress, coat, shirt). Every method and seed starts from the same pretrained trunk.
+- ``stanford_dogs`` / ``oxford_flowers102`` / ``oxford_iiit_pet``: the paper's fine-grained
+  datasets through TFDS (needs tensorflow-datasets and the data), images resized to 128²,
+  a ResNet, 3 epochs at batch 48; warm-started with ``--init-from DIR`` from a backbone
+  pretrained with ``magnet-jax train``. For a GPU/TPU machine: benchmarks/paper_scale.md.
+
+``--init-from DIR`` (any regime) starts the trunk of every sweep and seed run from the
+latest checkpoint of a previous ``magnet-jax train`` run (its ``--workdir``); it replaces
+finetune_upper_body's own pretraining.
 
 Protocol. Every method uses the same network, Adam, batch size (M·D = 48) and number of
 iterations. Its learning rate (and triplet's mining; triplet embeddings are L2-normalised,
@@ -28,6 +36,7 @@ Commands (results/convergence_<regime>.json and .png):
   python benchmarks/convergence.py --regime quick
   python benchmarks/convergence.py --regime fashion_mnist --steps 1500 --seeds 2 --lrs 1e-3 3e-3
   python benchmarks/convergence.py --check benchmarks/results/convergence_quick.json
+  python benchmarks/convergence.py --regime stanford_dogs --init-from runs/backbone --data-dir ~/tensorflow_datasets
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -70,6 +80,32 @@ REGIMES = {
 BATCH = 48
 
 
+def _paper_regime(builder: str, splits: tuple[str, str], num_train: int, clusters_per_class: int) -> dict:
+    """A paper-scale fine-grained regime (Rippel et al. 2016, section 4.1): TFDS images
+    resized to ``image_size``², a ResNet, 3 epochs of the training set at batch 48, magnet
+    M=12 clusters of D=4. Meant for a GPU/TPU machine with the data and a pretrained trunk
+    (``--init-from``); see benchmarks/paper_scale.md."""
+    steps = math.ceil(3 * num_train / BATCH)
+    return dict(dataset=f"tfds:{builder}", tfds_splits=splits, image_size=128, architecture="resnet",
+                embedding_dim=64, steps=steps, eval_every=max(1, steps // 10), seeds=2, lrs=(1e-4, 3e-4, 1e-3),
+                triplet_minings=("batch_all", "semi_hard"),
+                magnet=dict(clusters_per_class=clusters_per_class, clusters_per_batch=12, examples_per_cluster=4),
+                classes_per_batch=12, paper_scale=True)
+
+
+# The three fine-grained datasets of the paper, with their TFDS builders and splits
+# (training-set sizes: Stanford Dogs 12,000 = 100/class x 120; Oxford Flowers 102
+# train+validation 2,040 = 20/class x 102; Oxford-IIIT Pet trainval 3,680 ~ 100/class x 37).
+# Flowers has 20 images per class, so K=4 keeps about 5 per cluster (>= D).
+PAPER_REGIMES = {
+    "stanford_dogs": _paper_regime("stanford_dogs", ("train", "test"), 12000, clusters_per_class=8),
+    "oxford_flowers102": _paper_regime("oxford_flowers102", ("train+validation", "test"), 2040,
+                                       clusters_per_class=4),
+    "oxford_iiit_pet": _paper_regime("oxford_iiit_pet", ("train", "test"), 3680, clusters_per_class=8),
+}
+REGIMES.update(PAPER_REGIMES)
+
+
 def subset_classes(dataset, classes, name):
     """The examples of ``classes`` only, relabelled 0..len(classes)-1 in that order."""
     from magnet_jax.data import Dataset
@@ -97,10 +133,14 @@ def methods_for(regime: dict, lrs) -> list[Method]:
     ]
 
 
-def load(regime_name: str, data_dir: str):
+def load(regime_name: str, data_dir: str | None, manual_dir: str | None = None, regime: dict | None = None):
     from magnet_jax.data import load_dataset
 
-    regime = REGIMES[regime_name]
+    regime = regime if regime is not None else REGIMES[regime_name]
+    if regime.get("paper_scale"):
+        size = regime["image_size"]
+        return load_dataset(regime["dataset"], data_dir, manual_dir=manual_dir, splits=regime["tfds_splits"],
+                            image_size=(size, size)), None
     dataset = load_dataset(regime["dataset"], data_dir)
     source = None
     if regime_name == "finetune_upper_body":
@@ -126,6 +166,26 @@ def pretrain(source, regime: dict, base: dict) -> tuple[dict, dict]:
             "seconds": round(curve["seconds"], 1)}
     log(f"pretrained on {source.name}: {info['source_test_errors']}")
     trunk = jax.tree.map(lambda a: np.array(a, copy=True), _common.trunk_params(curve["params"]))
+    return trunk, info
+
+
+def load_init_trunk(path: str) -> tuple[dict, dict]:
+    """The trunk parameters of a previous run's latest checkpoint (``--init-from``): that
+    run's workdir or its checkpoints/ folder. Returns (trunk params, description)."""
+    import jax
+
+    from magnet_jax.checkpoint import restore_params
+    from magnet_jax.warm_start import find_init_checkpoint
+
+    directory, step = find_init_checkpoint(path)
+    params = restore_params(directory, step)
+    if not isinstance(params, dict) or "trunk" not in params:
+        keys = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"--init-from {path!r}: the checkpoint {directory}/{step} has no trunk parameters "
+                         f"(top-level keys: {keys})")
+    trunk = jax.tree.map(lambda a: np.array(a, copy=True), params["trunk"])
+    info = {"init_from": str(Path(directory).resolve()), "step": int(step)}
+    log(f"warm start of every run from {directory} (step {step})")
     return trunk, info
 
 
@@ -197,7 +257,17 @@ def main(argv=None) -> int:
     parser.add_argument("--train-size", type=int, default=None,
                         help="train on a stratified subset of this many training examples (seed 1; the full "
                              "test set is kept): a reduced-scale run")
-    parser.add_argument("--data-dir", default=str(_common.DEFAULT_DATA_DIR))
+    parser.add_argument("--data-dir", default=None,
+                        help=f"dataset folder (default {_common.DEFAULT_DATA_DIR}; for the tfds regimes "
+                             "TFDS's data dir, default TFDS's own ~/tensorflow_datasets)")
+    parser.add_argument("--manual-dir", default=None,
+                        help="tfds regimes: TFDS manual download dir, when TFDS cannot download the raw files")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="tfds regimes: resize the images to N x N (default per regime: 128)")
+    parser.add_argument("--init-from", default=None, metavar="DIR",
+                        help="warm-start every sweep and seed run's trunk from the latest checkpoint of a previous "
+                             "`magnet-jax train` run (its --workdir or checkpoints/ folder), e.g. a pretrained "
+                             "backbone; replaces finetune_upper_body's own pretraining")
     parser.add_argument("--output", default=None, help="default results/convergence_<regime>.json")
     parser.add_argument("--check", type=Path, default=None, help="recompute the summary of a results JSON")
     args = parser.parse_args(argv)
@@ -205,6 +275,15 @@ def main(argv=None) -> int:
         return check(args.check)
     regime_name = "quick" if args.quick else args.regime
     regime = copy.deepcopy(REGIMES[regime_name])
+    paper_scale = bool(regime.get("paper_scale"))
+    if args.manual_dir is not None and not paper_scale:
+        parser.error(f"--manual-dir applies to the tfds regimes ({', '.join(PAPER_REGIMES)}) only")
+    if args.image_size is not None:
+        if not paper_scale:
+            parser.error(f"--image-size applies to the tfds regimes ({', '.join(PAPER_REGIMES)}) only")
+        if args.image_size < 8:
+            parser.error(f"--image-size must be >= 8, got {args.image_size}")
+        regime["image_size"] = args.image_size
     if args.minings:
         regime["triplet_minings"] = tuple(args.minings)
     if args.pretrain_steps is not None:
@@ -221,7 +300,15 @@ def main(argv=None) -> int:
 
     from magnet_jax.data import split_validation
 
-    dataset, source = load(regime_name, args.data_dir)
+    data_dir = args.data_dir
+    if data_dir is None and not paper_scale:
+        data_dir = str(_common.DEFAULT_DATA_DIR)
+    try:
+        init_trunk, init_info = load_init_trunk(args.init_from) if args.init_from else (None, None)
+        dataset, source = load(regime_name, data_dir, args.manual_dir, regime)
+    except (ImportError, FileNotFoundError, ValueError) as error:
+        print(f"convergence.py: error: {error}", file=sys.stderr)
+        return 2
     dataset = _common.subsample_train(dataset, args.train_size)
     if source is not None:
         source = _common.subsample_train(source, args.train_size)
@@ -229,8 +316,11 @@ def main(argv=None) -> int:
     # A constant learning rate: a schedule tied to the total would distort the curves' middle.
     base = dict(dataset=dataset.name, embedding_dim=32, optimizer="adam", lr_schedule="constant", eval_every=10**9,
                 checkpoint_every=10**9, log_every=10**9, num_nearest_clusters=128)
-    init_trunk, pretrain_info = None, None
-    if source is not None and regime["pretrain_steps"] > 0:  # --pretrain-steps 0: the random-init control
+    if paper_scale:
+        base.update(embedding_dim=regime["embedding_dim"], architecture=regime["architecture"])
+    pretrain_info = None
+    # --pretrain-steps 0: the random-init control. --init-from replaces the pretraining.
+    if init_trunk is None and source is not None and regime["pretrain_steps"] > 0:
         init_trunk, pretrain_info = pretrain(source, regime, base)
 
     methods = methods_for(regime, lrs)
@@ -242,6 +332,11 @@ def main(argv=None) -> int:
                "seeds": seeds, "batch_size": BATCH, "sweep": {"split": "stratified 10% of train, seed 0",
                                                               "steps": sweep_steps, "seed": 0, "lrs": list(lrs)},
                "pretrain": pretrain_info, "methods": {}}
+    if init_info is not None:
+        results["init_from"] = init_info
+    if paper_scale:
+        results.update(image_size=regime["image_size"], tfds_splits=list(regime["tfds_splits"]),
+                       architecture=regime["architecture"], embedding_dim=regime["embedding_dim"])
     pseudo = {}
     for method in methods:
         log(f"{method.name}: sweep of {len(method.grid)} points on validation ({sweep_steps} it.)")

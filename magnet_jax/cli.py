@@ -44,6 +44,10 @@ _HELP = {
     "its checkpoints/ folder): copies every parameter whose path and shape match, the rest stays "
     "freshly initialised; ignored when --workdir resumes its own checkpoint",
     "normalize": "L2-normalise the embeddings",
+    "augment_shift": "images: translate every training image by a random offset of up to N pixels (zero fill)",
+    "image_size": "tfds: resize every image to N x N (needed when the images differ in size)",
+    "tfds_splits": "tfds: 'train_split,test_split', e.g. 'train+validation,test' (default: the builder's train and test)",
+    "manual_dir": "tfds: folder with manually downloaded files",
     "clustering": "how the index clusters each class: kmeans, or agglomerative (at most K clusters, the number may differ per class)",
     "kmeans_restarts": "k-means: keep the best of N k-means++ runs by inertia, per class",
     "linkage": "agglomerative: ward, average or single",

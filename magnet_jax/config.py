@@ -40,6 +40,9 @@ class TrainConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
+    image_size: int | None = None  # tfds only: resize every image to image_size x image_size
+    tfds_splits: str | None = None  # tfds only: "train_split,test_split"; None: "train,test"
+    manual_dir: str | None = None  # tfds only: TFDS manual download dir
     loss: str = "magnet"
     architecture: str | None = None  # None: mlp for flat inputs, convnet for images
     embedding_dim: int = 32
@@ -78,6 +81,26 @@ class TrainConfig:
     @property
     def batch_size(self) -> int:
         return self.clusters_per_batch * self.examples_per_cluster
+
+    @property
+    def tfds_split_pair(self) -> tuple[str, str] | None:
+        """``tfds_splits`` as ``(train_split, test_split)``; None when not set."""
+        if self.tfds_splits is None:
+            return None
+        train, test = (part.strip() for part in self.tfds_splits.split(","))
+        return train, test
+
+    def load_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`magnet_jax.data.load_dataset` that this config
+        sets beyond ``data_dir`` (empty when none of the tfds options is given)."""
+        options: dict[str, Any] = {}
+        if self.image_size is not None:
+            options["image_size"] = (self.image_size, self.image_size)
+        if self.tfds_splits is not None:
+            options["splits"] = self.tfds_split_pair
+        if self.manual_dir is not None:
+            options["manual_dir"] = self.manual_dir
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -150,5 +173,23 @@ class TrainConfig:
             raise ValueError(f"cluster_subsample must be >= 2, got {self.cluster_subsample}")
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise ValueError(f"init_from must name a run's work directory, got {self.init_from!r}")
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                                            or self.image_size < 8):
+            raise ValueError(f"image_size must be an integer >= 8 (pixels per side), got {self.image_size!r}")
+        if self.tfds_splits is not None:
+            parts = self.tfds_splits.split(",") if isinstance(self.tfds_splits, str) else []
+            if len(parts) != 2 or not all(part.strip() for part in parts):
+                raise ValueError(
+                    f"tfds_splits must be two comma-separated TFDS split names, train then test "
+                    f"(e.g. 'train,test' or 'train+validation,test'), got {self.tfds_splits!r}"
+                )
+        if self.manual_dir is not None and (not isinstance(self.manual_dir, str) or not self.manual_dir.strip()):
+            raise ValueError(f"manual_dir must name a directory, got {self.manual_dir!r}")
+        tfds_only = [name for name in ("image_size", "tfds_splits", "manual_dir") if getattr(self, name) is not None]
+        if tfds_only and not self.dataset.startswith("tfds:"):
+            raise ValueError(
+                f"{', '.join(tfds_only)} apply to tfds:<name> datasets only, not to dataset {self.dataset!r} "
+                f"(its images are used at their stored size)"
+            )
         if self.num_devices is not None and self.num_devices < 1:
             raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")

@@ -276,7 +276,8 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
     source = find_init_checkpoint(config.init_from) if config.init_from is not None and warm_start else None
     objective = get_objective(config.loss)
     if dataset is None:
-        dataset = load_dataset(config.dataset, config.data_dir)
+        # image_size / tfds_splits / manual_dir (tfds only; validate() refused them otherwise).
+        dataset = load_dataset(config.dataset, config.data_dir, **config.load_options())
     mesh = make_mesh(config.num_devices)
     _check_against_data(config, dataset, objective, mesh.devices.size)
 
