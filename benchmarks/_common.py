@@ -28,8 +28,9 @@ import math
 import os
 import platform
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def enable_compilation_cache(path: str | None = None) -> None:
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%H:%M:%S")
+    return datetime.datetime.now(datetime.UTC).strftime("%H:%M:%S")
 
 
 def log(message: str) -> None:
@@ -346,9 +347,9 @@ def format_speedup(s: dict) -> str:
 
 
 def environment() -> dict:
-    import jax
-
     import subprocess
+
+    import jax
 
     repo = Path(__file__).resolve().parents[1]
     try:
@@ -359,7 +360,7 @@ def environment() -> dict:
         commit, dirty = None, None
     return {"git_commit": commit, "magnet_jax_modified": dirty, "load_average": list(os.getloadavg()),
             "python": platform.python_version(), "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
-            "cpu_count": os.cpu_count(), "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "cpu_count": os.cpu_count(), "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -334,7 +334,7 @@ def merge(paths: list[str], output: pathlib.Path) -> int:
             for name, methods in content["runs"].items():
                 for method, runs in methods.items():
                     target["runs"].setdefault(name, {}).setdefault(method, []).extend(runs)
-    for part, content in merged["parts"].items():
+    for content in merged["parts"].values():
         for name, methods in content["runs"].items():
             content["summary"][name] = {m: summarise(r) for m, r in methods.items()}
             results = {m: [{**run, "history": run["refreshes"]} for run in r] for m, r in methods.items()}
@@ -398,7 +398,7 @@ def main(argv=None) -> int:
         # The runs recorded in results/clustering.json predate the cosine schedule.
         common["lr_schedule"] = "constant"
     record = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
                     "devices": [str(d) for d in jax.devices()][:1]},
         "quick": quick,

@@ -120,7 +120,7 @@ def ours(x, labels, num_classes, k, max_iterations, tolerance, num_restarts, see
     call(seed)
     first = time.perf_counter() - start
     warm_times = []
-    for repeat in range(3):
+    for _ in range(3):
         start = time.perf_counter()
         result = call(seed)
         warm_times.append(time.perf_counter() - start)
@@ -227,7 +227,7 @@ def main(argv=None):
     device = jax.devices()[0]
     report = dict(
         benchmark="kmeans_per_class vs scikit-learn KMeans looped over classes",
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         quick=args.quick, jax=jax.__version__, sklearn=sklearn.__version__,
         numpy=np.__version__, python=platform.python_version(),
         device=f"{device.platform}: {device.device_kind}", num_devices=jax.device_count(),

@@ -32,7 +32,12 @@ from magnet_jax.index import (
     sample_neighbourhood,
     seed_probabilities,
 )
-from magnet_jax.kmeans import KMeansResult, assign_to_centroids, centroids_from_assignments, kmeans_per_class
+from magnet_jax.kmeans import (
+    KMeansResult,
+    assign_to_centroids,
+    centroids_from_assignments,
+    kmeans_per_class,
+)
 from magnet_jax.losses import (
     MagnetTerms,
     arcface_loss,
@@ -46,7 +51,13 @@ from magnet_jax.losses import (
     proxy_nca_loss,
     triplet_loss,
 )
-from magnet_jax.sampling import GroupTable, class_balanced_batch, group_table, sample_from_groups, uniform_batch
+from magnet_jax.sampling import (
+    GroupTable,
+    class_balanced_batch,
+    group_table,
+    sample_from_groups,
+    uniform_batch,
+)
 from magnet_jax.warm_start import graft_params
 
 __version__ = "0.1.0"

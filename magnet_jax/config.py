@@ -106,7 +106,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -114,7 +114,7 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "TrainConfig":
+    def from_json(cls, path: str | os.PathLike) -> TrainConfig:
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"config file {path!r} not found (looked in {os.path.abspath(path)})")

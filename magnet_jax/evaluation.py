@@ -19,7 +19,8 @@ exactly; see :func:`retrieval_metrics`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

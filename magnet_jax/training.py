@@ -37,9 +37,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from magnet_jax import augment, evaluation
+from magnet_jax import augment, evaluation, sampling
 from magnet_jax import index as index_lib
-from magnet_jax import sampling
 from magnet_jax.checkpoint import Checkpointer, complete_steps
 from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, load_dataset
@@ -214,7 +213,7 @@ class Run:
     data: TrainingData
     x_test: jax.Array
     initial_state: TrainState
-    warm_start: "WarmStart | None" = None  # what --init-from copied into initial_state
+    warm_start: WarmStart | None = None  # what --init-from copied into initial_state
 
     @property
     def refresh_every(self) -> int:

@@ -30,7 +30,7 @@ from magnet_jax.losses.triplet import triplet_loss
 MININGS = ("batch_all", "batch_hard", "semi_hard")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(fn, hyperparameters):
     return jax.jit(functools.partial(fn, **dict(hyperparameters)))
 
@@ -246,7 +246,7 @@ def test_pairwise_distances_clamped_and_safe_gradient_at_zero():
     x = jnp.array([[1000.0, 1000.0], [1000.0, 1000.0001], [1000.0, 1000.0]])
     assert bool(jnp.all(pairwise_distances(x, x) >= 0))
     for squared in (True, False):
-        grad = jax.jit(jax.grad(lambda z: jnp.sum(pairwise_distances(z, z, squared=squared))))(x)
+        grad = jax.jit(jax.grad(lambda z, squared=squared: jnp.sum(pairwise_distances(z, z, squared=squared))))(x)
         assert bool(jnp.all(jnp.isfinite(grad)))
     # Exactly zero distances (diagonal, duplicates): zero, finite gradient of the sqrt.
     z = jnp.array([[1.0, 2.0], [1.0, 2.0]])

@@ -6,8 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from magnet_jax.evaluation import (clustering_scores, knc_error, knc_predict, knn_error,
-                                   knn_predict, nearest_neighbours, retrieval_metrics)
+from magnet_jax.evaluation import (
+    clustering_scores,
+    knc_error,
+    knc_predict,
+    knn_error,
+    knn_predict,
+    nearest_neighbours,
+    retrieval_metrics,
+)
 
 KNN_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 

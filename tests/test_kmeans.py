@@ -14,8 +14,12 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, homogeneity_score
 
 from magnet_jax import kmeans as kmeans_module
-from magnet_jax.kmeans import (KMeansResult, assign_to_centroids,
-                               centroids_from_assignments, kmeans_per_class)
+from magnet_jax.kmeans import (
+    KMeansResult,
+    assign_to_centroids,
+    centroids_from_assignments,
+    kmeans_per_class,
+)
 
 K = 4
 
@@ -56,7 +60,7 @@ def _blob_data():
     return x[order], y[order], b[order]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _blob_result():
     x, y, b = _blob_data()
     return x, y, b, kmeans_per_class(x, y, K, key=jax.random.key(0), num_classes=6)
@@ -242,7 +246,7 @@ def test_exact_two_means_skips_larger_classes_and_respects_max_points():
                                _brute_force_inertia_k2(x[y == 2]), rtol=1e-5)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mixed_tiny_and_large():
     """Tiny classes (all sizes 2-12, duplicates) beside large ones, d = 6, k = 2, plus
     a class of 13 (just above the exhaustive bound), a single example and an absent

@@ -134,8 +134,8 @@ def normalized_softmax_loss(
     and :math:`T` = ``temperature``:
 
     .. math::
-      \ell_i = -\log rac{\exp(\hat x_i^	op \hat w_{y_i} / T)}
-                          {\sum_c \exp(\hat x_i^	op \hat w_c / T)},
+      \ell_i = -\log \frac{\exp(\hat x_i^\top \hat w_{y_i} / T)}
+                          {\sum_c \exp(\hat x_i^\top \hat w_c / T)},
 
     averaged over the batch (pytorch-metric-learning's ``NormalizedSoftmaxLoss``; its ``W``
     is ``weights.T``).
@@ -187,23 +187,22 @@ def arcface_loss(
 ) -> jax.Array:
     r"""ArcFace: softmax on scaled cosines with an additive angular margin on the target.
 
-    With :math:`	heta_{ic}` the angle between :math:`x_i` and :math:`w_c`, :math:`m` =
+    With :math:`\theta_{ic}` the angle between :math:`x_i` and :math:`w_c`, :math:`m` =
     ``margin`` (radians) and :math:`s` = ``scale``:
 
     .. math::
-      \ell_i = -\log rac{e^{s\,\psi(	heta_{i y_i})}}
-                          {e^{s\,\psi(	heta_{i y_i})} + \sum_{c 
-e y_i} e^{s \cos	heta_{ic}}},
+      \ell_i = -\log \frac{e^{s\,\psi(\theta_{i y_i})}}
+                          {e^{s\,\psi(\theta_{i y_i})} + \sum_{c \ne y_i} e^{s \cos\theta_{ic}}},
       \qquad
-      \psi(	heta) = egin{cases} \cos(	heta + m) & 	heta \le \pi - m \
-                                   \cos	heta - m \sin m & 	ext{otherwise,} \end{cases}
+      \psi(\theta) = \begin{cases} \cos(\theta + m) & \theta \le \pi - m \\
+                                   \cos\theta - m \sin m & \text{otherwise,} \end{cases}
 
     averaged over the batch. The second branch keeps :math:`\psi` decreasing past
     :math:`\pi - m` (as the reference implementation and pytorch-metric-learning's
     ``ArcFaceLoss``, whose ``margin`` is in degrees: pass ``math.degrees(margin)`` there).
-    :math:`\cos(	heta + m)` is computed as :math:`\cos	heta\cos m - \sin	heta \sin m` with
-    :math:`\sin	heta = \sqrt{1 - \cos^2	heta}`, without ``arccos``, so the gradient stays
-    finite (it is 0 at :math:`\cos	heta = \pm 1` exactly).
+    :math:`\cos(\theta + m)` is computed as :math:`\cos\theta\cos m - \sin\theta \sin m` with
+    :math:`\sin\theta = \sqrt{1 - \cos^2\theta}`, without ``arccos``, so the gradient stays
+    finite (it is 0 at :math:`\cos\theta = \pm 1` exactly).
 
     Args:
       embeddings: embeddings ``[batch, dim]``.
