@@ -99,7 +99,9 @@ def evaluate(run, params, index, ks: Sequence[int] = KS) -> dict[str, float]:
         out[f"knn{k}_error"] = float(np.mean(predicted != y_test))
     if index is not None:
         fresh = index_lib.recompute_centroids(index, train_emb)
-        predicted = evaluation.knc_predict(test_emb, fresh, num_nearest_clusters=run.config.num_nearest_clusters)
+        predicted = evaluation.knc_predict(
+            test_emb, fresh, num_nearest_clusters=run.config.num_nearest_clusters
+        )
         out["knc_error"] = float(np.mean(np.asarray(predicted) != y_test))
         out["sigma2"] = float(index.variance)
     if run.objective.classifier:
@@ -126,10 +128,17 @@ def subsample_train(dataset, size: int | None, seed: int = 1):
     strata = dataset.fine_train if dataset.fine_train is not None else dataset.y_train
     _, keep = stratified_split(np.asarray(strata), size / dataset.num_train, seed)
     fine = dataset.fine_train is not None
-    return Dataset(name=f"{dataset.name}[train {len(keep)}]", x_train=dataset.x_train[keep],
-                   y_train=dataset.y_train[keep], x_test=dataset.x_test, y_test=dataset.y_test,
-                   class_names=dataset.class_names, fine_train=dataset.fine_train[keep] if fine else None,
-                   fine_test=dataset.fine_test, fine_class_names=dataset.fine_class_names)
+    return Dataset(
+        name=f"{dataset.name}[train {len(keep)}]",
+        x_train=dataset.x_train[keep],
+        y_train=dataset.y_train[keep],
+        x_test=dataset.x_test,
+        y_test=dataset.y_test,
+        class_names=dataset.class_names,
+        fine_train=dataset.fine_train[keep] if fine else None,
+        fine_test=dataset.fine_test,
+        fine_class_names=dataset.fine_class_names,
+    )
 
 
 def cluster_purity(cluster_ids: np.ndarray, fine_labels: np.ndarray) -> float:
@@ -145,8 +154,14 @@ def trunk_params(params: dict) -> dict:
     return params["trunk"]
 
 
-def learning_curve(config, dataset, eval_steps: Sequence[int], *, init_trunk: dict | None = None,
-                   ks: Sequence[int] = KS) -> dict:
+def learning_curve(
+    config,
+    dataset,
+    eval_steps: Sequence[int],
+    *,
+    init_trunk: dict | None = None,
+    ks: Sequence[int] = KS,
+) -> dict:
     """Trains ``config`` on ``dataset`` and evaluates at ``eval_steps`` (0 allowed).
 
     Returns {"iterations": [...], "metrics": {name: [...]}, "seconds", "final_loss",
@@ -172,8 +187,12 @@ def learning_curve(config, dataset, eval_steps: Sequence[int], *, init_trunk: di
         params = jax.tree.map(lambda a: a, state.params)
         params["trunk"], copied, skipped = graft_params(params["trunk"], init_trunk)
         init_note = f"warm: {len(copied)}/{len(copied) + len(skipped)} trunk arrays copied"
-        state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                    opt_state=run.optimizer.init(params), rng=state.rng)
+        state = training.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=run.optimizer.init(params),
+            rng=state.rng,
+        )
         state = jax.device_put(state, NamedSharding(run.mesh, P()))
     eval_steps = sorted(set(int(s) for s in eval_steps))
     steps_total = max(eval_steps)
@@ -205,14 +224,24 @@ def learning_curve(config, dataset, eval_steps: Sequence[int], *, init_trunk: di
                 state, index, step_loss = run.steps.train_step(state, index, run.data)
             mean_loss = step_loss
         else:
-            state, index, mean_loss = run.steps.run_steps(state, index, run.data, jnp.asarray(target - step, jnp.int32))
+            state, index, mean_loss = run.steps.run_steps(
+                state, index, run.data, jnp.asarray(target - step, jnp.int32)
+            )
         loss = float(mean_loss)
         if not math.isfinite(loss):
-            raise FloatingPointError(f"{config.loss}: loss {loss} between steps {step} and {target} (lr {config.lr})")
+            raise FloatingPointError(
+                f"{config.loss}: loss {loss} between steps {step} and {target} (lr {config.lr})"
+            )
         step = target
     metrics = {name: [r.get(name) for r in records] for name in records[-1]}
-    return {"iterations": iterations, "metrics": metrics, "seconds": time.perf_counter() - started,
-            "final_loss": loss, "init": init_note, "params": state.params}
+    return {
+        "iterations": iterations,
+        "metrics": metrics,
+        "seconds": time.perf_counter() - started,
+        "final_loss": loss,
+        "init": init_note,
+        "params": state.params,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -244,8 +273,15 @@ def make_config(base: dict, method: Method, overrides: dict, seed: int):
     return TrainConfig(**values)
 
 
-def sweep(base: dict, method: Method, val_dataset, steps: int, seed: int = 0, score: str | None = None,
-          init_trunk: dict | None = None) -> dict:
+def sweep(
+    base: dict,
+    method: Method,
+    val_dataset,
+    steps: int,
+    seed: int = 0,
+    score: str | None = None,
+    init_trunk: dict | None = None,
+) -> dict:
     """Tries every grid point on the validation split; returns the winner and all scores.
 
     Each point is scored by the lowest final validation error over the method's
@@ -259,8 +295,15 @@ def sweep(base: dict, method: Method, val_dataset, steps: int, seed: int = 0, sc
             every = {m: v[-1] for m, v in curve["metrics"].items()}
             finals = {m: every[m] for m in (method.primary_metrics() if score is None else [score])}
             metric = min(finals, key=finals.get)
-            trials.append({"overrides": overrides, "validation_errors": every, "metric": metric,
-                           "error": finals[metric], "seconds": round(curve["seconds"], 1)})
+            trials.append(
+                {
+                    "overrides": overrides,
+                    "validation_errors": every,
+                    "metric": metric,
+                    "error": finals[metric],
+                    "seconds": round(curve["seconds"], 1),
+                }
+            )
         except FloatingPointError as error:
             trials.append({"overrides": overrides, "error": None, "diverged": str(error)})
         t = trials[-1]
@@ -269,8 +312,12 @@ def sweep(base: dict, method: Method, val_dataset, steps: int, seed: int = 0, sc
     if not finite:
         raise RuntimeError(f"every sweep point of {method.name} diverged")
     best = min(finite, key=lambda t: t["error"])
-    return {"chosen": best["overrides"], "metric": best["metric"], "trials": trials,
-            "chosen_validation": best["validation_errors"]}
+    return {
+        "chosen": best["overrides"],
+        "metric": best["metric"],
+        "trials": trials,
+        "chosen_validation": best["validation_errors"],
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -278,7 +325,9 @@ def sweep(base: dict, method: Method, val_dataset, steps: int, seed: int = 0, sc
 # --------------------------------------------------------------------------------------
 
 
-def first_crossing(iterations: Sequence[float], errors: Sequence[float], target: float) -> float | None:
+def first_crossing(
+    iterations: Sequence[float], errors: Sequence[float], target: float
+) -> float | None:
     """The first iteration at which the piecewise-linear curve reaches ``target`` (<=),
     linearly interpolated between evaluations; None when it never does."""
     its, errs = np.asarray(iterations, float), np.asarray(errors, float)
@@ -301,8 +350,12 @@ def speedup(iterations, reference_errors, candidate_errors) -> dict:
     value = None
     if cand_its is not None:
         value = float("inf") if cand_its == 0 else ref_its / cand_its
-    return {"target_error": best, "reference_iterations": ref_its,
-            "candidate_iterations": cand_its, "speedup": value}
+    return {
+        "target_error": best,
+        "reference_iterations": ref_its,
+        "candidate_iterations": cand_its,
+        "speedup": value,
+    }
 
 
 def mean_curve(seeds: list[dict]) -> tuple[list, list]:
@@ -320,8 +373,12 @@ def summarise(methods: dict, reference: str = "triplet", candidate: str = "magne
     for name, method in methods.items():
         its, mean = mean_curve(method["seeds"])
         finals = [s["test_error"][-1] for s in method["seeds"]]
-        out["final_error"][name] = {"mean": mean[-1], "std": float(np.std(finals)), "per_seed": finals,
-                                    "iterations": its[-1]}
+        out["final_error"][name] = {
+            "mean": mean[-1],
+            "std": float(np.std(finals)),
+            "per_seed": finals,
+            "iterations": its[-1],
+        }
     if reference in methods and candidate in methods:
         ref, cand = methods[reference]["seeds"], methods[candidate]["seeds"]
         its, ref_mean = mean_curve(ref)
@@ -331,19 +388,30 @@ def summarise(methods: dict, reference: str = "triplet", candidate: str = "magne
         for r in ref:
             c = cand_by_seed.get(r["seed"])
             if c is not None:
-                per_seed.append({"seed": r["seed"], **speedup(r["iterations"], r["test_error"], c["test_error"])})
-        out[f"speedup_vs_{reference}"] = {"mean": speedup(its, ref_mean, cand_mean), "per_seed": per_seed}
+                per_seed.append(
+                    {
+                        "seed": r["seed"],
+                        **speedup(r["iterations"], r["test_error"], c["test_error"]),
+                    }
+                )
+        out[f"speedup_vs_{reference}"] = {
+            "mean": speedup(its, ref_mean, cand_mean),
+            "per_seed": per_seed,
+        }
         ref_final, cand_final = ref_mean[-1], cand_mean[-1]
         out[f"relative_error_reduction_vs_{reference}"] = (
-            (ref_final - cand_final) / ref_final if ref_final > 0 else None)
+            (ref_final - cand_final) / ref_final if ref_final > 0 else None
+        )
     return out
 
 
 def format_speedup(s: dict) -> str:
     if s["speedup"] is None:
         return f"not reached (target {100 * s['target_error']:.2f}% at {s['reference_iterations']:.0f} it.)"
-    return (f"{s['speedup']:.2f}x (target {100 * s['target_error']:.2f}%: reference {s['reference_iterations']:.0f} it., "
-            f"magnet {s['candidate_iterations']:.0f} it.)")
+    return (
+        f"{s['speedup']:.2f}x (target {100 * s['target_error']:.2f}%: reference {s['reference_iterations']:.0f} it., "
+        f"magnet {s['candidate_iterations']:.0f} it.)"
+    )
 
 
 def environment() -> dict:
@@ -353,14 +421,29 @@ def environment() -> dict:
 
     repo = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "magnet_jax"], cwd=repo, capture_output=True,
-                                    text=True).stdout.strip())
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "magnet_jax"],
+                cwd=repo,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        )
     except OSError:
         commit, dirty = None, None
-    return {"git_commit": commit, "magnet_jax_modified": dirty, "load_average": list(os.getloadavg()),
-            "python": platform.python_version(), "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
-            "cpu_count": os.cpu_count(), "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    return {
+        "git_commit": commit,
+        "magnet_jax_modified": dirty,
+        "load_average": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "devices": [str(d) for d in jax.devices()],
+        "cpu_count": os.cpu_count(),
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
 
 
 def write_json(path: Path, value: Any) -> None:

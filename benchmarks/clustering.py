@@ -59,22 +59,40 @@ from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, coarsen, load_dataset
 
 # MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
-RESULTS = pathlib.Path(os.environ.get("MAGNET_JAX_RESULTS", pathlib.Path(__file__).resolve().parent / "results"))
+RESULTS = pathlib.Path(
+    os.environ.get("MAGNET_JAX_RESULTS", pathlib.Path(__file__).resolve().parent / "results")
+)
 WARD_THRESHOLD = 0.05
 
 METHODS = {
     "kmeans": {},
     "kmeans_restarts": {"kmeans_restarts": 5},
-    "agglomerative": {"clustering": "agglomerative", "linkage": "ward", "distance_threshold": WARD_THRESHOLD},
+    "agglomerative": {
+        "clustering": "agglomerative",
+        "linkage": "ward",
+        "distance_threshold": WARD_THRESHOLD,
+    },
 }
 TOY_METHODS = {
     **METHODS,
-    "agglomerative_single": {"clustering": "agglomerative", "linkage": "single", "distance_threshold": 8.0},
+    "agglomerative_single": {
+        "clustering": "agglomerative",
+        "linkage": "single",
+        "distance_threshold": 8.0,
+    },
 }
 # Variants, chosen with --methods (e.g. --methods kmeans,agglomerative_tau0.02).
 VARIANTS = {
-    "agglomerative_tau0.02": {"clustering": "agglomerative", "linkage": "ward", "distance_threshold": 0.02},
-    "agglomerative_count": {"clustering": "agglomerative", "linkage": "ward", "distance_threshold": None},
+    "agglomerative_tau0.02": {
+        "clustering": "agglomerative",
+        "linkage": "ward",
+        "distance_threshold": 0.02,
+    },
+    "agglomerative_count": {
+        "clustering": "agglomerative",
+        "linkage": "ward",
+        "distance_threshold": None,
+    },
 }
 ALL_METHODS = {**TOY_METHODS, **VARIANTS}
 
@@ -131,7 +149,9 @@ def toy_dataset(num_train: int = 3000, num_test: int = 1500, seed: int = 0) -> D
     )
 
 
-def subsample(dataset: Dataset, train_size: int | None, test_size: int | None, seed: int = 0) -> Dataset:
+def subsample(
+    dataset: Dataset, train_size: int | None, test_size: int | None, seed: int = 0
+) -> Dataset:
     """A stratified-by-fine-label random subset (fixed seed) of the train and test sets."""
     rng = np.random.default_rng(seed)
 
@@ -158,7 +178,12 @@ def subsample(dataset: Dataset, train_size: int | None, test_size: int | None, s
 
 def named_dataset(name: str, data_dir: str | None) -> Dataset:
     if name == "digits_parity":
-        return coarsen(load_dataset("digits"), [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]], ["even", "odd"], name="digits_parity")
+        return coarsen(
+            load_dataset("digits"),
+            [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]],
+            ["even", "odd"],
+            name="digits_parity",
+        )
     return load_dataset(name, data_dir)
 
 
@@ -181,7 +206,9 @@ def train_one(dataset: Dataset, base: dict, method: str, overrides: dict, workdi
         "final": {k: final[k] for k in keep if k in final},
         "evals": [{k: h[k] for k in ("step", *keep) if k in h} for h in evals],
         "refreshes": refreshes,
-        "refresh_seconds_mean": float(np.mean([h["refresh_seconds"] for h in refreshes[1:] or refreshes])),
+        "refresh_seconds_mean": float(
+            np.mean([h["refresh_seconds"] for h in refreshes[1:] or refreshes])
+        ),
         "wall_seconds": seconds,
         "history": history,
     }
@@ -193,7 +220,11 @@ def run_dataset(dataset: Dataset, base: dict, methods: dict, seeds, tag: str, ro
         runs = []
         for seed in seeds:
             workdir = os.path.join(root, f"{tag}-{method}-{seed}")
-            print(f"  {time.strftime('%H:%M:%S')} {tag} {method} seed {seed} ...", flush=True, file=sys.stderr)
+            print(
+                f"  {time.strftime('%H:%M:%S')} {tag} {method} seed {seed} ...",
+                flush=True,
+                file=sys.stderr,
+            )
             runs.append(train_one(dataset, {**base, "seed": seed}, method, overrides, workdir))
         results[method] = runs
     return results
@@ -220,24 +251,33 @@ def plot_dataset(tag: str, results: dict, suffix: str) -> list[str]:
     written = []
     histories = {method: runs[0]["history"] for method, runs in results.items()}
     written.append(
-        plotting.plot_clustering_diagnostics(histories, RESULTS / f"clustering{suffix}_{tag}_diagnostics.png", title=tag)
+        plotting.plot_clustering_diagnostics(
+            histories, RESULTS / f"clustering{suffix}_{tag}_diagnostics.png", title=tag
+        )
     )
     for metric in ("knc_error", "fine_error_at_1"):
         curves = {
-            method: [([h["step"] for h in r["evals"]], [h[metric] for h in r["evals"]]) for r in runs]
+            method: [
+                ([h["step"] for h in r["evals"]], [h[metric] for h in r["evals"]]) for r in runs
+            ]
             for method, runs in results.items()
             if metric in runs[0]["final"]
         }
         if curves:
             written.append(
                 plotting.plot_learning_curves(
-                    curves, RESULTS / f"clustering{suffix}_{tag}_{metric}.png", ylabel=metric.replace("_", " "), title=tag
+                    curves,
+                    RESULTS / f"clustering{suffix}_{tag}_{metric}.png",
+                    ylabel=metric.replace("_", " "),
+                    title=tag,
                 )
             )
     return written
 
 
-def plot_toy_clusters(dataset: Dataset, methods: dict, path: pathlib.Path, clusters_per_class: int) -> dict:
+def plot_toy_clusters(
+    dataset: Dataset, methods: dict, path: pathlib.Path, clusters_per_class: int
+) -> dict:
     """The clusters every method finds in the toy's input plane (what the index would get
     from an embedding that is the identity), and their purity against the modes."""
     import matplotlib.pyplot as plt
@@ -271,7 +311,11 @@ def plot_toy_clusters(dataset: Dataset, methods: dict, path: pathlib.Path, clust
         for c in range(3):
             mask = dataset.y_train == c
             axis.scatter(
-                dataset.x_train[mask, 0], dataset.x_train[mask, 1], s=3, marker=markers[c], color=colours(flat[mask] % 20)
+                dataset.x_train[mask, 0],
+                dataset.x_train[mask, 1],
+                s=3,
+                marker=markers[c],
+                color=colours(flat[mask] % 20),
             )
         axis.set_title(
             f"{method}\nclusters/class {diagnostics['clusters_per_class_mean']:.1f}, purity {diagnostics['purity']:.2f}",
@@ -280,7 +324,10 @@ def plot_toy_clusters(dataset: Dataset, methods: dict, path: pathlib.Path, clust
         axis.set_xticks([])
         axis.set_yticks([])
         axis.set_aspect("equal")
-    figure.suptitle(f"clusters found in the input plane (K={clusters_per_class}; marker = class, colour = cluster)", fontsize=9)
+    figure.suptitle(
+        f"clusters found in the input plane (K={clusters_per_class}; marker = class, colour = cluster)",
+        fontsize=9,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -301,12 +348,18 @@ def table(results: dict) -> str:
             return "–"
         values = summary[key]["values"]
         text = f"{100 * summary[key]['mean']:.2f}%"
-        return text if len(values) == 1 else text + " (" + ", ".join(f"{100 * v:.2f}" for v in values) + ")"
+        return (
+            text
+            if len(values) == 1
+            else text + " (" + ", ".join(f"{100 * v:.2f}" for v in values) + ")"
+        )
 
     for tag, methods in results.items():
         for method, summary in methods.items():
             purity = (
-                f"{summary['purity_first']:.3f} → {summary['purity_last']:.3f}" if "purity_first" in summary else "–"
+                f"{summary['purity_first']:.3f} → {summary['purity_last']:.3f}"
+                if "purity_first" in summary
+                else "–"
             )
             count = f"{summary['clusters_per_class_mean_first']:.1f} → {summary['clusters_per_class_mean_last']:.1f}"
             lines.append(
@@ -337,7 +390,9 @@ def merge(paths: list[str], output: pathlib.Path) -> int:
     for content in merged["parts"].values():
         for name, methods in content["runs"].items():
             content["summary"][name] = {m: summarise(r) for m, r in methods.items()}
-            results = {m: [{**run, "history": run["refreshes"]} for run in r] for m, r in methods.items()}
+            results = {
+                m: [{**run, "history": run["refreshes"]} for run in r] for m, r in methods.items()
+            }
             plot_dataset(name, results, "")
     output.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
     for part in sorted(merged["parts"]):
@@ -349,21 +404,44 @@ def merge(paths: list[str], output: pathlib.Path) -> int:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="digits for (b) and (c), few steps (CI)")
+    parser.add_argument(
+        "--quick", action="store_true", help="digits for (b) and (c), few steps (CI)"
+    )
     parser.add_argument("--parts", default=None, help="default: a,b with --quick, else a,b,c")
-    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: 300 quick, 1500 full)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="steps per run (default: 300 quick, 1500 full)"
+    )
     parser.add_argument("--toy-steps", type=int, default=None)
-    parser.add_argument("--train-size", type=int, default=None, help="random training subset of (b), (c) (default: all)")
-    parser.add_argument("--test-size", type=int, default=None, help="random test subset of (b), (c) (default: all)")
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="random training subset of (b), (c) (default: all)",
+    )
+    parser.add_argument(
+        "--test-size", type=int, default=None, help="random test subset of (b), (c) (default: all)"
+    )
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--datasets-b", default=None)
     parser.add_argument("--datasets-c", default=None)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--architecture", default=None, help="(b), (c): mlp, convnet (default: the dataset's default)")
-    parser.add_argument("--output", default=None, help="JSON path (default: results/clustering[_quick].json)")
-    parser.add_argument("--methods", default=None, help=f"comma list for (b), (c) from {', '.join(ALL_METHODS)}")
-    parser.add_argument("--merge", nargs="+", default=None,
-                        help="no training: merge the runs of these result JSONs (e.g. other seeds or methods) into --output")
+    parser.add_argument(
+        "--architecture",
+        default=None,
+        help="(b), (c): mlp, convnet (default: the dataset's default)",
+    )
+    parser.add_argument(
+        "--output", default=None, help="JSON path (default: results/clustering[_quick].json)"
+    )
+    parser.add_argument(
+        "--methods", default=None, help=f"comma list for (b), (c) from {', '.join(ALL_METHODS)}"
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        help="no training: merge the runs of these result JSONs (e.g. other seeds or methods) into --output",
+    )
     args = parser.parse_args(argv)
     if args.merge:
         return merge(args.merge, pathlib.Path(args.output or RESULTS / "clustering.json"))
@@ -379,7 +457,9 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     steps = args.steps or (150 if quick else 1500)
     toy_steps = args.toy_steps or (150 if quick else 1500)
-    datasets_b = (args.datasets_b or ("digits_parity" if quick else "mnist_parity,fashion_mnist_coarse")).split(",")
+    datasets_b = (
+        args.datasets_b or ("digits_parity" if quick else "mnist_parity,fashion_mnist_coarse")
+    ).split(",")
     datasets_c = (args.datasets_c or ("digits" if quick else "fashion_mnist,mnist")).split(",")
     RESULTS.mkdir(parents=True, exist_ok=True)
     output = pathlib.Path(args.output) if args.output else RESULTS / f"clustering{suffix}.json"
@@ -399,8 +479,12 @@ def main(argv=None) -> int:
         common["lr_schedule"] = "constant"
     record = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                    "devices": [str(d) for d in jax.devices()][:1]},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "jax": jax.__version__,
+            "devices": [str(d) for d in jax.devices()][:1],
+        },
         "quick": quick,
         "methods": {k: v for k, v in TOY_METHODS.items()},
         "seeds": seeds,
@@ -411,17 +495,33 @@ def main(argv=None) -> int:
         if "a" in parts:
             print("(a) toy", file=sys.stderr, flush=True)
             toy = toy_dataset()
-            toy_base = dict(common, dataset="toy", steps=toy_steps, clusters_per_class=4, clusters_per_batch=4,
-                            examples_per_cluster=16, refresh_every=max(1, toy_steps // 6), eval_every=max(1, toy_steps // 6),
-                            checkpoint_every=toy_steps, num_nearest_clusters=12)
-            input_clusters = plot_toy_clusters(toy, TOY_METHODS, RESULTS / f"clustering{suffix}_toy_clusters.png", 4)
+            toy_base = dict(
+                common,
+                dataset="toy",
+                steps=toy_steps,
+                clusters_per_class=4,
+                clusters_per_batch=4,
+                examples_per_cluster=16,
+                refresh_every=max(1, toy_steps // 6),
+                eval_every=max(1, toy_steps // 6),
+                checkpoint_every=toy_steps,
+                num_nearest_clusters=12,
+            )
+            input_clusters = plot_toy_clusters(
+                toy, TOY_METHODS, RESULTS / f"clustering{suffix}_toy_clusters.png", 4
+            )
             results = run_dataset(toy, toy_base, trained_toy_methods, seeds, "toy", root)
             plot_dataset("toy", results, suffix)
             record["parts"]["a"] = {
                 "setup": {**toy_base, "train": len(toy.y_train), "test": len(toy.y_test)},
                 "input_plane_clusters": input_clusters,
                 "summary": {"toy": {m: summarise(r) for m, r in results.items()}},
-                "runs": {"toy": {m: [{k: v for k, v in run.items() if k != "history"} for run in r] for m, r in results.items()}},
+                "runs": {
+                    "toy": {
+                        m: [{k: v for k, v in run.items() if k != "history"} for run in r]
+                        for m, r in results.items()
+                    }
+                },
             }
         for part, names, per_batch in (("b", datasets_b, (4, 16)), ("c", datasets_c, (8, 8))):
             if part not in parts:
@@ -429,17 +529,34 @@ def main(argv=None) -> int:
             record["parts"][part] = {"summary": {}, "runs": {}, "setup": {}}
             for name in names:
                 print(f"({part}) {name}", file=sys.stderr, flush=True)
-                dataset = subsample(named_dataset(name, args.data_dir), args.train_size, args.test_size)
+                dataset = subsample(
+                    named_dataset(name, args.data_dir), args.train_size, args.test_size
+                )
                 epoch = math.ceil(len(dataset.y_train) / (per_batch[0] * per_batch[1]))
-                base = dict(common, dataset=name, steps=steps, architecture=args.architecture, clusters_per_batch=per_batch[0],
-                            examples_per_cluster=per_batch[1], refresh_every=min(epoch, max(1, steps // 6)),
-                            eval_every=max(1, steps // 6), checkpoint_every=steps)
+                base = dict(
+                    common,
+                    dataset=name,
+                    steps=steps,
+                    architecture=args.architecture,
+                    clusters_per_batch=per_batch[0],
+                    examples_per_cluster=per_batch[1],
+                    refresh_every=min(epoch, max(1, steps // 6)),
+                    eval_every=max(1, steps // 6),
+                    checkpoint_every=steps,
+                )
                 results = run_dataset(dataset, base, methods, seeds, name, root)
                 plot_dataset(name, results, suffix)
-                record["parts"][part]["setup"][name] = {**base, "train": len(dataset.y_train), "test": len(dataset.y_test)}
-                record["parts"][part]["summary"][name] = {m: summarise(r) for m, r in results.items()}
+                record["parts"][part]["setup"][name] = {
+                    **base,
+                    "train": len(dataset.y_train),
+                    "test": len(dataset.y_test),
+                }
+                record["parts"][part]["summary"][name] = {
+                    m: summarise(r) for m, r in results.items()
+                }
                 record["parts"][part]["runs"][name] = {
-                    m: [{k: v for k, v in run.items() if k != "history"} for run in r] for m, r in results.items()
+                    m: [{k: v for k, v in run.items() if k != "history"} for run in r]
+                    for m, r in results.items()
                 }
                 # Write after every dataset, so a run cut short keeps what it measured.
                 record["seconds"] = time.perf_counter() - started
@@ -453,7 +570,9 @@ def main(argv=None) -> int:
     if "a" in record["parts"]:
         print("\nclusters of the toy's input plane:")
         for method, d in record["parts"]["a"]["input_plane_clusters"].items():
-            print(f"  {method}: clusters/class {d['clusters_per_class_mean']:.2f}, purity {d['purity']:.3f}")
+            print(
+                f"  {method}: clusters/class {d['clusters_per_class_mean']:.2f}, purity {d['purity']:.3f}"
+            )
     print(f"\nwritten to {output} ({record['seconds']:.0f} s)")
     return 0
 

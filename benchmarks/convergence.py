@@ -60,37 +60,78 @@ UPPER_BODY = (0, 2, 3, 4, 6)  # T-shirt/top, Pullover, Dress, Coat, Shirt
 OTHER_FIVE = (1, 5, 7, 8, 9)  # Trouser, Sandal, Sneaker, Bag, Ankle boot
 
 REGIMES = {
-    "quick": dict(dataset="digits", steps=200, eval_every=25, seeds=2, lrs=(3e-3,), sweep_steps=100,
-                  triplet_minings=("batch_all",), magnet=dict(clusters_per_class=4, clusters_per_batch=12,
-                                                               examples_per_cluster=4),
-                  classes_per_batch=6),
-    "fashion_mnist": dict(dataset="fashion_mnist", steps=3000, eval_every=250, seeds=3, lrs=(3e-4, 1e-3, 3e-3),
-                          triplet_minings=("batch_all", "semi_hard"),
-                          magnet=dict(clusters_per_class=4, clusters_per_batch=12, examples_per_cluster=4),
-                          classes_per_batch=6),
-    "mnist": dict(dataset="mnist", steps=3000, eval_every=250, seeds=3, lrs=(3e-4, 1e-3, 3e-3),
-                  triplet_minings=("batch_all", "semi_hard"),
-                  magnet=dict(clusters_per_class=4, clusters_per_batch=12, examples_per_cluster=4),
-                  classes_per_batch=6),
-    "finetune_upper_body": dict(dataset="fashion_mnist", steps=2000, eval_every=200, seeds=3, lrs=(3e-4, 1e-3),
-                                triplet_minings=("batch_all", "semi_hard"),
-                                magnet=dict(clusters_per_class=2, clusters_per_batch=8, examples_per_cluster=6),
-                                classes_per_batch=4, pretrain_steps=1000, pretrain_lr=1e-3),
+    "quick": dict(
+        dataset="digits",
+        steps=200,
+        eval_every=25,
+        seeds=2,
+        lrs=(3e-3,),
+        sweep_steps=100,
+        triplet_minings=("batch_all",),
+        magnet=dict(clusters_per_class=4, clusters_per_batch=12, examples_per_cluster=4),
+        classes_per_batch=6,
+    ),
+    "fashion_mnist": dict(
+        dataset="fashion_mnist",
+        steps=3000,
+        eval_every=250,
+        seeds=3,
+        lrs=(3e-4, 1e-3, 3e-3),
+        triplet_minings=("batch_all", "semi_hard"),
+        magnet=dict(clusters_per_class=4, clusters_per_batch=12, examples_per_cluster=4),
+        classes_per_batch=6,
+    ),
+    "mnist": dict(
+        dataset="mnist",
+        steps=3000,
+        eval_every=250,
+        seeds=3,
+        lrs=(3e-4, 1e-3, 3e-3),
+        triplet_minings=("batch_all", "semi_hard"),
+        magnet=dict(clusters_per_class=4, clusters_per_batch=12, examples_per_cluster=4),
+        classes_per_batch=6,
+    ),
+    "finetune_upper_body": dict(
+        dataset="fashion_mnist",
+        steps=2000,
+        eval_every=200,
+        seeds=3,
+        lrs=(3e-4, 1e-3),
+        triplet_minings=("batch_all", "semi_hard"),
+        magnet=dict(clusters_per_class=2, clusters_per_batch=8, examples_per_cluster=6),
+        classes_per_batch=4,
+        pretrain_steps=1000,
+        pretrain_lr=1e-3,
+    ),
 }
 BATCH = 48
 
 
-def _paper_regime(builder: str, splits: tuple[str, str], num_train: int, clusters_per_class: int) -> dict:
+def _paper_regime(
+    builder: str, splits: tuple[str, str], num_train: int, clusters_per_class: int
+) -> dict:
     """A paper-scale fine-grained regime (Rippel et al. 2016, section 4.1): TFDS images
     resized to ``image_size``², a ResNet, 3 epochs of the training set at batch 48, magnet
     M=12 clusters of D=4. Meant for a GPU/TPU machine with the data and a pretrained trunk
     (``--init-from``); see benchmarks/paper_scale.md."""
     steps = math.ceil(3 * num_train / BATCH)
-    return dict(dataset=f"tfds:{builder}", tfds_splits=splits, image_size=128, architecture="resnet",
-                embedding_dim=64, steps=steps, eval_every=max(1, steps // 10), seeds=2, lrs=(1e-4, 3e-4, 1e-3),
-                triplet_minings=("batch_all", "semi_hard"),
-                magnet=dict(clusters_per_class=clusters_per_class, clusters_per_batch=12, examples_per_cluster=4),
-                classes_per_batch=12, paper_scale=True)
+    return dict(
+        dataset=f"tfds:{builder}",
+        tfds_splits=splits,
+        image_size=128,
+        architecture="resnet",
+        embedding_dim=64,
+        steps=steps,
+        eval_every=max(1, steps // 10),
+        seeds=2,
+        lrs=(1e-4, 3e-4, 1e-3),
+        triplet_minings=("batch_all", "semi_hard"),
+        magnet=dict(
+            clusters_per_class=clusters_per_class, clusters_per_batch=12, examples_per_cluster=4
+        ),
+        classes_per_batch=12,
+        paper_scale=True,
+    )
 
 
 # The three fine-grained datasets of the paper, with their TFDS builders and splits
@@ -99,9 +140,12 @@ def _paper_regime(builder: str, splits: tuple[str, str], num_train: int, cluster
 # Flowers has 20 images per class, so K=4 keeps about 5 per cluster (>= D).
 PAPER_REGIMES = {
     "stanford_dogs": _paper_regime("stanford_dogs", ("train", "test"), 12000, clusters_per_class=8),
-    "oxford_flowers102": _paper_regime("oxford_flowers102", ("train+validation", "test"), 2040,
-                                       clusters_per_class=4),
-    "oxford_iiit_pet": _paper_regime("oxford_iiit_pet", ("train", "test"), 3680, clusters_per_class=8),
+    "oxford_flowers102": _paper_regime(
+        "oxford_flowers102", ("train+validation", "test"), 2040, clusters_per_class=4
+    ),
+    "oxford_iiit_pet": _paper_regime(
+        "oxford_iiit_pet", ("train", "test"), 3680, clusters_per_class=8
+    ),
 }
 REGIMES.update(PAPER_REGIMES)
 
@@ -114,33 +158,62 @@ def subset_classes(dataset, classes, name):
     remap[list(classes)] = np.arange(len(classes), dtype=np.int32)
     train = np.isin(dataset.y_train, classes)
     test = np.isin(dataset.y_test, classes)
-    return Dataset(name=name, x_train=dataset.x_train[train], y_train=remap[dataset.y_train[train]],
-                   x_test=dataset.x_test[test], y_test=remap[dataset.y_test[test]],
-                   class_names=tuple(dataset.class_names[c] for c in classes))
+    return Dataset(
+        name=name,
+        x_train=dataset.x_train[train],
+        y_train=remap[dataset.y_train[train]],
+        x_test=dataset.x_test[test],
+        y_test=remap[dataset.y_test[test]],
+        class_names=tuple(dataset.class_names[c] for c in classes),
+    )
 
 
 def methods_for(regime: dict, lrs) -> list[Method]:
     lr_grid = [{"lr": lr} for lr in lrs]
     m = regime["magnet"]
     classes = regime["classes_per_batch"]
-    triplet_grid = [{"lr": lr, "mining": mining} for mining in regime["triplet_minings"] for lr in lrs]
+    triplet_grid = [
+        {"lr": lr, "mining": mining} for mining in regime["triplet_minings"] for lr in lrs
+    ]
     return [
         Method("magnet", dict(loss="magnet", **m), lr_grid),
-        Method("triplet", dict(loss="triplet", normalize=True, margin=0.2, clusters_per_batch=classes,
-                               examples_per_cluster=BATCH // classes), triplet_grid),
-        Method("softmax", dict(loss="softmax", clusters_per_batch=classes, examples_per_cluster=BATCH // classes),
-               lr_grid),
+        Method(
+            "triplet",
+            dict(
+                loss="triplet",
+                normalize=True,
+                margin=0.2,
+                clusters_per_batch=classes,
+                examples_per_cluster=BATCH // classes,
+            ),
+            triplet_grid,
+        ),
+        Method(
+            "softmax",
+            dict(loss="softmax", clusters_per_batch=classes, examples_per_cluster=BATCH // classes),
+            lr_grid,
+        ),
     ]
 
 
-def load(regime_name: str, data_dir: str | None, manual_dir: str | None = None, regime: dict | None = None):
+def load(
+    regime_name: str,
+    data_dir: str | None,
+    manual_dir: str | None = None,
+    regime: dict | None = None,
+):
     from magnet_jax.data import load_dataset
 
     regime = regime if regime is not None else REGIMES[regime_name]
     if regime.get("paper_scale"):
         size = regime["image_size"]
-        return load_dataset(regime["dataset"], data_dir, manual_dir=manual_dir, splits=regime["tfds_splits"],
-                            image_size=(size, size)), None
+        return load_dataset(
+            regime["dataset"],
+            data_dir,
+            manual_dir=manual_dir,
+            splits=regime["tfds_splits"],
+            image_size=(size, size),
+        ), None
     dataset = load_dataset(regime["dataset"], data_dir)
     source = None
     if regime_name == "finetune_upper_body":
@@ -156,14 +229,30 @@ def pretrain(source, regime: dict, base: dict) -> tuple[dict, dict]:
     from magnet_jax.config import TrainConfig
 
     steps = regime["pretrain_steps"]
-    config = TrainConfig(**{**base, "loss": "softmax", "lr": regime["pretrain_lr"], "clusters_per_batch": 6,
-                            "examples_per_cluster": BATCH // 6, "steps": steps, "seed": 1000,
-                            "workdir": "/nonexistent-unused"})
+    config = TrainConfig(
+        **{
+            **base,
+            "loss": "softmax",
+            "lr": regime["pretrain_lr"],
+            "clusters_per_batch": 6,
+            "examples_per_cluster": BATCH // 6,
+            "steps": steps,
+            "seed": 1000,
+            "workdir": "/nonexistent-unused",
+        }
+    )
     curve = _common.learning_curve(config, source, [steps])
-    info = {"source": source.name, "classes": list(source.class_names), "loss": "softmax", "steps": steps,
-            "lr": regime["pretrain_lr"], "batch": config.batch_size, "seed": 1000,
-            "source_test_errors": {k: v[-1] for k, v in curve["metrics"].items()},
-            "seconds": round(curve["seconds"], 1)}
+    info = {
+        "source": source.name,
+        "classes": list(source.class_names),
+        "loss": "softmax",
+        "steps": steps,
+        "lr": regime["pretrain_lr"],
+        "batch": config.batch_size,
+        "seed": 1000,
+        "source_test_errors": {k: v[-1] for k, v in curve["metrics"].items()},
+        "seconds": round(curve["seconds"], 1),
+    }
     log(f"pretrained on {source.name}: {info['source_test_errors']}")
     trunk = jax.tree.map(lambda a: np.array(a, copy=True), _common.trunk_params(curve["params"]))
     return trunk, info
@@ -181,8 +270,10 @@ def load_init_trunk(path: str) -> tuple[dict, dict]:
     params = restore_params(directory, step)
     if not isinstance(params, dict) or "trunk" not in params:
         keys = sorted(params) if isinstance(params, dict) else type(params).__name__
-        raise ValueError(f"--init-from {path!r}: the checkpoint {directory}/{step} has no trunk parameters "
-                         f"(top-level keys: {keys})")
+        raise ValueError(
+            f"--init-from {path!r}: the checkpoint {directory}/{step} has no trunk parameters "
+            f"(top-level keys: {keys})"
+        )
     trunk = jax.tree.map(lambda a: np.array(a, copy=True), params["trunk"])
     info = {"init_from": str(Path(directory).resolve()), "step": int(step)}
     log(f"warm start of every run from {directory} (step {step})")
@@ -193,8 +284,11 @@ def summary_of(results: dict) -> dict:
     """The speed-ups and final errors, recomputed from a results dict (or JSON file)."""
     curves = {name: {"seeds": m["seeds"]} for name, m in results["methods"].items()}
     out = _common.summarise(curves, reference="triplet", candidate="magnet")
-    vs_softmax = _common.summarise({k: curves[k] for k in ("softmax", "magnet") if k in curves},
-                                   reference="softmax", candidate="magnet")
+    vs_softmax = _common.summarise(
+        {k: curves[k] for k in ("softmax", "magnet") if k in curves},
+        reference="softmax",
+        candidate="magnet",
+    )
     for key in ("speedup_vs_softmax", "relative_error_reduction_vs_softmax"):
         if key in vs_softmax:
             out[key] = vs_softmax[key]
@@ -202,24 +296,32 @@ def summary_of(results: dict) -> dict:
 
 
 def print_summary(results: dict, summary: dict) -> None:
-    print(f"\nregime {results['regime']}: {results['steps']} iterations, {len(results['seeds'])} seeds, "
-          f"batch {BATCH}; test error (mean ± std over seeds) at the final iteration:")
+    print(
+        f"\nregime {results['regime']}: {results['steps']} iterations, {len(results['seeds'])} seeds, "
+        f"batch {BATCH}; test error (mean ± std over seeds) at the final iteration:"
+    )
     print("| method | evaluator | chosen | final test error |")
     print("|---|---|---|---|")
     for name, method in results["methods"].items():
         f = summary["final_error"][name]
         chosen = ", ".join(f"{k}={v}" for k, v in method["chosen"].items())
-        print(f"| {name} | {method['evaluator']} | {chosen} | {100 * f['mean']:.2f} ± {100 * f['std']:.2f}% |")
+        print(
+            f"| {name} | {method['evaluator']} | {chosen} | {100 * f['mean']:.2f} ± {100 * f['std']:.2f}% |"
+        )
     s = summary["speedup_vs_triplet"]
     print(f"speed-up vs triplet (mean curves): {_common.format_speedup(s['mean'])}")
     for p in s["per_seed"]:
         print(f"  seed {p['seed']}: {_common.format_speedup(p)}")
-    print(f"relative error reduction vs triplet at the final iteration: "
-          f"{100 * summary['relative_error_reduction_vs_triplet']:.1f}%")
+    print(
+        f"relative error reduction vs triplet at the final iteration: "
+        f"{100 * summary['relative_error_reduction_vs_triplet']:.1f}%"
+    )
     if "relative_error_reduction_vs_softmax" in summary:
-        print(f"speed-up vs softmax ({results['methods']['softmax']['evaluator']}): "
-              f"{_common.format_speedup(summary['speedup_vs_softmax']['mean'])}; relative error reduction vs softmax: "
-              f"{100 * summary['relative_error_reduction_vs_softmax']:.1f}%")
+        print(
+            f"speed-up vs softmax ({results['methods']['softmax']['evaluator']}): "
+            f"{_common.format_speedup(summary['speedup_vs_softmax']['mean'])}; relative error reduction vs softmax: "
+            f"{100 * summary['relative_error_reduction_vs_softmax']:.1f}%"
+        )
 
 
 def check(path: Path) -> int:
@@ -228,7 +330,9 @@ def check(path: Path) -> int:
     stored = {k: results[k] for k in recomputed}
     same = json.dumps(recomputed, sort_keys=True) == json.dumps(stored, sort_keys=True)
     print_summary(results, recomputed)
-    print(f"\nstored summary {'equals' if same else 'DIFFERS FROM'} the one recomputed from the curves")
+    print(
+        f"\nstored summary {'equals' if same else 'DIFFERS FROM'} the one recomputed from the curves"
+    )
     return 0 if same else 1
 
 
@@ -237,39 +341,75 @@ def plot(results: dict, path: Path) -> None:
 
     # Iteration 0 (the untrained network, up to 90% error) is left out of the picture so
     # the curves are readable; it stays in the JSON and in the speed-up's interpolation.
-    curves = {f"{name} ({m['evaluator']})": [(s["iterations"][1:], s["test_error"][1:]) for s in m["seeds"]]
-              for name, m in results["methods"].items()}
-    plot_learning_curves(curves, path, title=f"{results['regime']}: test error vs iterations (mean ± std)")
+    curves = {
+        f"{name} ({m['evaluator']})": [
+            (s["iterations"][1:], s["test_error"][1:]) for s in m["seeds"]
+        ]
+        for name, m in results["methods"].items()
+    }
+    plot_learning_curves(
+        curves, path, title=f"{results['regime']}: test error vs iterations (mean ± std)"
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--regime", choices=sorted(REGIMES), default="quick")
     parser.add_argument("--quick", action="store_true", help="same as --regime quick")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default per regime)")
+    parser.add_argument(
+        "--seeds", type=int, default=None, help="number of seeds (default per regime)"
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=None)
-    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="learning rates swept on validation")
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=None, help="learning rates swept on validation"
+    )
     parser.add_argument("--minings", nargs="+", default=None, help="triplet minings swept")
-    parser.add_argument("--sweep-steps", type=int, default=None, help="iterations of a sweep run (default --steps)")
-    parser.add_argument("--pretrain-steps", type=int, default=None,
-                        help="finetune_upper_body: softmax pretraining steps on the source (0: random init, the control)")
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="train on a stratified subset of this many training examples (seed 1; the full "
-                             "test set is kept): a reduced-scale run")
-    parser.add_argument("--data-dir", default=None,
-                        help=f"dataset folder (default {_common.DEFAULT_DATA_DIR}; for the tfds regimes "
-                             "TFDS's data dir, default TFDS's own ~/tensorflow_datasets)")
-    parser.add_argument("--manual-dir", default=None,
-                        help="tfds regimes: TFDS manual download dir, when TFDS cannot download the raw files")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="tfds regimes: resize the images to N x N (default per regime: 128)")
-    parser.add_argument("--init-from", default=None, metavar="DIR",
-                        help="warm-start every sweep and seed run's trunk from the latest checkpoint of a previous "
-                             "`magnet-jax train` run (its --workdir or checkpoints/ folder), e.g. a pretrained "
-                             "backbone; replaces finetune_upper_body's own pretraining")
+    parser.add_argument(
+        "--sweep-steps", type=int, default=None, help="iterations of a sweep run (default --steps)"
+    )
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=None,
+        help="finetune_upper_body: softmax pretraining steps on the source (0: random init, the control)",
+    )
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="train on a stratified subset of this many training examples (seed 1; the full "
+        "test set is kept): a reduced-scale run",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help=f"dataset folder (default {_common.DEFAULT_DATA_DIR}; for the tfds regimes "
+        "TFDS's data dir, default TFDS's own ~/tensorflow_datasets)",
+    )
+    parser.add_argument(
+        "--manual-dir",
+        default=None,
+        help="tfds regimes: TFDS manual download dir, when TFDS cannot download the raw files",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="tfds regimes: resize the images to N x N (default per regime: 128)",
+    )
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        metavar="DIR",
+        help="warm-start every sweep and seed run's trunk from the latest checkpoint of a previous "
+        "`magnet-jax train` run (its --workdir or checkpoints/ folder), e.g. a pretrained "
+        "backbone; replaces finetune_upper_body's own pretraining",
+    )
     parser.add_argument("--output", default=None, help="default results/convergence_<regime>.json")
-    parser.add_argument("--check", type=Path, default=None, help="recompute the summary of a results JSON")
+    parser.add_argument(
+        "--check", type=Path, default=None, help="recompute the summary of a results JSON"
+    )
     args = parser.parse_args(argv)
     if args.check:
         return check(args.check)
@@ -280,7 +420,9 @@ def main(argv=None) -> int:
         parser.error(f"--manual-dir applies to the tfds regimes ({', '.join(PAPER_REGIMES)}) only")
     if args.image_size is not None:
         if not paper_scale:
-            parser.error(f"--image-size applies to the tfds regimes ({', '.join(PAPER_REGIMES)}) only")
+            parser.error(
+                f"--image-size applies to the tfds regimes ({', '.join(PAPER_REGIMES)}) only"
+            )
         if args.image_size < 8:
             parser.error(f"--image-size must be >= 8, got {args.image_size}")
         regime["image_size"] = args.image_size
@@ -293,7 +435,9 @@ def main(argv=None) -> int:
     seeds = list(range(args.seeds or regime["seeds"]))
     lrs = tuple(args.lrs or regime["lrs"])
     sweep_steps = args.sweep_steps or regime.get("sweep_steps") or steps
-    output = Path(args.output) if args.output else _common.RESULTS / f"convergence_{regime_name}.json"
+    output = (
+        Path(args.output) if args.output else _common.RESULTS / f"convergence_{regime_name}.json"
+    )
     started = time.perf_counter()
     environment = _common.environment()  # at the start: the library version this run used
     _common.enable_compilation_cache()
@@ -314,8 +458,16 @@ def main(argv=None) -> int:
         source = _common.subsample_train(source, args.train_size)
     validation = split_validation(dataset, fraction=0.1, seed=0)
     # A constant learning rate: a schedule tied to the total would distort the curves' middle.
-    base = dict(dataset=dataset.name, embedding_dim=32, optimizer="adam", lr_schedule="constant", eval_every=10**9,
-                checkpoint_every=10**9, log_every=10**9, num_nearest_clusters=128)
+    base = dict(
+        dataset=dataset.name,
+        embedding_dim=32,
+        optimizer="adam",
+        lr_schedule="constant",
+        eval_every=10**9,
+        checkpoint_every=10**9,
+        log_every=10**9,
+        num_nearest_clusters=128,
+    )
     if paper_scale:
         base.update(embedding_dim=regime["embedding_dim"], architecture=regime["architecture"])
     pretrain_info = None
@@ -327,22 +479,44 @@ def main(argv=None) -> int:
     eval_steps = list(range(0, steps + 1, eval_every))
     if eval_steps[-1] != steps:
         eval_steps.append(steps)
-    results = {"regime": regime_name, "dataset": dataset.name, "num_train": dataset.num_train,
-               "num_test": dataset.num_test, "steps": steps, "eval_every": eval_every,
-               "seeds": seeds, "batch_size": BATCH, "sweep": {"split": "stratified 10% of train, seed 0",
-                                                              "steps": sweep_steps, "seed": 0, "lrs": list(lrs)},
-               "pretrain": pretrain_info, "methods": {}}
+    results = {
+        "regime": regime_name,
+        "dataset": dataset.name,
+        "num_train": dataset.num_train,
+        "num_test": dataset.num_test,
+        "steps": steps,
+        "eval_every": eval_every,
+        "seeds": seeds,
+        "batch_size": BATCH,
+        "sweep": {
+            "split": "stratified 10% of train, seed 0",
+            "steps": sweep_steps,
+            "seed": 0,
+            "lrs": list(lrs),
+        },
+        "pretrain": pretrain_info,
+        "methods": {},
+    }
     if init_info is not None:
         results["init_from"] = init_info
     if paper_scale:
-        results.update(image_size=regime["image_size"], tfds_splits=list(regime["tfds_splits"]),
-                       architecture=regime["architecture"], embedding_dim=regime["embedding_dim"])
+        results.update(
+            image_size=regime["image_size"],
+            tfds_splits=list(regime["tfds_splits"]),
+            architecture=regime["architecture"],
+            embedding_dim=regime["embedding_dim"],
+        )
     pseudo = {}
     for method in methods:
         log(f"{method.name}: sweep of {len(method.grid)} points on validation ({sweep_steps} it.)")
         chosen = _common.sweep(base, method, validation, sweep_steps, init_trunk=init_trunk)
-        entry = {"fixed": method.fixed, "chosen": chosen["chosen"], "evaluator": chosen["metric"],
-                 "sweep": chosen["trials"], "seeds": []}
+        entry = {
+            "fixed": method.fixed,
+            "chosen": chosen["chosen"],
+            "evaluator": chosen["metric"],
+            "sweep": chosen["trials"],
+            "seeds": [],
+        }
         extra_metric, extra_name = None, None
         if method.name == "softmax" and chosen["metric"] != "classifier_error":
             extra_metric, extra_name = "classifier_error", "softmax_classifier"
@@ -355,25 +529,45 @@ def main(argv=None) -> int:
             extra_metric = min((m for m in vals if m.startswith("knn")), key=vals.get)
             extra_name = "magnet_knn"
         if extra_name:
-            pseudo[extra_name] = {"fixed": method.fixed, "chosen": chosen["chosen"], "evaluator": extra_metric,
-                                  "note": f"the same runs as {method.name}, scored by {extra_metric}", "seeds": []}
+            pseudo[extra_name] = {
+                "fixed": method.fixed,
+                "chosen": chosen["chosen"],
+                "evaluator": extra_metric,
+                "note": f"the same runs as {method.name}, scored by {extra_metric}",
+                "seeds": [],
+            }
         for seed in seeds:
             config = _common.make_config(base, method, {**chosen["chosen"], "steps": steps}, seed)
             curve = _common.learning_curve(config, dataset, eval_steps, init_trunk=init_trunk)
-            entry["seeds"].append({"seed": seed, "iterations": curve["iterations"],
-                                   "test_error": curve["metrics"][chosen["metric"]],
-                                   "all_metrics": curve["metrics"], "seconds": round(curve["seconds"], 1),
-                                   "init": curve["init"]})
+            entry["seeds"].append(
+                {
+                    "seed": seed,
+                    "iterations": curve["iterations"],
+                    "test_error": curve["metrics"][chosen["metric"]],
+                    "all_metrics": curve["metrics"],
+                    "seconds": round(curve["seconds"], 1),
+                    "init": curve["init"],
+                }
+            )
             if extra_name:
-                pseudo[extra_name]["seeds"].append({"seed": seed, "iterations": curve["iterations"],
-                                                    "test_error": curve["metrics"][extra_metric]})
-            log(f"{method.name} seed {seed}: final {chosen['metric']} = {curve['metrics'][chosen['metric']][-1]:.4f} "
-                f"({curve['seconds']:.0f} s)")
+                pseudo[extra_name]["seeds"].append(
+                    {
+                        "seed": seed,
+                        "iterations": curve["iterations"],
+                        "test_error": curve["metrics"][extra_metric],
+                    }
+                )
+            log(
+                f"{method.name} seed {seed}: final {chosen['metric']} = {curve['metrics'][chosen['metric']][-1]:.4f} "
+                f"({curve['seconds']:.0f} s)"
+            )
         results["methods"][method.name] = entry
     results["methods"].update(pseudo)
     results["environment"] = environment
     results["seconds"] = round(time.perf_counter() - started, 1)
-    results["command"] = "python benchmarks/convergence.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["command"] = "python benchmarks/convergence.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     # The summary is computed from the curves exactly as stored (a JSON round trip).
     results = json.loads(json.dumps(results))
     summary = summary_of(results)

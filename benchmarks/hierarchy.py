@@ -42,11 +42,25 @@ import _common  # noqa: E402
 from _common import Method, log  # noqa: E402
 
 DATASETS = {
-    "quick": dict(source="digits", grouping="MNIST_PARITY", steps=200, eval_every=50, seeds=2, lrs=(3e-3,)),
-    "mnist_parity": dict(source="mnist", grouping="MNIST_PARITY", steps=3000, eval_every=250, seeds=3,
-                         lrs=(1e-3, 3e-3)),
-    "fashion_mnist_coarse": dict(source="fashion_mnist", grouping="FASHION_MNIST_COARSE", steps=3000,
-                                 eval_every=250, seeds=3, lrs=(1e-3, 3e-3)),
+    "quick": dict(
+        source="digits", grouping="MNIST_PARITY", steps=200, eval_every=50, seeds=2, lrs=(3e-3,)
+    ),
+    "mnist_parity": dict(
+        source="mnist",
+        grouping="MNIST_PARITY",
+        steps=3000,
+        eval_every=250,
+        seeds=3,
+        lrs=(1e-3, 3e-3),
+    ),
+    "fashion_mnist_coarse": dict(
+        source="fashion_mnist",
+        grouping="FASHION_MNIST_COARSE",
+        steps=3000,
+        eval_every=250,
+        seeds=3,
+        lrs=(1e-3, 3e-3),
+    ),
 }
 BATCH = 48
 FINE = ("fine_error_at_1", "fine_error_at_5")
@@ -58,18 +72,48 @@ def load(name: str, data_dir: str):
     spec = DATASETS[name]
     grouping = getattr(data, spec["grouping"])
     dataset = data.load_dataset(spec["source"], data_dir)
-    return data.coarsen(dataset, grouping.groups, grouping.names, name=f"{spec['source']}/{spec['grouping'].lower()}")
+    return data.coarsen(
+        dataset,
+        grouping.groups,
+        grouping.names,
+        name=f"{spec['source']}/{spec['grouping'].lower()}",
+    )
 
 
 def methods_for(num_coarse: int, lrs, clusters_per_class: int) -> list[Method]:
     grid = [{"lr": lr} for lr in lrs]
     return [
-        Method("magnet", dict(loss="magnet", clusters_per_class=clusters_per_class, clusters_per_batch=8,
-                              examples_per_cluster=6), grid),
-        Method("triplet", dict(loss="triplet", normalize=True, margin=0.2, mining="batch_all",
-                               clusters_per_batch=num_coarse, examples_per_cluster=BATCH // num_coarse), grid),
-        Method("softmax", dict(loss="softmax", clusters_per_batch=num_coarse, examples_per_cluster=BATCH // num_coarse),
-               grid),
+        Method(
+            "magnet",
+            dict(
+                loss="magnet",
+                clusters_per_class=clusters_per_class,
+                clusters_per_batch=8,
+                examples_per_cluster=6,
+            ),
+            grid,
+        ),
+        Method(
+            "triplet",
+            dict(
+                loss="triplet",
+                normalize=True,
+                margin=0.2,
+                mining="batch_all",
+                clusters_per_batch=num_coarse,
+                examples_per_cluster=BATCH // num_coarse,
+            ),
+            grid,
+        ),
+        Method(
+            "softmax",
+            dict(
+                loss="softmax",
+                clusters_per_batch=num_coarse,
+                examples_per_cluster=BATCH // num_coarse,
+            ),
+            grid,
+        ),
     ]
 
 
@@ -80,28 +124,43 @@ def summary_of(results: dict) -> dict:
         row = {}
         for metric in FINE + ("coarse_error",):
             finals = [s[metric][-1] for s in method["seeds"]]
-            row[metric] = {"mean": float(np.mean(finals)), "std": float(np.std(finals)), "per_seed": finals}
+            row[metric] = {
+                "mean": float(np.mean(finals)),
+                "std": float(np.std(finals)),
+                "per_seed": finals,
+            }
         out[name] = row
     return {"final": out}
 
 
 def print_summary(results: dict, summary: dict) -> None:
-    print(f"\n{results['dataset']}: trained on {results['num_coarse']} coarse classes, {results['steps']} iterations, "
-          f"{len(results['seeds'])} seeds; fine-label kNN errors on the test set at the final iteration:")
+    print(
+        f"\n{results['dataset']}: trained on {results['num_coarse']} coarse classes, {results['steps']} iterations, "
+        f"{len(results['seeds'])} seeds; fine-label kNN errors on the test set at the final iteration:"
+    )
     print("| method | lr | fine Error@1 | fine Error@5 | coarse error (evaluator) |")
     print("|---|---|---|---|---|")
     for name, row in summary["final"].items():
         m = results["methods"][name]
-        cells = [f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}%" for k in FINE + ("coarse_error",)]
-        print(f"| {name} | {m['chosen']['lr']} | {cells[0]} | {cells[1]} | {cells[2]} ({m['evaluator']}) |")
+        cells = [
+            f"{100 * row[k]['mean']:.2f} ± {100 * row[k]['std']:.2f}%"
+            for k in FINE + ("coarse_error",)
+        ]
+        print(
+            f"| {name} | {m['chosen']['lr']} | {cells[0]} | {cells[1]} | {cells[2]} ({m['evaluator']}) |"
+        )
 
 
 def check(path: Path) -> int:
     results = json.loads(path.read_text())
     recomputed = summary_of(results)
-    same = json.dumps(recomputed, sort_keys=True) == json.dumps({"final": results["final"]}, sort_keys=True)
+    same = json.dumps(recomputed, sort_keys=True) == json.dumps(
+        {"final": results["final"]}, sort_keys=True
+    )
     print_summary(results, recomputed)
-    print(f"\nstored summary {'equals' if same else 'DIFFERS FROM'} the one recomputed from the curves")
+    print(
+        f"\nstored summary {'equals' if same else 'DIFFERS FROM'} the one recomputed from the curves"
+    )
     return 0 if same else 1
 
 
@@ -112,8 +171,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for axis, metric, label in zip(axes, FINE + ("coarse_error",),
-                                   ("fine Error@1", "fine Error@5", "coarse test error")):
+    for axis, metric, label in zip(
+        axes, FINE + ("coarse_error",), ("fine Error@1", "fine Error@5", "coarse test error")
+    ):
         for name, method in results["methods"].items():
             its = np.asarray(method["seeds"][0]["iterations"], float)[1:]  # iteration 0 left out
             errs = np.asarray([s[metric][1:] for s in method["seeds"]], float)
@@ -137,15 +197,26 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=None)
-    parser.add_argument("--lrs", type=float, nargs="+", default=None,
-                        help="learning rates; several: chosen on validation by coarse error")
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="learning rates; several: chosen on validation by coarse error",
+    )
     parser.add_argument("--clusters-per-class", type=int, default=8, help="magnet's K")
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="train on a stratified subset of this many training examples (seed 1; the full "
-                             "test set is kept): a reduced-scale run")
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="train on a stratified subset of this many training examples (seed 1; the full "
+        "test set is kept): a reduced-scale run",
+    )
     parser.add_argument("--data-dir", default=str(_common.DEFAULT_DATA_DIR))
     parser.add_argument("--output", default=None, help="default results/hierarchy_<dataset>.json")
-    parser.add_argument("--check", type=Path, default=None, help="recompute the summary of a results JSON")
+    parser.add_argument(
+        "--check", type=Path, default=None, help="recompute the summary of a results JSON"
+    )
     args = parser.parse_args(argv)
     if args.check:
         return check(args.check)
@@ -164,19 +235,40 @@ def main(argv=None) -> int:
 
     dataset = _common.subsample_train(load(name, args.data_dir), args.train_size)
     # A constant learning rate: a schedule tied to the total would distort the curves' middle.
-    base = dict(dataset=dataset.name, embedding_dim=32, optimizer="adam", lr_schedule="constant", eval_every=10**9,
-                checkpoint_every=10**9, log_every=10**9, num_nearest_clusters=128)
+    base = dict(
+        dataset=dataset.name,
+        embedding_dim=32,
+        optimizer="adam",
+        lr_schedule="constant",
+        eval_every=10**9,
+        checkpoint_every=10**9,
+        log_every=10**9,
+        num_nearest_clusters=128,
+    )
     eval_steps = list(range(0, steps + 1, eval_every))
     if eval_steps[-1] != steps:
         eval_steps.append(steps)
-    results = {"dataset": dataset.name, "regime": name, "num_train": dataset.num_train, "num_test": dataset.num_test, "num_coarse": dataset.num_classes,
-               "coarse_classes": list(dataset.class_names), "fine_classes": list(dataset.fine_class_names),
-               "steps": steps, "eval_every": eval_every, "seeds": seeds, "batch_size": BATCH,
-               "lrs": list(lrs), "methods": {}}
+    results = {
+        "dataset": dataset.name,
+        "regime": name,
+        "num_train": dataset.num_train,
+        "num_test": dataset.num_test,
+        "num_coarse": dataset.num_classes,
+        "coarse_classes": list(dataset.class_names),
+        "fine_classes": list(dataset.fine_class_names),
+        "steps": steps,
+        "eval_every": eval_every,
+        "seeds": seeds,
+        "batch_size": BATCH,
+        "lrs": list(lrs),
+        "methods": {},
+    }
     validation = split_validation(dataset, fraction=0.1, seed=0) if len(lrs) > 1 else None
     for method in methods_for(dataset.num_classes, lrs, args.clusters_per_class):
         if validation is not None:
-            log(f"{method.name}: sweep of {len(method.grid)} learning rates on validation ({steps} it.)")
+            log(
+                f"{method.name}: sweep of {len(method.grid)} learning rates on validation ({steps} it.)"
+            )
             swept = _common.sweep(base, method, validation, steps)
             chosen, sweep_trials = swept["chosen"], swept["trials"]
         else:
@@ -188,20 +280,35 @@ def main(argv=None) -> int:
             curve = _common.learning_curve(config, dataset, eval_steps)
             metrics = curve["metrics"]
             if coarse_metric is None:  # the better kNN at the end of seed 0, kept for all seeds
-                coarse_metric = min((m for m in metrics if m.startswith("knn")), key=lambda m: metrics[m][-1])
-            seed_entry = {"seed": seed, "iterations": curve["iterations"], **{m: metrics[m] for m in FINE},
-                          "coarse_error": metrics[coarse_metric], "all_metrics": metrics,
-                          "seconds": round(curve["seconds"], 1)}
+                coarse_metric = min(
+                    (m for m in metrics if m.startswith("knn")), key=lambda m: metrics[m][-1]
+                )
+            seed_entry = {
+                "seed": seed,
+                "iterations": curve["iterations"],
+                **{m: metrics[m] for m in FINE},
+                "coarse_error": metrics[coarse_metric],
+                "all_metrics": metrics,
+                "seconds": round(curve["seconds"], 1),
+            }
             entry["seeds"].append(seed_entry)
-            log(f"{method.name} seed {seed}: fine Error@1/@5 = {metrics['fine_error_at_1'][-1]:.4f} / "
+            log(
+                f"{method.name} seed {seed}: fine Error@1/@5 = {metrics['fine_error_at_1'][-1]:.4f} / "
                 f"{metrics['fine_error_at_5'][-1]:.4f}, coarse {coarse_metric} = {metrics[coarse_metric][-1]:.4f}"
-                + (f", cluster fine purity {metrics['cluster_fine_purity'][-1]:.3f}" if "cluster_fine_purity" in metrics
-                   else "") + f" ({curve['seconds']:.0f} s)")
+                + (
+                    f", cluster fine purity {metrics['cluster_fine_purity'][-1]:.3f}"
+                    if "cluster_fine_purity" in metrics
+                    else ""
+                )
+                + f" ({curve['seconds']:.0f} s)"
+            )
         entry["evaluator"] = coarse_metric
         results["methods"][method.name] = entry
     results["environment"] = environment
     results["seconds"] = round(time.perf_counter() - started, 1)
-    results["command"] = "python benchmarks/hierarchy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["command"] = "python benchmarks/hierarchy.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     results = json.loads(json.dumps(results))
     results.update(summary_of(results))
     _common.write_json(output, results)

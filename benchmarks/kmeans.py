@@ -44,24 +44,49 @@ from sklearn.cluster import KMeans
 from magnet_jax.kmeans import kmeans_per_class
 
 # MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
-RESULTS = pathlib.Path(os.environ.get("MAGNET_JAX_RESULTS", pathlib.Path(__file__).resolve().parent / "results"))
+RESULTS = pathlib.Path(
+    os.environ.get("MAGNET_JAX_RESULTS", pathlib.Path(__file__).resolve().parent / "results")
+)
 
 CASES = {
-    "a": dict(name="(a) 10 classes, 60k x 64, k=8", num_classes=10, n=60_000, dim=64,
-              k=8, sizes=None),
-    "b": dict(name="(b) 1,000 classes, 100k x 128, k=8", num_classes=1_000, n=100_000,
-              dim=128, k=8, sizes=None),
-    "c": dict(name="(c) 10,000 classes of 2-12, 128-d, k=2", num_classes=10_000, n=None,
-              dim=128, k=2, sizes=(2, 12), extra_restarts=(10,),
-              inexact_restarts=(1,), unrefined_restarts=(1, 10)),
+    "a": dict(
+        name="(a) 10 classes, 60k x 64, k=8", num_classes=10, n=60_000, dim=64, k=8, sizes=None
+    ),
+    "b": dict(
+        name="(b) 1,000 classes, 100k x 128, k=8",
+        num_classes=1_000,
+        n=100_000,
+        dim=128,
+        k=8,
+        sizes=None,
+    ),
+    "c": dict(
+        name="(c) 10,000 classes of 2-12, 128-d, k=2",
+        num_classes=10_000,
+        n=None,
+        dim=128,
+        k=2,
+        sizes=(2, 12),
+        extra_restarts=(10,),
+        inexact_restarts=(1,),
+        unrefined_restarts=(1, 10),
+    ),
 }
 QUICK_CASES = {
-    "a": dict(name="(a, quick) 4 classes, 2k x 16, k=4", num_classes=4, n=2_000, dim=16,
-              k=4, sizes=None),
-    "b": dict(name="(b, quick) 30 classes, 3k x 16, k=4", num_classes=30, n=3_000, dim=16,
-              k=4, sizes=None),
-    "c": dict(name="(c, quick) 200 classes of 2-12, 16-d, k=2", num_classes=200, n=None,
-              dim=16, k=2, sizes=(2, 12)),
+    "a": dict(
+        name="(a, quick) 4 classes, 2k x 16, k=4", num_classes=4, n=2_000, dim=16, k=4, sizes=None
+    ),
+    "b": dict(
+        name="(b, quick) 30 classes, 3k x 16, k=4", num_classes=30, n=3_000, dim=16, k=4, sizes=None
+    ),
+    "c": dict(
+        name="(c, quick) 200 classes of 2-12, 16-d, k=2",
+        num_classes=200,
+        n=None,
+        dim=16,
+        k=2,
+        sizes=(2, 12),
+    ),
 }
 
 
@@ -71,8 +96,9 @@ def make_data(num_classes, n, dim, sizes, seed=0):
     if sizes is None:
         labels = rng.integers(0, num_classes, n)
     else:
-        labels = np.repeat(np.arange(num_classes),
-                           rng.integers(sizes[0], sizes[1] + 1, num_classes))
+        labels = np.repeat(
+            np.arange(num_classes), rng.integers(sizes[0], sizes[1] + 1, num_classes)
+        )
         rng.shuffle(labels)
     modes_per_class = rng.integers(1, 5, num_classes)
     modes = rng.normal(scale=3.0, size=(num_classes, 4, dim))
@@ -91,15 +117,31 @@ def sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance, seed=0):
         if members.size == 0:
             continue
         points = x[members]
-        model = KMeans(n_clusters=min(k, members.size), init="k-means++", n_init=1,
-                       max_iter=max_iterations, tol=tolerance, random_state=seed + c)
+        model = KMeans(
+            n_clusters=min(k, members.size),
+            init="k-means++",
+            n_init=1,
+            max_iter=max_iterations,
+            tol=tolerance,
+            random_state=seed + c,
+        )
         model.fit(points)
         inertia[c] = model.inertia_
     return time.perf_counter() - start, inertia
 
 
-def ours(x, labels, num_classes, k, max_iterations, tolerance, num_restarts, seed=0,
-         refine=True, exact=True):
+def ours(
+    x,
+    labels,
+    num_classes,
+    k,
+    max_iterations,
+    tolerance,
+    num_restarts,
+    seed=0,
+    refine=True,
+    exact=True,
+):
     x_dev, labels_dev = jax.device_put(x), jax.device_put(labels)
 
     options = {}  # the defaults: refine_steps=5, exhaustive_max_points=12
@@ -109,10 +151,17 @@ def ours(x, labels, num_classes, k, max_iterations, tolerance, num_restarts, see
         options["exhaustive_max_points"] = 0
 
     def call(s):
-        result = kmeans_per_class(x_dev, labels_dev, k, key=jax.random.key(s),
-                                  num_classes=num_classes, max_iterations=max_iterations,
-                                  tolerance=tolerance, num_restarts=num_restarts,
-                                  **options)
+        result = kmeans_per_class(
+            x_dev,
+            labels_dev,
+            k,
+            key=jax.random.key(s),
+            num_classes=num_classes,
+            max_iterations=max_iterations,
+            tolerance=tolerance,
+            num_restarts=num_restarts,
+            **options,
+        )
         jax.block_until_ready(result)
         return result
 
@@ -133,8 +182,7 @@ def compare_inertia(ours_inertia, sklearn_inertia, scatter):
     counts as matched when ours is ~0 too (relative to the class's total scatter)."""
     floor = 1e-6 * np.maximum(scatter, 1e-12)
     zero = sklearn_inertia <= floor
-    within = np.where(zero, ours_inertia <= floor,
-                      ours_inertia <= 1.02 * sklearn_inertia)
+    within = np.where(zero, ours_inertia <= floor, ours_inertia <= 1.02 * sklearn_inertia)
     ratios = ours_inertia[~zero] / sklearn_inertia[~zero]
     return dict(
         total_ratio=float(ours_inertia.sum() / sklearn_inertia.sum()),
@@ -154,37 +202,56 @@ def run_case(case, restarts, max_iterations, tolerance):
     means /= np.maximum(counts, 1)[:, None]
     scatter = np.bincount(labels, ((x - means[labels]) ** 2).sum(1), num_classes)
 
-    sk_seconds, sk_inertia = sklearn_loop(x, labels, num_classes, k, max_iterations,
-                                          tolerance)
+    sk_seconds, sk_inertia = sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance)
     rows = []
     # Rows without the exact step, and without the Hartigan refinement too (plain
     # Lloyd, as scikit-learn), show how much of the per-class gap is each step's and
     # how much the restarts'.
-    configs = ([(r, True, True)
-                for r in list(restarts) + list(case.get("extra_restarts", ()))]
-               + [(r, True, False) for r in case.get("inexact_restarts", ())]
-               + [(r, False, False) for r in case.get("unrefined_restarts", ())])
+    configs = (
+        [(r, True, True) for r in list(restarts) + list(case.get("extra_restarts", ()))]
+        + [(r, True, False) for r in case.get("inexact_restarts", ())]
+        + [(r, False, False) for r in case.get("unrefined_restarts", ())]
+    )
     for num_restarts, refine, exact in configs:
-        first, warm, result = ours(x, labels, num_classes, k, max_iterations, tolerance,
-                                   num_restarts, refine=refine, exact=exact)
-        row = dict(
-            case=case["name"], n=int(x.shape[0]), dim=int(x.shape[1]),
-            num_classes=num_classes, k=k, num_restarts=num_restarts, refine=refine,
-            exact=exact and k == 2,
-            sklearn_seconds=sk_seconds, ours_first_call_seconds=first,
-            ours_warm_seconds=warm, speedup_warm=sk_seconds / warm,
-            speedup_incl_compile=sk_seconds / first,
-            iterations=int(result.iterations), converged=bool(result.converged),
+        first, warm, result = ours(
+            x,
+            labels,
+            num_classes,
+            k,
+            max_iterations,
+            tolerance,
+            num_restarts,
+            refine=refine,
+            exact=exact,
         )
-        row.update(compare_inertia(np.asarray(result.inertia, np.float64), sk_inertia,
-                                   scatter))
+        row = dict(
+            case=case["name"],
+            n=int(x.shape[0]),
+            dim=int(x.shape[1]),
+            num_classes=num_classes,
+            k=k,
+            num_restarts=num_restarts,
+            refine=refine,
+            exact=exact and k == 2,
+            sklearn_seconds=sk_seconds,
+            ours_first_call_seconds=first,
+            ours_warm_seconds=warm,
+            speedup_warm=sk_seconds / warm,
+            speedup_incl_compile=sk_seconds / first,
+            iterations=int(result.iterations),
+            converged=bool(result.converged),
+        )
+        row.update(compare_inertia(np.asarray(result.inertia, np.float64), sk_inertia, scatter))
         rows.append(row)
-        print(f"  {case['name']}, restarts={num_restarts}, refine={refine}, "
-              f"exact={row['exact']}: "
-              f"sklearn {sk_seconds:.2f}s, "
-              f"ours {warm:.3f}s warm / {first:.2f}s first, "
-              f"inertia ratio {row['total_ratio']:.4f}, "
-              f"within 2% {100 * row['fraction_within_2pct']:.2f}%", flush=True)
+        print(
+            f"  {case['name']}, restarts={num_restarts}, refine={refine}, "
+            f"exact={row['exact']}: "
+            f"sklearn {sk_seconds:.2f}s, "
+            f"ours {warm:.3f}s warm / {first:.2f}s first, "
+            f"inertia ratio {row['total_ratio']:.4f}, "
+            f"within 2% {100 * row['fraction_within_2pct']:.2f}%",
+            flush=True,
+        )
     return rows
 
 
@@ -203,7 +270,8 @@ def markdown(rows):
             f"{r['ours_warm_seconds']:.3f} | {r['ours_first_call_seconds']:.2f} | "
             f"{r['speedup_warm']:.1f}x | {r['speedup_incl_compile']:.1f}x | "
             f"{r['total_ratio']:.4f} | {r['worst_class_ratio']:.3f} | "
-            f"{100 * r['fraction_within_2pct']:.1f}% |")
+            f"{100 * r['fraction_within_2pct']:.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -211,8 +279,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--cases", default="abc", help="subset of 'abc'")
-    parser.add_argument("--restarts", default="1,3",
-                        help="comma-separated num_restarts for ours (sklearn: n_init=1)")
+    parser.add_argument(
+        "--restarts",
+        default="1,3",
+        help="comma-separated num_restarts for ours (sklearn: n_init=1)",
+    )
     parser.add_argument("--max-iterations", type=int, default=100)
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--output", type=pathlib.Path, default=None)
@@ -228,12 +299,19 @@ def main(argv=None):
     report = dict(
         benchmark="kmeans_per_class vs scikit-learn KMeans looped over classes",
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        quick=args.quick, jax=jax.__version__, sklearn=sklearn.__version__,
-        numpy=np.__version__, python=platform.python_version(),
-        device=f"{device.platform}: {device.device_kind}", num_devices=jax.device_count(),
-        cpu_count=os.cpu_count(), machine=platform.platform(),
+        quick=args.quick,
+        jax=jax.__version__,
+        sklearn=sklearn.__version__,
+        numpy=np.__version__,
+        python=platform.python_version(),
+        device=f"{device.platform}: {device.device_kind}",
+        num_devices=jax.device_count(),
+        cpu_count=os.cpu_count(),
+        machine=platform.platform(),
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-        max_iterations=args.max_iterations, tolerance=args.tolerance, rows=rows,
+        max_iterations=args.max_iterations,
+        tolerance=args.tolerance,
+        rows=rows,
     )
     output = args.output or RESULTS / ("kmeans_quick.json" if args.quick else "kmeans.json")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,9 @@ import time
 import numpy as np
 
 # MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
-RESULTS = pathlib.Path(os.environ.get("MAGNET_JAX_RESULTS", pathlib.Path(__file__).resolve().parent / "results"))
+RESULTS = pathlib.Path(
+    os.environ.get("MAGNET_JAX_RESULTS", pathlib.Path(__file__).resolve().parent / "results")
+)
 KNN_METRICS = ("precision_at_1", "r_precision", "mean_average_precision_at_r")
 
 
@@ -80,8 +82,7 @@ def pml(points, labels, clustering):
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 
     include = ("NMI", "AMI") if clustering else KNN_METRICS
-    calculator = AccuracyCalculator(include=include, k="max_bin_count",
-                                    device=torch.device("cpu"))
+    calculator = AccuracyCalculator(include=include, k="max_bin_count", device=torch.device("cpu"))
     result = calculator.get_accuracy(points, labels)
     if clustering:
         return {"nmi": result["NMI"], "ami": result["AMI"]}
@@ -102,9 +103,19 @@ def peak_child(num, dim, num_classes):
     jax.numpy.zeros(1).block_until_ready()
     baseline = max_rss_mb()
     metrics, seconds = timed(ours, points, labels, False)
-    print(json.dumps({"num": num, "dim": dim, "num_classes": num_classes,
-                      "seconds": seconds, "max_rss_mb": max_rss_mb(),
-                      "rss_before_call_mb": baseline, "metrics": metrics}))
+    print(
+        json.dumps(
+            {
+                "num": num,
+                "dim": dim,
+                "num_classes": num_classes,
+                "seconds": seconds,
+                "max_rss_mb": max_rss_mb(),
+                "rss_before_call_mb": baseline,
+                "metrics": metrics,
+            }
+        )
+    )
 
 
 def versions():
@@ -115,11 +126,16 @@ def versions():
     import sklearn
     import torch
 
-    return {"python": platform.python_version(), "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__, "numpy": np.__version__,
-            "torch": torch.__version__, "pytorch_metric_learning":
-            pytorch_metric_learning.__version__, "faiss": faiss.__version__,
-            "scikit_learn": sklearn.__version__}
+    return {
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "pytorch_metric_learning": pytorch_metric_learning.__version__,
+        "faiss": faiss.__version__,
+        "scikit_learn": sklearn.__version__,
+    }
 
 
 def main(argv=None):
@@ -128,11 +144,19 @@ def main(argv=None):
     parser.add_argument("--num", type=int, default=None)
     parser.add_argument("--dim", type=int, default=None)
     parser.add_argument("--classes", type=int, default=None)
-    parser.add_argument("--peak-num", type=int, default=None,
-                        help="gallery size of the peak-memory run (0 skips it)")
-    parser.add_argument("--cpu-devices", type=int, default=os.cpu_count(),
-                        help="JAX CPU devices (XLA runs one top-k per device on one "
-                             "thread, so one device per core parallelises it)")
+    parser.add_argument(
+        "--peak-num",
+        type=int,
+        default=None,
+        help="gallery size of the peak-memory run (0 skips it)",
+    )
+    parser.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=os.cpu_count(),
+        help="JAX CPU devices (XLA runs one top-k per device on one "
+        "thread, so one device per core parallelises it)",
+    )
     parser.add_argument("--peak-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     import jax
@@ -142,8 +166,7 @@ def main(argv=None):
     num = args.num or (3_000 if args.quick else 60_000)
     dim = args.dim or (32 if args.quick else 128)
     num_classes = args.classes or (20 if args.quick else 100)
-    peak_num = args.peak_num if args.peak_num is not None else (
-        5_000 if args.quick else 100_000)
+    peak_num = args.peak_num if args.peak_num is not None else (5_000 if args.quick else 100_000)
     if args.peak_child:
         peak_child(args.peak_child, dim, num_classes)
         return
@@ -154,13 +177,18 @@ def main(argv=None):
     points, labels = make_data(num, dim, num_classes)
     report = {
         "benchmark": "retrieval_metrics vs pytorch-metric-learning AccuracyCalculator "
-                     "(faiss-cpu IndexFlatL2, k='max_bin_count'), self-gallery",
+        "(faiss-cpu IndexFlatL2, k='max_bin_count'), self-gallery",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "quick": args.quick, "num": num, "dim": dim, "num_classes": num_classes,
+        "quick": args.quick,
+        "num": num,
+        "dim": dim,
+        "num_classes": num_classes,
         "max_class_size": int(np.bincount(labels).max()),
-        "cpu_count": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(),
+        "cpu_count": os.cpu_count(),
+        "faiss_threads": faiss.omp_get_max_threads(),
         "jax_devices": [str(d) for d in jax.devices()],
-        "platform": platform.platform(), "versions": versions(),
+        "platform": platform.platform(),
+        "versions": versions(),
     }
 
     ours_first, ours_first_s = timed(ours, points, labels, False)
@@ -170,23 +198,47 @@ def main(argv=None):
     pml_cluster, pml_cluster_s = timed(pml, points, labels, True)
     report["load_average_before_after"] = [load_before[0], os.getloadavg()[0]]
     report["knn_metrics"] = {
-        name: {"ours": ours_metrics[name], "pml": float(pml_metrics[name]),
-               "abs_diff": abs(ours_metrics[name] - float(pml_metrics[name]))}
-        for name in KNN_METRICS}
-    report["recall_at_k_ours"] = {k: v for k, v in ours_metrics.items()
-                                  if k.startswith("recall_at_")}
+        name: {
+            "ours": ours_metrics[name],
+            "pml": float(pml_metrics[name]),
+            "abs_diff": abs(ours_metrics[name] - float(pml_metrics[name])),
+        }
+        for name in KNN_METRICS
+    }
+    report["recall_at_k_ours"] = {
+        k: v for k, v in ours_metrics.items() if k.startswith("recall_at_")
+    }
     report["clustering_metrics"] = {
         name: {"ours": ours_cluster[name], "pml": float(pml_cluster[name])}
-        for name in ("nmi", "ami")}
+        for name in ("nmi", "ami")
+    }
     report["seconds"] = {
-        "ours_knn_metrics_warm": ours_s, "ours_knn_metrics_first_call": ours_first_s,
-        "pml_faiss_knn_metrics": pml_s, "ratio_ours_over_pml": ours_s / pml_s,
-        "ours_nmi_ami": ours_cluster_s, "pml_faiss_nmi_ami": pml_cluster_s}
+        "ours_knn_metrics_warm": ours_s,
+        "ours_knn_metrics_first_call": ours_first_s,
+        "pml_faiss_knn_metrics": pml_s,
+        "ratio_ours_over_pml": ours_s / pml_s,
+        "ours_nmi_ami": ours_cluster_s,
+        "pml_faiss_nmi_ami": pml_cluster_s,
+    }
 
     if peak_num:
         child = subprocess.run(
-            [sys.executable, __file__, "--peak-child", str(peak_num), "--dim", str(dim),
-             "--classes", str(num_classes), "--cpu-devices", str(args.cpu_devices)], capture_output=True, text=True, check=True)
+            [
+                sys.executable,
+                __file__,
+                "--peak-child",
+                str(peak_num),
+                "--dim",
+                str(dim),
+                "--classes",
+                str(num_classes),
+                "--cpu-devices",
+                str(args.cpu_devices),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         peak = json.loads(child.stdout.strip().splitlines()[-1])
         peak["nxn_float32_mb"] = peak_num * peak_num * 4 / 2**20
         report["peak_memory"] = peak
@@ -195,27 +247,36 @@ def main(argv=None):
     out = RESULTS / ("retrieval_quick.json" if args.quick else "retrieval.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
 
-    lines = [f"Self-gallery {num:,} x {dim}, {num_classes} classes "
-             f"(largest {report['max_class_size']}), {os.cpu_count()} CPUs", "",
-             "| metric | magnet_jax | pml + faiss | abs diff |", "|---|---|---|---|"]
+    lines = [
+        f"Self-gallery {num:,} x {dim}, {num_classes} classes "
+        f"(largest {report['max_class_size']}), {os.cpu_count()} CPUs",
+        "",
+        "| metric | magnet_jax | pml + faiss | abs diff |",
+        "|---|---|---|---|",
+    ]
     for name, row in report["knn_metrics"].items():
-        lines.append(f"| {name} | {row['ours']:.6f} | {row['pml']:.6f} | "
-                     f"{row['abs_diff']:.1e} |")
+        lines.append(f"| {name} | {row['ours']:.6f} | {row['pml']:.6f} | {row['abs_diff']:.1e} |")
     for name, row in report["clustering_metrics"].items():
-        lines.append(f"| {name} (different k-means) | {row['ours']:.4f} | "
-                     f"{row['pml']:.4f} | |")
+        lines.append(f"| {name} (different k-means) | {row['ours']:.4f} | {row['pml']:.4f} | |")
     s = report["seconds"]
-    lines += ["", "| time (s) | magnet_jax | pml + faiss | ratio |", "|---|---|---|---|",
-              f"| P@1, R-precision, MAP@R | {s['ours_knn_metrics_warm']:.2f} "
-              f"(first call {s['ours_knn_metrics_first_call']:.2f}) | "
-              f"{s['pml_faiss_knn_metrics']:.2f} | {s['ratio_ours_over_pml']:.2f}x |",
-              f"| NMI, AMI | {s['ours_nmi_ami']:.2f} | {s['pml_faiss_nmi_ami']:.2f} | "
-              f"{s['ours_nmi_ami'] / s['pml_faiss_nmi_ami']:.2f}x |"]
+    lines += [
+        "",
+        "| time (s) | magnet_jax | pml + faiss | ratio |",
+        "|---|---|---|---|",
+        f"| P@1, R-precision, MAP@R | {s['ours_knn_metrics_warm']:.2f} "
+        f"(first call {s['ours_knn_metrics_first_call']:.2f}) | "
+        f"{s['pml_faiss_knn_metrics']:.2f} | {s['ratio_ours_over_pml']:.2f}x |",
+        f"| NMI, AMI | {s['ours_nmi_ami']:.2f} | {s['pml_faiss_nmi_ami']:.2f} | "
+        f"{s['ours_nmi_ami'] / s['pml_faiss_nmi_ami']:.2f}x |",
+    ]
     if peak_num:
         p = report["peak_memory"]
-        lines += ["", f"Peak RSS at {peak_num:,} x {peak_num:,}: {p['max_rss_mb']:,.0f} MB "
-                  f"(before the call {p['rss_before_call_mb']:,.0f} MB; an N x N float32 "
-                  f"matrix: {p['nxn_float32_mb']:,.0f} MB), {p['seconds']:.1f} s"]
+        lines += [
+            "",
+            f"Peak RSS at {peak_num:,} x {peak_num:,}: {p['max_rss_mb']:,.0f} MB "
+            f"(before the call {p['rss_before_call_mb']:,.0f} MB; an N x N float32 "
+            f"matrix: {p['nxn_float32_mb']:,.0f} MB), {p['seconds']:.1f} s",
+        ]
     lines.append(f"\nLoad average before/after: {report['load_average_before_after']}")
     print("\n".join(lines))
     print(f"\nwrote {out}")

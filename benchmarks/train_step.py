@@ -46,19 +46,29 @@ def _time(fn, repeats: int) -> list[float]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
+    parser.add_argument(
+        "--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets")
+    )
     parser.add_argument("--steps", type=int, default=None, help="steps per timed call")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
 
     if args.quick:
-        common = dict(dataset="digits", clusters_per_batch=8, examples_per_cluster=8, clusters_per_class=4)
+        common = dict(
+            dataset="digits", clusters_per_batch=8, examples_per_cluster=8, clusters_per_class=4
+        )
         steps_per_call = args.steps or 50
     else:
         common = dict(
-            dataset="fashion_mnist", data_dir=args.data_dir, clusters_per_batch=12, examples_per_cluster=4, clusters_per_class=8
+            dataset="fashion_mnist",
+            data_dir=args.data_dir,
+            clusters_per_batch=12,
+            examples_per_cluster=4,
+            clusters_per_class=8,
         )
         steps_per_call = args.steps or 100
     magnet = training.prepare(TrainConfig(loss="magnet", **common))
@@ -90,10 +100,13 @@ def main(argv=None) -> dict:
     def sample_many(index, key):
         def body(i, total):
             batch = index_lib.sample_neighbourhood(
-                index, jax.random.fold_in(key, i), clusters_per_batch=magnet.config.clusters_per_batch,
+                index,
+                jax.random.fold_in(key, i),
+                clusters_per_batch=magnet.config.clusters_per_batch,
                 examples_per_cluster=magnet.config.examples_per_cluster,
             )
             return total + batch.indices.sum()
+
         return jax.lax.fori_loop(0, draws, body, jnp.zeros((), jnp.int32))
 
     key = jax.random.PRNGKey(0)
@@ -101,8 +114,12 @@ def main(argv=None) -> dict:
     sampler_times = [t / draws for t in _time(lambda: sample_many(index, key), args.repeats)]
 
     training.refresh(magnet, magnet_state, index, 1).centroids.block_until_ready()  # warm
-    refresh_times = _time(lambda: training.refresh(magnet, magnet_state, index, 1).centroids, args.repeats)
-    embed_times = _time(lambda: magnet.steps.embed(magnet_state.params, magnet.data.x), args.repeats)
+    refresh_times = _time(
+        lambda: training.refresh(magnet, magnet_state, index, 1).centroids, args.repeats
+    )
+    embed_times = _time(
+        lambda: magnet.steps.embed(magnet_state.params, magnet.data.x), args.repeats
+    )
 
     magnet_step = statistics.median(magnet_times)
     softmax_step = statistics.median(softmax_times)
@@ -113,8 +130,11 @@ def main(argv=None) -> dict:
         "quick": args.quick,
         "dataset": magnet.config.dataset,
         "architecture": training.default_architecture(magnet.dataset.x_train.shape[1:]),
-        "batch": {"clusters_per_batch": magnet.config.clusters_per_batch,
-                  "examples_per_cluster": magnet.config.examples_per_cluster, "batch_size": batch_size},
+        "batch": {
+            "clusters_per_batch": magnet.config.clusters_per_batch,
+            "examples_per_cluster": magnet.config.examples_per_cluster,
+            "batch_size": batch_size,
+        },
         "clusters_per_class": magnet.config.clusters_per_class,
         "num_train_examples": num_examples,
         "magnet_step_seconds": magnet_step,
@@ -128,7 +148,12 @@ def main(argv=None) -> dict:
         "epoch_seconds": epoch_seconds,
         "refresh_fraction_of_epoch": refresh_seconds / epoch_seconds,
         "targets": {"magnet_over_softmax": 1.10, "refresh_fraction_of_epoch": 0.10},
-        "raw": {"magnet": magnet_times, "softmax": softmax_times, "refresh": refresh_times, "embed": embed_times},
+        "raw": {
+            "magnet": magnet_times,
+            "softmax": softmax_times,
+            "refresh": refresh_times,
+            "embed": embed_times,
+        },
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(),
         "device_count": jax.device_count(),
@@ -145,8 +170,12 @@ def main(argv=None) -> dict:
     print(f"| magnet step | {magnet_step * 1e3:.2f} ms |")
     print(f"| softmax step | {softmax_step * 1e3:.2f} ms |")
     print(f"| magnet / softmax | {result['magnet_over_softmax']:.3f} (target <= 1.10) |")
-    print(f"| sampler alone | {result['sampler_seconds'] * 1e6:.1f} µs ({result['sampler_fraction_of_magnet_step']:.1%} of a step) |")
-    print(f"| refresh (embed {result['embed_seconds']:.2f} s + k-means {result['kmeans_seconds']:.2f} s) | {refresh_seconds:.2f} s |")
+    print(
+        f"| sampler alone | {result['sampler_seconds'] * 1e6:.1f} µs ({result['sampler_fraction_of_magnet_step']:.1%} of a step) |"
+    )
+    print(
+        f"| refresh (embed {result['embed_seconds']:.2f} s + k-means {result['kmeans_seconds']:.2f} s) | {refresh_seconds:.2f} s |"
+    )
     print(f"| refresh / epoch | {result['refresh_fraction_of_epoch']:.1%} (target <= 10%) |")
     print(f"written to {path}")
     return result

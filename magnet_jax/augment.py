@@ -38,6 +38,8 @@ def random_shift(key: jax.Array, images: jax.Array, max_shift: int) -> jax.Array
     def crop(image, offset):
         # out[i] = padded[i + max_shift - dy]: the window starts at max_shift - dy.
         start = max_shift - offset
-        return jax.lax.dynamic_slice(image, (start[0], start[1], 0), (height, width, image.shape[-1]))
+        return jax.lax.dynamic_slice(
+            image, (start[0], start[1], 0), (height, width, image.shape[-1])
+        )
 
     return jax.vmap(crop)(padded, offsets)

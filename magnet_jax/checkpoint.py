@@ -128,7 +128,8 @@ def restore_params(directory: str | os.PathLike, step: int) -> Any:
         item = {"params": tree["params"]}
         restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
         restored = handler.restore(
-            path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+            path,
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
         )
     finally:
         handler.close()

@@ -72,9 +72,20 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         kind = _flag_type(field.type)
         help_text = _HELP.get(field.name, "") + f" (default: {field.default})"
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
         else:
-            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text, metavar=field.name.upper())
+            parser.add_argument(
+                flag,
+                type=kind,
+                default=argparse.SUPPRESS,
+                help=help_text,
+                metavar=field.name.upper(),
+            )
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -112,7 +123,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     metrics = train(config, progress=not args.no_progress)
-    print(f"trained {config.loss} on {config.dataset}; results in {os.path.abspath(config.workdir)}")
+    print(
+        f"trained {config.loss} on {config.dataset}; results in {os.path.abspath(config.workdir)}"
+    )
     _print_metrics(metrics)
     return 0
 
@@ -140,10 +153,14 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="magnet-jax", description="Deep metric learning with the Magnet Loss in JAX.")
+    parser = argparse.ArgumentParser(
+        prog="magnet-jax", description="Deep metric learning with the Magnet Loss in JAX."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train_parser = commands.add_parser("train", help="train an embedding (resumes if --workdir holds a run)")
+    train_parser = commands.add_parser(
+        "train", help="train an embedding (resumes if --workdir holds a run)"
+    )
     train_parser.add_argument("--config", help="JSON file of config values; flags override it")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(train_parser)
@@ -155,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot_parser = commands.add_parser("plot", help="embedding maps and learning curves of runs")
     plot_parser.add_argument("--workdir", required=True, nargs="+")
-    plot_parser.add_argument("--output", default=None, help="folder for the PNGs (default: the first workdir)")
+    plot_parser.add_argument(
+        "--output", default=None, help="folder for the PNGs (default: the first workdir)"
+    )
     plot_parser.set_defaults(handler=_cmd_plot)
     return parser
 

@@ -223,16 +223,24 @@ def agglomerative_per_class(
         raise ValueError(f"max_clusters must be >= 1, got {max_clusters}")
     if linkage not in LINKAGES:
         raise ValueError(f"unknown linkage {linkage!r}; choose one of {', '.join(LINKAGES)}")
-    if distance_threshold is not None and not (distance_threshold > 0 and math.isfinite(distance_threshold)):
-        raise ValueError(f"distance_threshold must be positive and finite, got {distance_threshold}")
+    if distance_threshold is not None and not (
+        distance_threshold > 0 and math.isfinite(distance_threshold)
+    ):
+        raise ValueError(
+            f"distance_threshold must be positive and finite, got {distance_threshold}"
+        )
     if max_points_per_class < 2:
         raise ValueError(f"max_points_per_class must be >= 2, got {max_points_per_class}")
     if not 1 <= min_clusters <= max_clusters:
-        raise ValueError(f"min_clusters must lie in [1, max_clusters={max_clusters}], got {min_clusters}")
+        raise ValueError(
+            f"min_clusters must lie in [1, max_clusters={max_clusters}], got {min_clusters}"
+        )
     if min_cluster_size < 1:
         raise ValueError(f"min_cluster_size must be >= 1, got {min_cluster_size}")
     if assignment not in ASSIGNMENTS:
-        raise ValueError(f"unknown assignment {assignment!r}; choose one of {', '.join(ASSIGNMENTS)}")
+        raise ValueError(
+            f"unknown assignment {assignment!r}; choose one of {', '.join(ASSIGNMENTS)}"
+        )
 
     points = embeddings.astype(np.float64)
     chosen = _subsample(labels, key, max_points_per_class)
@@ -275,7 +283,9 @@ def agglomerative_per_class(
     )
 
 
-def _nearest(queries: np.ndarray, references: np.ndarray, reference_labels: np.ndarray) -> np.ndarray:
+def _nearest(
+    queries: np.ndarray, references: np.ndarray, reference_labels: np.ndarray
+) -> np.ndarray:
     """The label of the nearest reference row of every query row, in chunks of queries."""
     reference_norms = np.sum(references * references, axis=1)
     chunk = max(1, 2**22 // max(references.shape[0], 1))
@@ -406,5 +416,7 @@ def clustering_diagnostics(
         fine = np.asarray(fine_labels, np.int64)
         num_fine = int(fine.max()) + 1
         table = np.bincount(flat * num_fine + fine, minlength=num_clusters * num_fine)
-        diagnostics["purity"] = float(table.reshape(num_clusters, num_fine).max(axis=1).sum() / fine.size)
+        diagnostics["purity"] = float(
+            table.reshape(num_clusters, num_fine).max(axis=1).sum() / fine.size
+        )
     return diagnostics

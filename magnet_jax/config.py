@@ -117,7 +117,9 @@ class TrainConfig:
     def from_json(cls, path: str | os.PathLike) -> TrainConfig:
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path!r} not found (looked in {os.path.abspath(path)})")
+            raise FileNotFoundError(
+                f"config file {path!r} not found (looked in {os.path.abspath(path)})"
+            )
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
@@ -162,20 +164,33 @@ class TrainConfig:
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
         if self.mining not in ("batch_all", "batch_hard", "semi_hard"):
-            raise ValueError(f"unknown mining {self.mining!r}; choose batch_all, batch_hard or semi_hard")
+            raise ValueError(
+                f"unknown mining {self.mining!r}; choose batch_all, batch_hard or semi_hard"
+            )
         if self.clustering not in CLUSTERINGS:
-            raise ValueError(f"unknown clustering {self.clustering!r}; choose one of {', '.join(CLUSTERINGS)}")
+            raise ValueError(
+                f"unknown clustering {self.clustering!r}; choose one of {', '.join(CLUSTERINGS)}"
+            )
         if self.linkage not in LINKAGES:
-            raise ValueError(f"unknown linkage {self.linkage!r}; choose one of {', '.join(LINKAGES)}")
+            raise ValueError(
+                f"unknown linkage {self.linkage!r}; choose one of {', '.join(LINKAGES)}"
+            )
         if self.distance_threshold is not None and not self.distance_threshold > 0:
             raise ValueError(f"distance_threshold must be > 0, got {self.distance_threshold}")
         if self.cluster_subsample < 2:
             raise ValueError(f"cluster_subsample must be >= 2, got {self.cluster_subsample}")
-        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+        if self.init_from is not None and (
+            not isinstance(self.init_from, str) or not self.init_from.strip()
+        ):
             raise ValueError(f"init_from must name a run's work directory, got {self.init_from!r}")
-        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
-                                            or self.image_size < 8):
-            raise ValueError(f"image_size must be an integer >= 8 (pixels per side), got {self.image_size!r}")
+        if self.image_size is not None and (
+            isinstance(self.image_size, bool)
+            or not isinstance(self.image_size, int)
+            or self.image_size < 8
+        ):
+            raise ValueError(
+                f"image_size must be an integer >= 8 (pixels per side), got {self.image_size!r}"
+            )
         if self.tfds_splits is not None:
             parts = self.tfds_splits.split(",") if isinstance(self.tfds_splits, str) else []
             if len(parts) != 2 or not all(part.strip() for part in parts):
@@ -183,9 +198,15 @@ class TrainConfig:
                     f"tfds_splits must be two comma-separated TFDS split names, train then test "
                     f"(e.g. 'train,test' or 'train+validation,test'), got {self.tfds_splits!r}"
                 )
-        if self.manual_dir is not None and (not isinstance(self.manual_dir, str) or not self.manual_dir.strip()):
+        if self.manual_dir is not None and (
+            not isinstance(self.manual_dir, str) or not self.manual_dir.strip()
+        ):
             raise ValueError(f"manual_dir must name a directory, got {self.manual_dir!r}")
-        tfds_only = [name for name in ("image_size", "tfds_splits", "manual_dir") if getattr(self, name) is not None]
+        tfds_only = [
+            name
+            for name in ("image_size", "tfds_splits", "manual_dir")
+            if getattr(self, name) is not None
+        ]
         if tfds_only and not self.dataset.startswith("tfds:"):
             raise ValueError(
                 f"{', '.join(tfds_only)} apply to tfds:<name> datasets only, not to dataset {self.dataset!r} "

@@ -256,9 +256,9 @@ def load_dataset(
     if label_mode not in ("fine", "coarse"):
         raise ValueError(f"label_mode must be 'fine' or 'coarse', got {label_mode!r}")
     if name.startswith("tfds:"):
-        return _load_tfds(name[len("tfds:"):], data_dir, manual_dir, splits, image_size)
+        return _load_tfds(name[len("tfds:") :], data_dir, manual_dir, splits, image_size)
     if name.startswith("npz:"):
-        return _load_npz(name[len("npz:"):], data_dir, test_fraction, seed)
+        return _load_npz(name[len("npz:") :], data_dir, test_fraction, seed)
     key = name.lower().replace("-", "_")
     if label_mode == "coarse" and key != "cifar100":
         raise ValueError(f"label_mode='coarse' applies to cifar100 only, not to {name!r}")
@@ -284,7 +284,9 @@ def load_dataset(
 # ---------------------------------------------------------------------------------------
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Splits indices so that every class sends ``round(fraction * n_c)`` examples to the held-out part.
 
     A class of ``n_c >= 2`` examples keeps at least one on each side; a class of one stays
@@ -371,9 +373,13 @@ def coarsen(
     for group_id, members in enumerate(groups):
         for class_id in members:
             if not 0 <= class_id < dataset.num_classes:
-                raise ValueError(f"group {group_id} has class {class_id}, outside [0, {dataset.num_classes})")
+                raise ValueError(
+                    f"group {group_id} has class {class_id}, outside [0, {dataset.num_classes})"
+                )
             if group_of_class[class_id] != -1:
-                raise ValueError(f"class {class_id} is in group {group_of_class[class_id]} and group {group_id}")
+                raise ValueError(
+                    f"class {class_id} is in group {group_of_class[class_id]} and group {group_id}"
+                )
             group_of_class[class_id] = group_id
     missing = np.flatnonzero(group_of_class == -1)
     if missing.size:
@@ -577,7 +583,9 @@ def _read_idx_file(key: str, part: str, dirs: Sequence[Path], verify: bool) -> n
     return array
 
 
-def _idx_split(key: str, split: str, dirs: Sequence[Path], verify: bool) -> tuple[np.ndarray, np.ndarray]:
+def _idx_split(
+    key: str, split: str, dirs: Sequence[Path], verify: bool
+) -> tuple[np.ndarray, np.ndarray]:
     images = _read_idx_file(key, f"{split}_images", dirs, verify)
     labels = _read_idx_file(key, f"{split}_labels", dirs, verify)
     if len(images) != len(labels):
@@ -664,7 +672,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         if (module, name) not in _ALLOWED_PICKLE_GLOBALS:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
         if module.startswith("numpy.core.") and int(np.__version__.split(".")[0]) >= 2:
-            module = "numpy._core." + module[len("numpy.core."):]
+            module = "numpy._core." + module[len("numpy.core.") :]
         return super().find_class(module, name)
 
 
@@ -672,7 +680,9 @@ def _unpickle(content: bytes, source: str) -> dict:
     try:
         loaded = _ArrayOnlyUnpickler(io.BytesIO(content), encoding="bytes").load()
     except Exception as error:  # noqa: BLE001 -- any failure means a corrupt file
-        raise ValueError(f"{source}: not a readable CIFAR python pickle ({type(error).__name__}: {error})") from error
+        raise ValueError(
+            f"{source}: not a readable CIFAR python pickle ({type(error).__name__}: {error})"
+        ) from error
     if not isinstance(loaded, dict):
         raise ValueError(f"{source}: expected a pickled dict, got {type(loaded).__name__}")
     return loaded
@@ -728,7 +738,9 @@ class _CifarFiles:
                     member_name = member.name.removeprefix("./")
                     if member_name in wanted and member.isfile():
                         content = archive.extractfile(member).read()
-                        found[wanted[member_name]] = _unpickle(content, f"{self.archive}:{member_name}")
+                        found[wanted[member_name]] = _unpickle(
+                            content, f"{self.archive}:{member_name}"
+                        )
         except (tarfile.TarError, EOFError, OSError, zlib.error) as error:
             problem = f"{type(error).__name__}: {error}"
             raise ValueError(f"{self.archive}: corrupt or truncated archive ({problem})") from error
@@ -752,7 +764,9 @@ def _cifar_images(batches: Sequence[tuple[str, dict]]) -> np.ndarray:
     for source, batch in batches:
         data = np.asarray(_cifar_field(batch, b"data", source))
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{source}: b'data' must be uint8 [n, 3072], got {data.dtype} {data.shape}")
+            raise ValueError(
+                f"{source}: b'data' must be uint8 [n, 3072], got {data.dtype} {data.shape}"
+            )
         parts.append(data)
     data = np.concatenate(parts)
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).astype(np.float32)
@@ -841,7 +855,9 @@ def _resolve_npz_path(path_text: str, data_dir: str | os.PathLike | None) -> Pat
     )
 
 
-def _load_npz(path_text: str, data_dir: str | os.PathLike | None, test_fraction: float, seed: int) -> Dataset:
+def _load_npz(
+    path_text: str, data_dir: str | os.PathLike | None, test_fraction: float, seed: int
+) -> Dataset:
     path = _resolve_npz_path(path_text, data_dir)
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -859,7 +875,9 @@ def _load_npz(path_text: str, data_dir: str | os.PathLike | None, test_fraction:
     if "x_test" in arrays:
         x_test, y_test = arrays["x_test"], arrays["y_test"].ravel()
         if len(x_test) != len(y_test):
-            raise ValueError(f"{path}: x_test has {len(x_test)} rows but y_test has {len(y_test)} labels")
+            raise ValueError(
+                f"{path}: x_test has {len(x_test)} rows but y_test has {len(y_test)} labels"
+            )
     else:
         train, test = stratified_split(y, test_fraction, seed)
         x, y, x_test, y_test = x[train], y[train], x[test], y[test]
@@ -891,7 +909,9 @@ def _import_tfds(builder_name: str):
     return tfds
 
 
-def _tfds_split_arrays(builder, split: str, image_size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+def _tfds_split_arrays(
+    builder, split: str, image_size: tuple[int, int] | None
+) -> tuple[np.ndarray, np.ndarray]:
     """One split as ``(x [N, ...] float32, y [N] int64)``; images scaled to [0, 1]."""
     import tensorflow as tf
 
@@ -921,7 +941,9 @@ def _load_tfds(
 ) -> Dataset:
     tfds = _import_tfds(builder_name)
     builder = tfds.builder(builder_name, data_dir=None if data_dir is None else os.fspath(data_dir))
-    download_config = tfds.download.DownloadConfig(manual_dir=None if manual_dir is None else os.fspath(manual_dir))
+    download_config = tfds.download.DownloadConfig(
+        manual_dir=None if manual_dir is None else os.fspath(manual_dir)
+    )
     builder.download_and_prepare(download_config=download_config)
     if builder.info.supervised_keys is None:
         raise ValueError(f"tfds:{builder_name} has no supervised (input, label) keys")
@@ -932,7 +954,19 @@ def _load_tfds(
     names = getattr(label_feature, "names", None)
     if names:
         return Dataset(
-            f"tfds:{builder_name}", x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32), tuple(names)
+            f"tfds:{builder_name}",
+            x_train,
+            y_train.astype(np.int32),
+            x_test,
+            y_test.astype(np.int32),
+            tuple(names),
         )
     (y_train, y_test), values = _remap_labels(y_train, y_test)
-    return Dataset(f"tfds:{builder_name}", x_train, y_train, x_test, y_test, tuple(str(v) for v in values.tolist()))
+    return Dataset(
+        f"tfds:{builder_name}",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        tuple(str(v) for v in values.tolist()),
+    )

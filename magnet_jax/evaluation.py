@@ -16,6 +16,7 @@ index, everywhere (``lax.top_k`` keeps the lower index first among equal values)
 Retrieval metrics follow pytorch-metric-learning's ``AccuracyCalculator`` (version 2.9)
 exactly; see :func:`retrieval_metrics`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -79,12 +80,10 @@ def _squared_distances(query, reference, reference_sq_norms):
     """[q, d], [n, d], [n] -> [q, n] squared Euclidean distances, clamped at 0."""
     query_sq_norms = jnp.sum(query * query, axis=-1)
     cross = jnp.matmul(query, reference.T, precision=_matmul_precision())
-    return jnp.maximum(query_sq_norms[:, None] - 2.0 * cross + reference_sq_norms[None, :],
-                       0.0)
+    return jnp.maximum(query_sq_norms[:, None] - 2.0 * cross + reference_sq_norms[None, :], 0.0)
 
 
-def _reference_chunk(num_reference: int, chunk_size: int,
-                     reference_chunk_size: int | None) -> int:
+def _reference_chunk(num_reference: int, chunk_size: int, reference_chunk_size: int | None) -> int:
     if reference_chunk_size is None:
         if chunk_size * num_reference <= _MAX_BLOCK_ELEMENTS:
             return num_reference
@@ -102,8 +101,9 @@ def _augment_reference(reference: jax.Array, reference_chunk: int) -> jax.Array:
     """
     num = reference.shape[0]
     padded = -(-num // reference_chunk) * reference_chunk
-    rows = jnp.concatenate([2.0 * reference,
-                            -jnp.sum(reference * reference, axis=1, keepdims=True)], axis=1)
+    rows = jnp.concatenate(
+        [2.0 * reference, -jnp.sum(reference * reference, axis=1, keepdims=True)], axis=1
+    )
     padding = jnp.zeros((padded - num, rows.shape[1]), rows.dtype).at[:, -1].set(-jnp.inf)
     return jnp.concatenate([rows, padding], axis=0)
 
@@ -129,7 +129,8 @@ def _top_k_block(query, row_ids, reference_aug, *, k, reference_chunk, exclude_s
 
     if num_chunks == 1:
         keys, indices = jax.lax.top_k(
-            jnp.matmul(query_aug, reference_aug.T, precision=precision), kk)
+            jnp.matmul(query_aug, reference_aug.T, precision=precision), kk
+        )
     else:
         chunks = reference_aug.reshape(num_chunks, reference_chunk, reference_aug.shape[1])
 
@@ -137,8 +138,8 @@ def _top_k_block(query, row_ids, reference_aug, *, k, reference_chunk, exclude_s
             best_keys, best_indices = carry
             start, chunk = inputs
             keys, local = jax.lax.top_k(
-                jnp.matmul(query_aug, chunk.T, precision=precision),
-                min(kk, reference_chunk))
+                jnp.matmul(query_aug, chunk.T, precision=precision), min(kk, reference_chunk)
+            )
             # Running best first: among equal keys top_k keeps the lower position, and
             # every running entry has a lower index than this chunk's.
             merged_keys = jnp.concatenate([best_keys, keys], axis=1)
@@ -146,8 +147,10 @@ def _top_k_block(query, row_ids, reference_aug, *, k, reference_chunk, exclude_s
             keys, order = jax.lax.top_k(merged_keys, kk)
             return (keys, jnp.take_along_axis(merged_indices, order, axis=1)), None
 
-        init = (jnp.full((query.shape[0], kk), -jnp.inf, query.dtype),
-                jnp.full((query.shape[0], kk), -1, jnp.int32))
+        init = (
+            jnp.full((query.shape[0], kk), -jnp.inf, query.dtype),
+            jnp.full((query.shape[0], kk), -1, jnp.int32),
+        )
         starts = jnp.arange(num_chunks, dtype=jnp.int32) * reference_chunk
         (keys, indices), _ = jax.lax.scan(step, init, (starts, chunks))
 
@@ -166,8 +169,7 @@ _QUERY_AXIS = "queries"
 
 
 @functools.lru_cache(maxsize=128)
-def _compiled(kernel, static: tuple, num_sharded: int, num_replicated: int,
-              devices: tuple):
+def _compiled(kernel, static: tuple, num_sharded: int, num_replicated: int, devices: tuple):
     """jit(kernel) for one device; jit(shard_map(kernel)) over query rows for several.
 
     Cached so that repeated calls with the same static arguments reuse the executable.
@@ -176,16 +178,28 @@ def _compiled(kernel, static: tuple, num_sharded: int, num_replicated: int,
     if len(devices) == 1:
         return jax.jit(fn)
     mesh = jax.sharding.Mesh(np.asarray(devices), (_QUERY_AXIS,))
-    specs = ((jax.sharding.PartitionSpec(_QUERY_AXIS),) * num_sharded
-             + (jax.sharding.PartitionSpec(),) * num_replicated)
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=specs,
-                                 out_specs=jax.sharding.PartitionSpec(_QUERY_AXIS),
-                                 check_vma=False))
+    specs = (jax.sharding.PartitionSpec(_QUERY_AXIS),) * num_sharded + (
+        jax.sharding.PartitionSpec(),
+    ) * num_replicated
+    return jax.jit(
+        jax.shard_map(
+            fn,
+            mesh=mesh,
+            in_specs=specs,
+            out_specs=jax.sharding.PartitionSpec(_QUERY_AXIS),
+            check_vma=False,
+        )
+    )
 
 
-def _run_chunks(kernel, static: dict, sharded: Sequence[jax.Array],
-                replicated: Sequence[jax.Array], num_queries: int,
-                chunk_size: int) -> list[jax.Array]:
+def _run_chunks(
+    kernel,
+    static: dict,
+    sharded: Sequence[jax.Array],
+    replicated: Sequence[jax.Array],
+    num_queries: int,
+    chunk_size: int,
+) -> list[jax.Array]:
     """Runs ``kernel(row_ids, *sharded_chunks, *replicated, **static)`` chunk by chunk.
 
     A chunk is ``chunk_size`` query rows per local device (clipped to what the queries
@@ -199,28 +213,36 @@ def _run_chunks(kernel, static: dict, sharded: Sequence[jax.Array],
     per_device = min(chunk_size, -(-num_queries // len(devices)))
     block = per_device * len(devices)
     padded = -(-num_queries // block) * block
-    sharded = [jnp.pad(a, [(0, padded - num_queries)] + [(0, 0)] * (a.ndim - 1))
-               for a in sharded]
+    sharded = [jnp.pad(a, [(0, padded - num_queries)] + [(0, 0)] * (a.ndim - 1)) for a in sharded]
     sharded = [jnp.arange(padded, dtype=jnp.int32)] + sharded
     place_block = lambda block_array: block_array  # noqa: E731
     if len(devices) > 1:
         # Inputs may be committed anywhere (e.g. to the trainer's mesh over a subset of
         # the devices): put every block and the reference on this function's own mesh.
         mesh = jax.sharding.Mesh(np.asarray(devices), (_QUERY_AXIS,))
-        replicated = [jax.device_put(a, jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec())) for a in replicated]
+        replicated = [
+            jax.device_put(a, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            for a in replicated
+        ]
         rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(_QUERY_AXIS))
         place_block = lambda block_array: jax.device_put(block_array, rows)  # noqa: E731
-    fn = _compiled(kernel, tuple(sorted(static.items())), len(sharded), len(replicated),
-                   devices)
-    outputs = [fn(*[place_block(a[start:start + block]) for a in sharded], *replicated)
-               for start in range(0, padded, block)]
+    fn = _compiled(kernel, tuple(sorted(static.items())), len(sharded), len(replicated), devices)
+    outputs = [
+        fn(*[place_block(a[start : start + block]) for a in sharded], *replicated)
+        for start in range(0, padded, block)
+    ]
     return [jnp.concatenate(parts, axis=0)[:num_queries] for parts in zip(*outputs)]
 
 
 def _nearest_kernel(row_ids, query, reference_aug, *, k, reference_chunk, exclude_self):
-    return _top_k_block(query, row_ids, reference_aug, k=k,
-                        reference_chunk=reference_chunk, exclude_self=exclude_self)
+    return _top_k_block(
+        query,
+        row_ids,
+        reference_aug,
+        k=k,
+        reference_chunk=reference_chunk,
+        exclude_self=exclude_self,
+    )
 
 
 def _prepare_pair(query, reference, exclude_self):
@@ -229,12 +251,16 @@ def _prepare_pair(query, reference, exclude_self):
     _check_matrix("query", query)
     _check_matrix("reference", reference)
     if query.shape[1] != reference.shape[1]:
-        raise ValueError(f"query [Q, d] and reference [N, d] must have the same d, got "
-                         f"shapes {query.shape} and {reference.shape}.")
+        raise ValueError(
+            f"query [Q, d] and reference [N, d] must have the same d, got "
+            f"shapes {query.shape} and {reference.shape}."
+        )
     if exclude_self and query.shape[0] != reference.shape[0]:
-        raise ValueError(f"exclude_self needs query row i to be reference row i, so "
-                         f"the same number of rows; got shapes {query.shape} and "
-                         f"{reference.shape}.")
+        raise ValueError(
+            f"exclude_self needs query row i to be reference row i, so "
+            f"the same number of rows; got shapes {query.shape} and "
+            f"{reference.shape}."
+        )
     dtype = _float_dtype(jnp.result_type(query, reference))
     return query.astype(dtype), reference.astype(dtype)
 
@@ -242,10 +268,15 @@ def _prepare_pair(query, reference, exclude_self):
 # --------------------------------------------------------------------------- kNN
 
 
-def nearest_neighbours(query: jax.typing.ArrayLike, reference: jax.typing.ArrayLike, *,
-                       k: int, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                       reference_chunk_size: int | None = None,
-                       exclude_self: bool = False) -> tuple[jax.Array, jax.Array]:
+def nearest_neighbours(
+    query: jax.typing.ArrayLike,
+    reference: jax.typing.ArrayLike,
+    *,
+    k: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reference_chunk_size: int | None = None,
+    exclude_self: bool = False,
+) -> tuple[jax.Array, jax.Array]:
     """Exact k nearest references of every query, by squared Euclidean distance.
 
     Chunked over queries (``chunk_size`` rows at a time) and, when a block
@@ -281,19 +312,23 @@ def nearest_neighbours(query: jax.typing.ArrayLike, reference: jax.typing.ArrayL
     chunk_size = _check_chunk(chunk_size)
     available = reference.shape[0] - int(exclude_self)
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= available:
-        raise ValueError(f"k must be an integer in [1, {available}] for a reference of "
-                         f"shape {reference.shape} (exclude_self={exclude_self}), got "
-                         f"{k!r}.")
+        raise ValueError(
+            f"k must be an integer in [1, {available}] for a reference of "
+            f"shape {reference.shape} (exclude_self={exclude_self}), got "
+            f"{k!r}."
+        )
     k = int(k)
     if query.shape[0] == 0:
         return (jnp.zeros((0, k), query.dtype), jnp.zeros((0, k), jnp.int32))
-    reference_chunk = _reference_chunk(reference.shape[0], chunk_size,
-                                       reference_chunk_size)
+    reference_chunk = _reference_chunk(reference.shape[0], chunk_size, reference_chunk_size)
     distances, indices = _run_chunks(
-        _nearest_kernel, dict(k=k, reference_chunk=reference_chunk,
-                              exclude_self=bool(exclude_self)),
-        [query], [_augment_reference(reference, reference_chunk)], query.shape[0],
-        chunk_size)
+        _nearest_kernel,
+        dict(k=k, reference_chunk=reference_chunk, exclude_self=bool(exclude_self)),
+        [query],
+        [_augment_reference(reference, reference_chunk)],
+        query.shape[0],
+        chunk_size,
+    )
     return distances, indices
 
 
@@ -323,10 +358,16 @@ def _vote(neighbour_labels, *, num_classes):
     return jax.vmap(one)(neighbour_labels, ranks)
 
 
-def knn_predict(query: jax.typing.ArrayLike, reference: jax.typing.ArrayLike,
-                reference_labels: jax.typing.ArrayLike, *, k: int = 1,
-                num_classes: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                exclude_self: bool = False) -> jax.Array:
+def knn_predict(
+    query: jax.typing.ArrayLike,
+    reference: jax.typing.ArrayLike,
+    reference_labels: jax.typing.ArrayLike,
+    *,
+    k: int = 1,
+    num_classes: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    exclude_self: bool = False,
+) -> jax.Array:
     """k-nearest-neighbour classification by majority vote (squared Euclidean).
 
     Ties in the vote go to the tied class whose nearest member ranks first (so
@@ -358,11 +399,12 @@ def knn_predict(query: jax.typing.ArrayLike, reference: jax.typing.ArrayLike,
     reference_labels = jnp.asarray(reference_labels)
     reference_shape = np.shape(reference)
     if reference_labels.shape != reference_shape[:1] or len(reference_shape) != 2:
-        raise ValueError(f"reference_labels must be [N] for a reference [N, d], got "
-                         f"shapes {reference_labels.shape} and {reference_shape}.")
+        raise ValueError(
+            f"reference_labels must be [N] for a reference [N, d], got "
+            f"shapes {reference_labels.shape} and {reference_shape}."
+        )
     if not jnp.issubdtype(reference_labels.dtype, jnp.integer):
-        raise ValueError(f"reference_labels must be integers, got dtype "
-                         f"{reference_labels.dtype}.")
+        raise ValueError(f"reference_labels must be integers, got dtype {reference_labels.dtype}.")
     if num_classes is None:
         if isinstance(reference_labels, jax.core.Tracer):
             raise ValueError("num_classes must be given when reference_labels are traced.")
@@ -370,10 +412,12 @@ def knn_predict(query: jax.typing.ArrayLike, reference: jax.typing.ArrayLike,
     if not isinstance(reference_labels, jax.core.Tracer) and reference_labels.size:
         low, high = int(jnp.min(reference_labels)), int(jnp.max(reference_labels))
         if low < 0 or high >= num_classes:
-            raise ValueError(f"reference_labels must lie in [0, {num_classes}), got "
-                             f"[{low}, {high}].")
-    _, indices = nearest_neighbours(query, reference, k=k, chunk_size=chunk_size,
-                                    exclude_self=exclude_self)
+            raise ValueError(
+                f"reference_labels must lie in [0, {num_classes}), got [{low}, {high}]."
+            )
+    _, indices = nearest_neighbours(
+        query, reference, k=k, chunk_size=chunk_size, exclude_self=exclude_self
+    )
     if not isinstance(reference_labels, jax.core.Tracer):
         # The labels may be committed to other devices (e.g. a trainer's sub-mesh) than the
         # neighbour indices, which live on this module's own query mesh.
@@ -383,26 +427,50 @@ def knn_predict(query: jax.typing.ArrayLike, reference: jax.typing.ArrayLike,
     return _vote(reference_labels[indices].astype(jnp.int32), num_classes=int(num_classes))
 
 
-def knn_error(query: jax.typing.ArrayLike, query_labels: jax.typing.ArrayLike,
-              reference: jax.typing.ArrayLike, reference_labels: jax.typing.ArrayLike, *,
-              k: int = 1, num_classes: int | None = None,
-              chunk_size: int = DEFAULT_CHUNK_SIZE, exclude_self: bool = False) -> float:
+def knn_error(
+    query: jax.typing.ArrayLike,
+    query_labels: jax.typing.ArrayLike,
+    reference: jax.typing.ArrayLike,
+    reference_labels: jax.typing.ArrayLike,
+    *,
+    k: int = 1,
+    num_classes: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    exclude_self: bool = False,
+) -> float:
     """Error rate of :func:`knn_predict` on labelled queries (a Python float)."""
-    predictions = knn_predict(query, reference, reference_labels, k=k,
-                              num_classes=num_classes, chunk_size=chunk_size,
-                              exclude_self=exclude_self)
+    predictions = knn_predict(
+        query,
+        reference,
+        reference_labels,
+        k=k,
+        num_classes=num_classes,
+        chunk_size=chunk_size,
+        exclude_self=exclude_self,
+    )
     query_labels = jnp.asarray(query_labels)
     if query_labels.shape != predictions.shape:
-        raise ValueError(f"query_labels must be [Q] = {predictions.shape}, got "
-                         f"{query_labels.shape}.")
+        raise ValueError(
+            f"query_labels must be [Q] = {predictions.shape}, got {query_labels.shape}."
+        )
     return float(jnp.mean(predictions != query_labels))
 
 
 # --------------------------------------------------------------------------- kNC
 
 
-def _knc_kernel(row_ids, embeddings, centroids, centroid_sq_norms, valid, sigma2, *,
-                num_nearest, num_classes, num_slots):
+def _knc_kernel(
+    row_ids,
+    embeddings,
+    centroids,
+    centroid_sq_norms,
+    valid,
+    sigma2,
+    *,
+    num_nearest,
+    num_classes,
+    num_slots,
+):
     del row_ids
     distances = _squared_distances(embeddings, centroids, centroid_sq_norms)
     distances = jnp.where(valid[None, :], distances, jnp.inf)
@@ -414,16 +482,21 @@ def _knc_kernel(row_ids, embeddings, centroids, centroid_sq_norms, valid, sigma2
     weights = jnp.exp(-(nearest_distances - nearest_distances[:, :1]) / (2.0 * sigma2))
     classes = nearest // num_slots
     scores = jax.vmap(lambda w, c: jax.ops.segment_sum(w, c, num_segments=num_classes))(
-        weights, classes)
+        weights, classes
+    )
     return (jnp.argmax(scores, axis=1).astype(jnp.int32),)
 
 
-def knc_predict(embeddings: jax.typing.ArrayLike, index: Any = None, *,
-                centroids: jax.typing.ArrayLike | None = None,
-                valid: jax.typing.ArrayLike | None = None,
-                sigma2: jax.typing.ArrayLike | None = None,
-                num_nearest_clusters: int = DEFAULT_NUM_NEAREST_CLUSTERS,
-                chunk_size: int = DEFAULT_CHUNK_SIZE) -> jax.Array:
+def knc_predict(
+    embeddings: jax.typing.ArrayLike,
+    index: Any = None,
+    *,
+    centroids: jax.typing.ArrayLike | None = None,
+    valid: jax.typing.ArrayLike | None = None,
+    sigma2: jax.typing.ArrayLike | None = None,
+    num_nearest_clusters: int = DEFAULT_NUM_NEAREST_CLUSTERS,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> jax.Array:
     """k-nearest-cluster classification, the Magnet Loss paper's evaluation rule (§3.4).
 
     For a query ``r``, take its ``L`` nearest valid centroids ``μ`` by squared distance;
@@ -483,15 +556,16 @@ def knc_predict(embeddings: jax.typing.ArrayLike, index: Any = None, *,
     centroids = jnp.asarray(centroids)
     _check_matrix("embeddings", embeddings)
     if centroids.ndim != 3 or centroids.shape[2] != embeddings.shape[1]:
-        raise ValueError(f"centroids must be [C, K, d] with d = embeddings.shape[1]; got "
-                         f"centroids {centroids.shape}, embeddings {embeddings.shape}.")
+        raise ValueError(
+            f"centroids must be [C, K, d] with d = embeddings.shape[1]; got "
+            f"centroids {centroids.shape}, embeddings {embeddings.shape}."
+        )
     num_classes, num_slots, dim = centroids.shape
     if valid is None:
         valid = jnp.ones((num_classes, num_slots), bool)
     valid = jnp.asarray(valid)
     if valid.shape != (num_classes, num_slots):
-        raise ValueError(f"valid must be [C, K] = {(num_classes, num_slots)}, got "
-                         f"{valid.shape}.")
+        raise ValueError(f"valid must be [C, K] = {(num_classes, num_slots)}, got {valid.shape}.")
     sigma2 = jnp.asarray(sigma2)
     if sigma2.shape != ():
         raise ValueError(f"sigma2 must be a scalar, got shape {sigma2.shape}.")
@@ -500,8 +574,9 @@ def knc_predict(embeddings: jax.typing.ArrayLike, index: Any = None, *,
     if not isinstance(sigma2, jax.core.Tracer) and not float(sigma2) > 0:
         raise ValueError(f"sigma2 must be > 0, got {float(sigma2)}.")
     if not isinstance(num_nearest_clusters, (int, np.integer)) or num_nearest_clusters < 1:
-        raise ValueError(f"num_nearest_clusters must be an integer >= 1, got "
-                         f"{num_nearest_clusters!r}.")
+        raise ValueError(
+            f"num_nearest_clusters must be an integer >= 1, got {num_nearest_clusters!r}."
+        )
     chunk_size = _check_chunk(chunk_size)
     if embeddings.shape[0] == 0:
         return jnp.zeros((0,), jnp.int32)
@@ -509,17 +584,22 @@ def knc_predict(embeddings: jax.typing.ArrayLike, index: Any = None, *,
     flat = centroids.reshape(num_classes * num_slots, dim).astype(dtype)
     (predictions,) = _run_chunks(
         _knc_kernel,
-        dict(num_nearest=int(min(num_nearest_clusters, num_classes * num_slots)),
-             num_classes=num_classes, num_slots=num_slots),
+        dict(
+            num_nearest=int(min(num_nearest_clusters, num_classes * num_slots)),
+            num_classes=num_classes,
+            num_slots=num_slots,
+        ),
         [embeddings.astype(dtype)],
-        [flat, jnp.sum(flat * flat, axis=1), valid.reshape(-1).astype(bool),
-         sigma2.astype(dtype)],
-        embeddings.shape[0], chunk_size)
+        [flat, jnp.sum(flat * flat, axis=1), valid.reshape(-1).astype(bool), sigma2.astype(dtype)],
+        embeddings.shape[0],
+        chunk_size,
+    )
     return predictions
 
 
-def knc_error(embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
-              index: Any = None, **kwargs) -> float:
+def knc_error(
+    embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, index: Any = None, **kwargs
+) -> float:
     """Error rate of :func:`knc_predict` (keyword arguments passed on); a Python float."""
     predictions = knc_predict(embeddings, index, **kwargs)
     labels = jnp.asarray(labels)
@@ -531,33 +611,58 @@ def knc_error(embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
 # --------------------------------------------------------------------------- retrieval
 
 
-def _retrieval_kernel(row_ids, query, query_labels, relevant, reference_aug,
-                      reference_labels, *, k, ks, reference_chunk, exclude_self):
+def _retrieval_kernel(
+    row_ids,
+    query,
+    query_labels,
+    relevant,
+    reference_aug,
+    reference_labels,
+    *,
+    k,
+    ks,
+    reference_chunk,
+    exclude_self,
+):
     """Per-query [c, 3 + len(ks)]: precision@1, R-precision, AP@R, recall@k hits."""
-    _, indices = _top_k_block(query, row_ids, reference_aug, k=k,
-                              reference_chunk=reference_chunk, exclude_self=exclude_self)
+    _, indices = _top_k_block(
+        query,
+        row_ids,
+        reference_aug,
+        k=k,
+        reference_chunk=reference_chunk,
+        exclude_self=exclude_self,
+    )
     same = reference_labels[indices] == query_labels[:, None]  # [c, k]
     ranks = jnp.arange(1, k + 1, dtype=jnp.int32)
     hits = same & (ranks[None, :] <= relevant[:, None])  # same class within the first R
     cumulative = jnp.cumsum(hits, axis=1, dtype=jnp.int32)
     denominator = jnp.maximum(relevant, 1).astype(jnp.float32)
     r_precision = jnp.sum(hits, axis=1, dtype=jnp.float32) / denominator
-    average_precision = jnp.sum(
-        jnp.where(hits, cumulative.astype(jnp.float32) / ranks.astype(jnp.float32), 0.0),
-        axis=1) / denominator
+    average_precision = (
+        jnp.sum(
+            jnp.where(hits, cumulative.astype(jnp.float32) / ranks.astype(jnp.float32), 0.0), axis=1
+        )
+        / denominator
+    )
     columns = [same[:, 0].astype(jnp.float32), r_precision, average_precision]
-    columns += [jnp.any(same[:, :min(kk, k)], axis=1).astype(jnp.float32) for kk in ks]
+    columns += [jnp.any(same[:, : min(kk, k)], axis=1).astype(jnp.float32) for kk in ks]
     return (jnp.stack(columns, axis=1),)
 
 
-def retrieval_metrics(query: jax.typing.ArrayLike, query_labels: jax.typing.ArrayLike,
-                      reference: jax.typing.ArrayLike | None = None,
-                      reference_labels: jax.typing.ArrayLike | None = None, *,
-                      ks: Sequence[int] = (1, 2, 4, 8), num_classes: int | None = None,
-                      chunk_size: int = DEFAULT_CHUNK_SIZE,
-                      reference_chunk_size: int | None = None,
-                      key: jax.Array | None = None,
-                      clustering: bool = True) -> dict[str, float]:
+def retrieval_metrics(
+    query: jax.typing.ArrayLike,
+    query_labels: jax.typing.ArrayLike,
+    reference: jax.typing.ArrayLike | None = None,
+    reference_labels: jax.typing.ArrayLike | None = None,
+    *,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    num_classes: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reference_chunk_size: int | None = None,
+    key: jax.Array | None = None,
+    clustering: bool = True,
+) -> dict[str, float]:
     """Retrieval metrics with pytorch-metric-learning's definitions, chunked on device.
 
     With ``reference=None`` the query set is its own gallery and every query's own
@@ -626,9 +731,11 @@ def retrieval_metrics(query: jax.typing.ArrayLike, query_labels: jax.typing.Arra
     query, reference = _prepare_pair(query, reference, False)
     num_queries, num_reference = query.shape[0], reference.shape[0]
     query_labels_np = _concrete_labels("query_labels", query_labels, num_queries)
-    reference_labels_np = (query_labels_np if self_gallery else
-                           _concrete_labels("reference_labels", reference_labels,
-                                            num_reference))
+    reference_labels_np = (
+        query_labels_np
+        if self_gallery
+        else _concrete_labels("reference_labels", reference_labels, num_reference)
+    )
     ks = tuple(int(kk) for kk in ks)
     if any(kk < 1 for kk in ks):
         raise ValueError(f"ks must be >= 1, got {ks}.")
@@ -637,8 +744,9 @@ def retrieval_metrics(query: jax.typing.ArrayLike, query_labels: jax.typing.Arra
         raise ValueError(f"query is empty: shape {query.shape}.")
 
     # Dense label ids shared by queries and gallery.
-    _, dense = np.unique(np.concatenate([query_labels_np, reference_labels_np]),
-                         return_inverse=True)
+    _, dense = np.unique(
+        np.concatenate([query_labels_np, reference_labels_np]), return_inverse=True
+    )
     dense = dense.astype(np.int32)
     query_ids, reference_ids = dense[:num_queries], dense[num_queries:]
     gallery_counts = np.bincount(reference_ids, minlength=int(dense.max()) + 1)
@@ -647,7 +755,8 @@ def retrieval_metrics(query: jax.typing.ArrayLike, query_labels: jax.typing.Arra
 
     results: dict[str, float] = {}
     names = ["precision_at_1", "r_precision", "mean_average_precision_at_r"] + [
-        f"recall_at_{kk}" for kk in ks]
+        f"recall_at_{kk}" for kk in ks
+    ]
     available = num_reference - int(self_gallery)
     if not counted.any() or available < 1:
         results.update({name: float("nan") for name in names})
@@ -655,26 +764,33 @@ def retrieval_metrics(query: jax.typing.ArrayLike, query_labels: jax.typing.Arra
         k = int(min(max(int(relevant.max()), max(ks)), available))
         reference_chunk = _reference_chunk(num_reference, chunk_size, reference_chunk_size)
         reference_aug = _augment_reference(reference, reference_chunk)
-        reference_ids = np.pad(reference_ids, (0, reference_aug.shape[0] - num_reference),
-                               constant_values=-1)
+        reference_ids = np.pad(
+            reference_ids, (0, reference_aug.shape[0] - num_reference), constant_values=-1
+        )
         (per_query,) = _run_chunks(
-            _retrieval_kernel, dict(k=k, ks=ks, reference_chunk=reference_chunk,
-                                    exclude_self=self_gallery),
+            _retrieval_kernel,
+            dict(k=k, ks=ks, reference_chunk=reference_chunk, exclude_self=self_gallery),
             [query, jnp.asarray(query_ids), jnp.asarray(relevant.astype(np.int32))],
-            [reference_aug, jnp.asarray(reference_ids)], num_queries, chunk_size)
+            [reference_aug, jnp.asarray(reference_ids)],
+            num_queries,
+            chunk_size,
+        )
         per_query = np.asarray(per_query, dtype=np.float64)[counted]
         for name, column in zip(names, per_query.T):
             results[name] = float(column.mean())
 
     if clustering:
-        results.update(clustering_scores(query, query_labels_np, num_classes=num_classes,
-                                         key=key))
+        results.update(clustering_scores(query, query_labels_np, num_classes=num_classes, key=key))
     return results
 
 
-def clustering_scores(embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayLike, *,
-                      num_classes: int | None = None,
-                      key: jax.Array | None = None) -> dict[str, float]:
+def clustering_scores(
+    embeddings: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    num_classes: int | None = None,
+    key: jax.Array | None = None,
+) -> dict[str, float]:
     """NMI and AMI of a k-means clustering of the embeddings against their labels.
 
     k-means (:func:`magnet_jax.kmeans.kmeans_per_class` with a single class, k-means++
@@ -710,8 +826,15 @@ def clustering_scores(embeddings: jax.typing.ArrayLike, labels: jax.typing.Array
         raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
     key = jax.random.key(0) if key is None else key
     embeddings = embeddings.astype(_float_dtype(embeddings.dtype))
-    result = kmeans_per_class(embeddings, jnp.zeros((embeddings.shape[0],), jnp.int32),
-                              num_clusters, key=key, num_classes=1)
+    result = kmeans_per_class(
+        embeddings,
+        jnp.zeros((embeddings.shape[0],), jnp.int32),
+        num_clusters,
+        key=key,
+        num_classes=1,
+    )
     clusters = np.asarray(result.assignments)
-    return {"nmi": float(normalized_mutual_info_score(labels, clusters)),
-            "ami": float(adjusted_mutual_info_score(labels, clusters))}
+    return {
+        "nmi": float(normalized_mutual_info_score(labels, clusters)),
+        "ami": float(adjusted_mutual_info_score(labels, clusters)),
+    }

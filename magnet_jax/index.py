@@ -754,9 +754,7 @@ def _record_batch(
 
     variance = variance.astype(jnp.float32)
     usable = jnp.isfinite(variance)
-    weight = jnp.maximum(
-        1.0 / (index.num_batches + 1).astype(jnp.float32), 1.0 - variance_momentum
-    )
+    weight = jnp.maximum(1.0 / (index.num_batches + 1).astype(jnp.float32), 1.0 - variance_momentum)
     running_variance = jnp.where(
         usable, index.variance + weight * (variance - index.variance), index.variance
     )
@@ -767,9 +765,7 @@ def _record_batch(
     )
 
 
-_record_batch_jit = jax.jit(
-    _record_batch, static_argnames=("momentum", "variance_momentum")
-)
+_record_batch_jit = jax.jit(_record_batch, static_argnames=("momentum", "variance_momentum"))
 
 
 def seed_probabilities(index: ClusterIndex, *, seed_floor: float = 0.01) -> jax.Array:
@@ -863,9 +859,7 @@ def sample_neighbourhood(
     )
 
 
-@partial(
-    jax.jit, static_argnames=("clusters_per_batch", "examples_per_cluster", "seed_floor")
-)
+@partial(jax.jit, static_argnames=("clusters_per_batch", "examples_per_cluster", "seed_floor"))
 def _sample_neighbourhood(
     index: ClusterIndex,
     key: jax.Array,
@@ -882,9 +876,7 @@ def _sample_neighbourhood(
     examples = sample_from_groups(
         index.cluster_table, clusters, example_key, per_group=examples_per_cluster
     )
-    cluster_ids = jnp.repeat(
-        clusters, examples_per_cluster, total_repeat_length=examples.size
-    )
+    cluster_ids = jnp.repeat(clusters, examples_per_cluster, total_repeat_length=examples.size)
     return NeighbourhoodBatch(
         indices=examples.reshape(-1),
         labels=cluster_ids // index.clusters_per_class,

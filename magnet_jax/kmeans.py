@@ -121,8 +121,7 @@ def _compute_dtype(dtype) -> jnp.dtype:
 _CHUNK_FLOATS = 1 << 20
 
 
-def _sq_distances_to_class_rows(x: jax.Array, labels: jax.Array,
-                                table: jax.Array) -> jax.Array:
+def _sq_distances_to_class_rows(x: jax.Array, labels: jax.Array, table: jax.Array) -> jax.Array:
     """Squared distance of every example to every row of its own class's table.
 
     Args:
@@ -178,8 +177,9 @@ def _sq_distances_fast(x: jax.Array, labels: jax.Array, table: jax.Array) -> jax
     return jax.lax.map(one_example, (x, labels), batch_size=chunk)
 
 
-def _nearest_slot(x: jax.Array, labels: jax.Array, centroids: jax.Array,
-                  valid: jax.Array, fast: bool = False) -> tuple[jax.Array, jax.Array]:
+def _nearest_slot(
+    x: jax.Array, labels: jax.Array, centroids: jax.Array, valid: jax.Array, fast: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """Nearest valid slot of every example's own class.
 
     Args:
@@ -199,8 +199,9 @@ def _nearest_slot(x: jax.Array, labels: jax.Array, centroids: jax.Array,
     return slot, jnp.take_along_axis(sq_distances, slot[:, None], axis=1)[:, 0]
 
 
-def _segment_argmax(scores: jax.Array, segment_ids: jax.Array,
-                    num_segments: int) -> tuple[jax.Array, jax.Array]:
+def _segment_argmax(
+    scores: jax.Array, segment_ids: jax.Array, num_segments: int
+) -> tuple[jax.Array, jax.Array]:
     """Index of the largest finite score in every segment.
 
     Args:
@@ -216,20 +217,22 @@ def _segment_argmax(scores: jax.Array, segment_ids: jax.Array,
     best = jax.ops.segment_max(scores, segment_ids, num_segments)
     is_best = (scores == best[segment_ids]) & (scores > -jnp.inf)
     positions = jnp.arange(n, dtype=jnp.int32)
-    index = jax.ops.segment_min(jnp.where(is_best, positions, n), segment_ids,
-                                num_segments)
+    index = jax.ops.segment_min(jnp.where(is_best, positions, n), segment_ids, num_segments)
     found = index < n
     return jnp.where(found, index, 0).astype(jnp.int32), found
 
 
-def _class_sums(x: jax.Array, labels: jax.Array, assignments: jax.Array,
-                num_classes: int, k: int) -> tuple[jax.Array, jax.Array]:
+def _class_sums(
+    x: jax.Array, labels: jax.Array, assignments: jax.Array, num_classes: int, k: int
+) -> tuple[jax.Array, jax.Array]:
     """Per-cluster sums ``[C, k, d]`` and counts ``[C, k]`` int32."""
     flat_ids = labels * k + assignments
     sums = jax.ops.segment_sum(x, flat_ids, num_classes * k)
     counts = jax.ops.segment_sum(jnp.ones_like(flat_ids), flat_ids, num_classes * k)
-    return (sums.reshape(num_classes, k, x.shape[1]),
-            counts.reshape(num_classes, k).astype(jnp.int32))
+    return (
+        sums.reshape(num_classes, k, x.shape[1]),
+        counts.reshape(num_classes, k).astype(jnp.int32),
+    )
 
 
 # ------------------------------------------------------------------ public helpers
@@ -238,20 +241,25 @@ def _class_sums(x: jax.Array, labels: jax.Array, assignments: jax.Array,
 def _check_embeddings_labels(embeddings, labels):
     if embeddings.ndim != 2:
         raise ValueError(
-            f"embeddings must have rank 2 [N, d], got shape {tuple(embeddings.shape)}.")
+            f"embeddings must have rank 2 [N, d], got shape {tuple(embeddings.shape)}."
+        )
     if labels.ndim != 1:
         raise ValueError(f"labels must have rank 1 [N], got shape {tuple(labels.shape)}.")
     if labels.shape[0] != embeddings.shape[0]:
         raise ValueError(
             f"labels {tuple(labels.shape)} and embeddings {tuple(embeddings.shape)} "
-            "disagree on the number of examples N.")
+            "disagree on the number of examples N."
+        )
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(f"labels must be integers, got dtype {labels.dtype}.")
 
 
-def assign_to_centroids(embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
-                        centroids: jax.typing.ArrayLike,
-                        valid: jax.typing.ArrayLike) -> tuple[jax.Array, jax.Array]:
+def assign_to_centroids(
+    embeddings: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    centroids: jax.typing.ArrayLike,
+    valid: jax.typing.ArrayLike,
+) -> tuple[jax.Array, jax.Array]:
     """Nearest valid centroid of every example's own class.
 
     Args:
@@ -273,19 +281,29 @@ def assign_to_centroids(embeddings: jax.typing.ArrayLike, labels: jax.typing.Arr
     if centroids.ndim != 3 or centroids.shape[2] != embeddings.shape[1]:
         raise ValueError(
             f"centroids must be [C, k, d] with d = {embeddings.shape[1]}, got shape "
-            f"{tuple(centroids.shape)}.")
+            f"{tuple(centroids.shape)}."
+        )
     if valid.shape != centroids.shape[:2]:
-        raise ValueError(f"valid must be [C, k] = {tuple(centroids.shape[:2])}, got "
-                         f"shape {tuple(valid.shape)}.")
+        raise ValueError(
+            f"valid must be [C, k] = {tuple(centroids.shape[:2])}, got shape {tuple(valid.shape)}."
+        )
     dtype = _compute_dtype(jnp.result_type(embeddings, centroids))
-    return _nearest_slot(embeddings.astype(dtype), labels.astype(jnp.int32),
-                   centroids.astype(dtype), valid.astype(bool))
+    return _nearest_slot(
+        embeddings.astype(dtype),
+        labels.astype(jnp.int32),
+        centroids.astype(dtype),
+        valid.astype(bool),
+    )
 
 
-def centroids_from_assignments(embeddings: jax.typing.ArrayLike,
-                               labels: jax.typing.ArrayLike,
-                               assignments: jax.typing.ArrayLike, *, num_classes: int,
-                               k: int) -> tuple[jax.Array, jax.Array]:
+def centroids_from_assignments(
+    embeddings: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    assignments: jax.typing.ArrayLike,
+    *,
+    num_classes: int,
+    k: int,
+) -> tuple[jax.Array, jax.Array]:
     """Mean of every (class, cluster) from given assignments.
 
     Args:
@@ -304,18 +322,21 @@ def centroids_from_assignments(embeddings: jax.typing.ArrayLike,
     assignments = jnp.asarray(assignments)
     _check_embeddings_labels(embeddings, labels)
     if assignments.shape != labels.shape:
-        raise ValueError(f"assignments must be [N] = {tuple(labels.shape)}, got shape "
-                         f"{tuple(assignments.shape)}.")
+        raise ValueError(
+            f"assignments must be [N] = {tuple(labels.shape)}, got shape "
+            f"{tuple(assignments.shape)}."
+        )
     if not jnp.issubdtype(assignments.dtype, jnp.integer):
         raise ValueError(f"assignments must be integers, got dtype {assignments.dtype}.")
     if k < 1 or num_classes < 1:
-        raise ValueError(f"k and num_classes must be >= 1, got k={k}, "
-                         f"num_classes={num_classes}.")
+        raise ValueError(f"k and num_classes must be >= 1, got k={k}, num_classes={num_classes}.")
     x = embeddings.astype(_compute_dtype(embeddings.dtype))
-    sums, counts = _class_sums(x, labels.astype(jnp.int32),
-                               assignments.astype(jnp.int32), num_classes, k)
-    centroids = jnp.where(counts[..., None] > 0,
-                          sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype), 0)
+    sums, counts = _class_sums(
+        x, labels.astype(jnp.int32), assignments.astype(jnp.int32), num_classes, k
+    )
+    centroids = jnp.where(
+        counts[..., None] > 0, sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype), 0
+    )
     return centroids, counts
 
 
@@ -333,8 +354,7 @@ def _kmeans_plusplus(x, labels, key, *, num_classes, k, num_local_trials):
     first_key, rounds_key = jax.random.split(key)
 
     # Round 0: uniform within the class (Gumbel-max over equal weights).
-    index, found = _segment_argmax(jax.random.gumbel(first_key, (n,), x.dtype), labels,
-                                   num_classes)
+    index, found = _segment_argmax(jax.random.gumbel(first_key, (n,), x.dtype), labels, num_classes)
     first = jnp.where(found[:, None], x[index], 0)
     centroids = jnp.zeros((num_classes, k, d), x.dtype).at[:, 0].set(first)
     active = jnp.zeros((num_classes, k), bool).at[:, 0].set(found)
@@ -343,17 +363,18 @@ def _kmeans_plusplus(x, labels, key, *, num_classes, k, num_local_trials):
     def round_fn(slot, carry):
         centroids, active, min_sq = carry
         # log D²: already-chosen points (D² = 0) get -inf, i.e. probability 0.
-        log_weights = jnp.where(min_sq > 0, jnp.log(jnp.where(min_sq > 0, min_sq, 1)),
-                                -jnp.inf)
+        log_weights = jnp.where(min_sq > 0, jnp.log(jnp.where(min_sq > 0, min_sq, 1)), -jnp.inf)
         round_key = jax.random.fold_in(rounds_key, slot)
         # Greedy k-means++: draw `num_local_trials` candidates per class, keep the one
         # that lowers the class potential most.
         gumbel = jax.random.gumbel(round_key, (num_local_trials, n), x.dtype)
         index, _ = jax.vmap(_segment_argmax, in_axes=(0, None, None))(
-            log_weights + gumbel, labels, num_classes)  # [trials, C]
+            log_weights + gumbel, labels, num_classes
+        )  # [trials, C]
         candidates = jnp.swapaxes(x[index], 0, 1)  # [C, trials, d]
         candidate_min_sq = jnp.minimum(
-            min_sq[:, None], _sq_distances_to_class_rows(x, labels, candidates))
+            min_sq[:, None], _sq_distances_to_class_rows(x, labels, candidates)
+        )
         potentials = jax.ops.segment_sum(candidate_min_sq, labels, num_classes)
         best_trial = jnp.argmin(potentials, axis=1)  # [C]; ties: the earlier trial
         # Every trial sees the same weights, so whether a class can pick at all does
@@ -361,8 +382,9 @@ def _kmeans_plusplus(x, labels, key, *, num_classes, k, num_local_trials):
         found = jax.ops.segment_max(min_sq, labels, num_classes) > 0
         chosen = jnp.take_along_axis(candidates, best_trial[:, None, None], axis=1)[:, 0]
         chosen = jnp.where(found[:, None], chosen, 0)
-        chosen_min_sq = jnp.take_along_axis(candidate_min_sq, best_trial[labels][:, None],
-                                            axis=1)[:, 0]
+        chosen_min_sq = jnp.take_along_axis(candidate_min_sq, best_trial[labels][:, None], axis=1)[
+            :, 0
+        ]
         min_sq = jnp.where(found[labels], chosen_min_sq, min_sq)
         centroids = centroids.at[:, slot].set(chosen)
         active = active.at[:, slot].set(found)
@@ -375,8 +397,7 @@ def _kmeans_plusplus(x, labels, key, *, num_classes, k, num_local_trials):
 # ---------------------------------------------------------------------------- Lloyd
 
 
-def _relocate_empty(x, labels, assignments, sq_distances, sums, counts, active, *,
-                    num_classes, k):
+def _relocate_empty(x, labels, assignments, sq_distances, sums, counts, active, *, num_classes, k):
     """Re-seed empty active slots on the farthest examples of their class.
 
     Mirrors scikit-learn's ``_relocate_empty_clusters``: the example is removed from its
@@ -392,12 +413,14 @@ def _relocate_empty(x, labels, assignments, sq_distances, sums, counts, active, 
         needs_point = empty[:, slot]  # [C]
         # Only examples of classes whose slot needs a point compete.
         index, found = _segment_argmax(
-            jnp.where(needs_point[labels], scores, -jnp.inf), labels, num_classes)
+            jnp.where(needs_point[labels], scores, -jnp.inf), labels, num_classes
+        )
         moved = needs_point & found & (scores[index] > 0)
         point = x[index]  # [C, d]
         donor = jnp.where(moved, labels[index] * k + assignments[index], drop)
-        sums = sums.reshape(num_classes * k, -1).at[donor].add(
-            -point, mode="drop").reshape(sums.shape)
+        sums = (
+            sums.reshape(num_classes * k, -1).at[donor].add(-point, mode="drop").reshape(sums.shape)
+        )
         counts = counts.reshape(-1).at[donor].add(-1, mode="drop").reshape(counts.shape)
         sums = sums.at[:, slot].set(jnp.where(moved[:, None], point, sums[:, slot]))
         counts = counts.at[:, slot].set(jnp.where(moved, 1, counts[:, slot]))
@@ -406,8 +429,7 @@ def _relocate_empty(x, labels, assignments, sq_distances, sums, counts, active, 
         scores = scores.at[jnp.where(moved, index, n)].set(-jnp.inf, mode="drop")
         return sums, counts, active, scores
 
-    sums, counts, active, _ = jax.lax.fori_loop(
-        0, k, slot_fn, (sums, counts, active, sq_distances))
+    sums, counts, active, _ = jax.lax.fori_loop(0, k, slot_fn, (sums, counts, active, sq_distances))
     return sums, counts, active
 
 
@@ -436,14 +458,12 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps):
     """
     n = x.shape[0]
     rows = jnp.arange(n)
-    class_sq_norms = jax.ops.segment_sum(jnp.sum(jnp.square(x), axis=-1), labels,
-                                         num_classes)
+    class_sq_norms = jax.ops.segment_sum(jnp.sum(jnp.square(x), axis=-1), labels, num_classes)
 
     def partition_inertia(sums, counts):
         # Σ_i ‖x_i‖² − Σ_j ‖S_j‖² / n_j per class (x is centred per class, so this does
         # not cancel badly).
-        per_slot = (jnp.sum(jnp.square(sums), axis=-1)
-                    / jnp.maximum(counts, 1).astype(x.dtype))
+        per_slot = jnp.sum(jnp.square(sums), axis=-1) / jnp.maximum(counts, 1).astype(x.dtype)
         return class_sq_norms - jnp.sum(per_slot, axis=1)
 
     def step_fn(carry):
@@ -456,23 +476,23 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps):
         own_sq = sq[rows, assignments]
         removal = own_size / jnp.maximum(own_size - 1, 1) * own_sq
         addition = sizes / (sizes + 1) * sq
-        allowed = ((counts[labels] > 0) & (jnp.arange(k) != assignments[:, None])
-                   & (own_size > 1)[:, None])
+        allowed = (
+            (counts[labels] > 0) & (jnp.arange(k) != assignments[:, None]) & (own_size > 1)[:, None]
+        )
         change = jnp.where(allowed, addition - removal[:, None], jnp.inf)
         target = jnp.argmin(change, axis=1).astype(jnp.int32)
         best = change[rows, target]
         class_inertia = jax.ops.segment_sum(own_sq, labels, num_classes)
         improves = best < -1e-6 * class_inertia[labels]
-        index, found = _segment_argmax(jnp.where(improves, -best, -jnp.inf), labels,
-                                       num_classes)
-        one_move = assignments.at[jnp.where(found, index, n)].set(
-            target[index], mode="drop")
+        index, found = _segment_argmax(jnp.where(improves, -best, -jnp.inf), labels, num_classes)
+        one_move = assignments.at[jnp.where(found, index, n)].set(target[index], mode="drop")
         all_moves = jnp.where(improves, target, assignments)
         all_sums, all_counts = _class_sums(x, labels, all_moves, num_classes, k)
         keeps_clusters = ~jnp.any((counts > 0) & (all_counts == 0), axis=1)
         best_single = jnp.where(found, best[index], 0)
-        take_all = keeps_clusters & (partition_inertia(all_sums, all_counts)
-                                     <= partition_inertia(sums, counts) + best_single)
+        take_all = keeps_clusters & (
+            partition_inertia(all_sums, all_counts) <= partition_inertia(sums, counts) + best_single
+        )
         assignments = jnp.where(take_all[labels], all_moves, one_move)
         return assignments, step + 1, jnp.any(found)
 
@@ -481,41 +501,46 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps):
         return moved & (step < max_steps)
 
     assignments, steps, moved = jax.lax.while_loop(
-        cond_fn, step_fn, (assignments, jnp.zeros((), jnp.int32), jnp.array(True)))
+        cond_fn, step_fn, (assignments, jnp.zeros((), jnp.int32), jnp.array(True))
+    )
     return assignments, steps, ~moved
 
 
 class _LloydState(NamedTuple):
-    centroids: jax.Array        # [C, k, d]
-    active: jax.Array           # [C, k] bool
+    centroids: jax.Array  # [C, k, d]
+    active: jax.Array  # [C, k] bool
     prev_assignments: jax.Array  # [N] int32
-    iteration: jax.Array        # [] int32
+    iteration: jax.Array  # [] int32
     class_converged: jax.Array  # [C] bool
 
 
-def _kmeans_single(x, labels, key, tolerance, *, num_classes, k, max_iterations,
-                   num_local_trials, refine_steps):
+def _kmeans_single(
+    x, labels, key, tolerance, *, num_classes, k, max_iterations, num_local_trials, refine_steps
+):
     """One restart: k-means++ then Lloyd; returns a KMeansResult (unreduced)."""
     n, d = x.shape
-    centroids, active = _kmeans_plusplus(x, labels, key, num_classes=num_classes, k=k,
-                                         num_local_trials=num_local_trials)
+    centroids, active = _kmeans_plusplus(
+        x, labels, key, num_classes=num_classes, k=k, num_local_trials=num_local_trials
+    )
 
     # scikit-learn scales tol by the mean per-dimension variance of the data; per class
     # here, since every class is its own k-means problem.
     class_sizes = jax.ops.segment_sum(jnp.ones((n,), x.dtype), labels, num_classes)
-    class_means = (jax.ops.segment_sum(x, labels, num_classes)
-                   / jnp.maximum(class_sizes, 1)[:, None])
-    class_variance = (jax.ops.segment_sum(
-        jnp.sum(jnp.square(x - class_means[labels]), axis=-1), labels, num_classes)
-                      / jnp.maximum(class_sizes, 1) / d)
+    class_means = jax.ops.segment_sum(x, labels, num_classes) / jnp.maximum(class_sizes, 1)[:, None]
+    class_variance = (
+        jax.ops.segment_sum(
+            jnp.sum(jnp.square(x - class_means[labels]), axis=-1), labels, num_classes
+        )
+        / jnp.maximum(class_sizes, 1)
+        / d
+    )
     class_tolerance = tolerance * class_variance
 
     def cond_fn(state: _LloydState):
         return (state.iteration < max_iterations) & ~jnp.all(state.class_converged)
 
     def body_fn(state: _LloydState):
-        assignments, _ = _nearest_slot(x, labels, state.centroids, state.active,
-                                       fast=True)
+        assignments, _ = _nearest_slot(x, labels, state.centroids, state.active, fast=True)
         sums, counts = _class_sums(x, labels, assignments, num_classes, k)
         any_empty = jnp.any(state.active & (counts == 0))
 
@@ -523,25 +548,44 @@ def _kmeans_single(x, labels, key, tolerance, *, num_classes, k, max_iterations,
             # Exact distances (difference form): a point on its centroid must be at 0.
             own = state.centroids[labels, assignments]
             sq_distances = jnp.sum(jnp.square(x - own), axis=-1)
-            return _relocate_empty(x, labels, assignments, sq_distances, sums, counts,
-                                   state.active, num_classes=num_classes, k=k)
+            return _relocate_empty(
+                x,
+                labels,
+                assignments,
+                sq_distances,
+                sums,
+                counts,
+                state.active,
+                num_classes=num_classes,
+                k=k,
+            )
 
         sums, counts, active = jax.lax.cond(
-            any_empty, relocate, lambda: (sums, counts, state.active))
+            any_empty, relocate, lambda: (sums, counts, state.active)
+        )
         new_centroids = jnp.where(
             counts[..., None] > 0,
-            sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype), state.centroids)
+            sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype),
+            state.centroids,
+        )
         new_centroids = jnp.where(active[..., None], new_centroids, 0)
         shift = jnp.sum(jnp.square(new_centroids - state.centroids), axis=(1, 2))
-        changed = jax.ops.segment_max(
-            (assignments != state.prev_assignments).astype(jnp.int32), labels,
-            num_classes) > 0
+        changed = (
+            jax.ops.segment_max(
+                (assignments != state.prev_assignments).astype(jnp.int32), labels, num_classes
+            )
+            > 0
+        )
         class_converged = ~changed | (shift <= class_tolerance)
-        return _LloydState(new_centroids, active, assignments, state.iteration + 1,
-                           class_converged)
+        return _LloydState(new_centroids, active, assignments, state.iteration + 1, class_converged)
 
-    state = _LloydState(centroids, active, jnp.full((n,), -1, jnp.int32),
-                        jnp.zeros((), jnp.int32), jnp.zeros((num_classes,), bool))
+    state = _LloydState(
+        centroids,
+        active,
+        jnp.full((n,), -1, jnp.int32),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((num_classes,), bool),
+    )
     state = jax.lax.while_loop(cond_fn, body_fn, state)
 
     converged = jnp.all(state.class_converged)
@@ -549,8 +593,8 @@ def _kmeans_single(x, labels, key, tolerance, *, num_classes, k, max_iterations,
     if refine_steps > 0:
         assignments, _ = _nearest_slot(x, labels, centroids, state.active, fast=True)
         assignments, _, _ = _hartigan_refine(
-            x, labels, assignments, num_classes=num_classes, k=k,
-            max_steps=refine_steps)
+            x, labels, assignments, num_classes=num_classes, k=k, max_steps=refine_steps
+        )
         sums, counts = _class_sums(x, labels, assignments, num_classes, k)
         centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
     # Final assignment step so that assignments, counts and inertia all refer to the
@@ -559,8 +603,7 @@ def _kmeans_single(x, labels, key, tolerance, *, num_classes, k, max_iterations,
     _, counts = _class_sums(x, labels, assignments, num_classes, k)
     inertia = jax.ops.segment_sum(sq_distances, labels, num_classes)
     centroids = jnp.where(counts[..., None] > 0, centroids, 0)
-    return KMeansResult(centroids, assignments, counts, inertia, state.iteration,
-                        converged)
+    return KMeansResult(centroids, assignments, counts, inertia, state.iteration, converged)
 
 
 # ------------------------------------------------------------ exact tiny classes
@@ -570,8 +613,9 @@ def _kmeans_single(x, labels, key, tolerance, *, num_classes, k, max_iterations,
 _EXHAUSTIVE_MAX_POINTS_LIMIT = 20
 
 
-def _exact_two_means(x: jax.Array, labels: jax.Array, *, num_classes: int,
-                     max_points: int) -> tuple[jax.Array, jax.Array]:
+def _exact_two_means(
+    x: jax.Array, labels: jax.Array, *, num_classes: int, max_points: int
+) -> tuple[jax.Array, jax.Array]:
     """Optimal 2-means partition of every class of 2 to ``max_points`` examples.
 
     A class of ``n`` points has ``2^(n−1) − 1`` partitions into two non-empty parts;
@@ -635,45 +679,49 @@ def _exact_two_means(x: jax.Array, labels: jax.Array, *, num_classes: int,
     high_bits = width - 1 - low_bits
 
     def indicators(num_bits, first):
-        bits = (np.arange(2 ** num_bits)[:, None] >> np.arange(num_bits)) & 1
-        masks = np.zeros((2 ** num_bits, width))
-        masks[:, first:first + num_bits] = bits
+        bits = (np.arange(2**num_bits)[:, None] >> np.arange(num_bits)) & 1
+        masks = np.zeros((2**num_bits, width))
+        masks[:, first : first + num_bits] = bits
         return jnp.asarray(masks, x.dtype)
 
-    low = indicators(low_bits, 1)                 # [L, m]
-    high = indicators(high_bits, 1 + low_bits)    # [H, m]
+    low = indicators(low_bits, 1)  # [L, m]
+    high = indicators(high_bits, 1 + low_bits)  # [H, m]
 
     def one_class(block):
-        index, valid = block                      # [m], [m] bool
+        index, valid = block  # [m], [m] bool
         points = jnp.where(valid[:, None], x[jnp.minimum(index, n - 1)], 0)
         valid = valid.astype(x.dtype)
         count = jnp.maximum(jnp.sum(valid), 1)
         centred = (points - jnp.sum(points, axis=0) / count) * valid[:, None]
-        gram = centred @ centred.T                # [m, m]
-        low_gram = low @ gram                     # [L, m]
-        sq_sum_a = (jnp.sum(low_gram * low, axis=1)[:, None]
-                    + jnp.sum((high @ gram) * high, axis=1)[None, :]
-                    + 2 * (low_gram @ high.T))    # ‖S_A‖², [L, H]
+        gram = centred @ centred.T  # [m, m]
+        low_gram = low @ gram  # [L, m]
+        sq_sum_a = (
+            jnp.sum(low_gram * low, axis=1)[:, None]
+            + jnp.sum((high @ gram) * high, axis=1)[None, :]
+            + 2 * (low_gram @ high.T)
+        )  # ‖S_A‖², [L, H]
         size_a = (low @ valid)[:, None] + (high @ valid)[None, :]
         size_b = count - size_a
         inertia = jnp.where(
             (size_a > 0) & (size_b > 0),
             jnp.trace(gram) - sq_sum_a * count / jnp.maximum(size_a * size_b, 1),
-            jnp.inf)
-        best = jnp.argmin(inertia)                # ties: the first mask
-        return (low[best // high.shape[0]] + high[best % high.shape[0]]).astype(
-            jnp.int32)                            # [m]
+            jnp.inf,
+        )
+        best = jnp.argmin(inertia)  # ties: the first mask
+        return (low[best // high.shape[0]] + high[best % high.shape[0]]).astype(jnp.int32)  # [m]
 
     # Chunks of classes keep the [chunk, L, H] scores at about _CHUNK_FLOATS.
     chunk = int(min(capacity, max(1, _CHUNK_FLOATS // (2 ** (width - 1) + width * d))))
     sides = jax.lax.map(one_class, (members, in_block), batch_size=chunk)
-    assignments = jnp.zeros((n,), jnp.int32).at[members.reshape(-1)].set(
-        sides.reshape(-1), mode="drop")
+    assignments = (
+        jnp.zeros((n,), jnp.int32).at[members.reshape(-1)].set(sides.reshape(-1), mode="drop")
+    )
     return assignments, exact
 
 
-def _prefer_exact_two_means(x, labels, result: KMeansResult, *, num_classes,
-                            max_points) -> KMeansResult:
+def _prefer_exact_two_means(
+    x, labels, result: KMeansResult, *, num_classes, max_points
+) -> KMeansResult:
     """Replace the k=2 result of every tiny class by its exact optimum when lower.
 
     :func:`_exact_two_means` gives the partition; centroids, the final assignment,
@@ -681,8 +729,7 @@ def _prefer_exact_two_means(x, labels, result: KMeansResult, *, num_classes,
     takes them only where its inertia is strictly lower. So the result is never worse,
     and a class with a single distinct point keeps its one cluster.
     """
-    candidate, exact = _exact_two_means(x, labels, num_classes=num_classes,
-                                        max_points=max_points)
+    candidate, exact = _exact_two_means(x, labels, num_classes=num_classes, max_points=max_points)
     sums, counts = _class_sums(x, labels, candidate, num_classes, 2)
     centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
     assignments, sq_distances = _nearest_slot(x, labels, centroids, counts > 0)
@@ -694,7 +741,8 @@ def _prefer_exact_two_means(x, labels, result: KMeansResult, *, num_classes,
         centroids=jnp.where(better[:, None, None], centroids, result.centroids),
         assignments=jnp.where(better[labels], assignments, result.assignments),
         counts=jnp.where(better[:, None], counts, result.counts),
-        inertia=jnp.where(better, inertia, result.inertia))
+        inertia=jnp.where(better, inertia, result.inertia),
+    )
 
 
 def _default_local_trials(k: int) -> int:
@@ -702,9 +750,20 @@ def _default_local_trials(k: int) -> int:
     return 2 + int(math.log(k))
 
 
-def _kmeans_per_class_core(embeddings, labels, key, tolerance, *, k, num_classes,
-                           max_iterations, num_restarts, num_local_trials, refine_steps,
-                           exhaustive_max_points):
+def _kmeans_per_class_core(
+    embeddings,
+    labels,
+    key,
+    tolerance,
+    *,
+    k,
+    num_classes,
+    max_iterations,
+    num_restarts,
+    num_local_trials,
+    refine_steps,
+    exhaustive_max_points,
+):
     x = embeddings.astype(_compute_dtype(embeddings.dtype))
     labels = labels.astype(jnp.int32)
     tolerance = jnp.asarray(tolerance, x.dtype)
@@ -718,24 +777,50 @@ def _kmeans_per_class_core(embeddings, labels, key, tolerance, *, k, num_classes
     first = jax.ops.segment_min(jnp.arange(n, dtype=jnp.int32), labels, num_classes)
     offsets = jnp.where((first < n)[:, None], x[jnp.minimum(first, n - 1)], 0)
     x = x - offsets[labels]
-    result = _kmeans_restarts(x, labels, key, tolerance, k=k, num_classes=num_classes,
-                              max_iterations=max_iterations, num_restarts=num_restarts,
-                              num_local_trials=num_local_trials,
-                              refine_steps=refine_steps)
+    result = _kmeans_restarts(
+        x,
+        labels,
+        key,
+        tolerance,
+        k=k,
+        num_classes=num_classes,
+        max_iterations=max_iterations,
+        num_restarts=num_restarts,
+        num_local_trials=num_local_trials,
+        refine_steps=refine_steps,
+    )
     if k == 2 and exhaustive_max_points >= 2:
-        result = _prefer_exact_two_means(x, labels, result, num_classes=num_classes,
-                                         max_points=exhaustive_max_points)
-    centroids = jnp.where(result.counts[..., None] > 0,
-                          result.centroids + offsets[:, None, :], 0)
+        result = _prefer_exact_two_means(
+            x, labels, result, num_classes=num_classes, max_points=exhaustive_max_points
+        )
+    centroids = jnp.where(result.counts[..., None] > 0, result.centroids + offsets[:, None, :], 0)
     return result._replace(centroids=centroids)
 
 
-def _kmeans_restarts(x, labels, key, tolerance, *, k, num_classes, max_iterations,
-                     num_restarts, num_local_trials, refine_steps):
+def _kmeans_restarts(
+    x,
+    labels,
+    key,
+    tolerance,
+    *,
+    k,
+    num_classes,
+    max_iterations,
+    num_restarts,
+    num_local_trials,
+    refine_steps,
+):
     run = functools.partial(
-        _kmeans_single, x, labels, tolerance=tolerance, num_classes=num_classes, k=k,
-        max_iterations=max_iterations, num_local_trials=num_local_trials,
-        refine_steps=refine_steps)
+        _kmeans_single,
+        x,
+        labels,
+        tolerance=tolerance,
+        num_classes=num_classes,
+        k=k,
+        max_iterations=max_iterations,
+        num_local_trials=num_local_trials,
+        refine_steps=refine_steps,
+    )
     if num_restarts == 1:
         return run(key)
     # Restarts run one after the other (`lax.map`), not under `jax.vmap`: on the CPU a
@@ -759,21 +844,36 @@ def _kmeans_restarts(x, labels, key, tolerance, *, k, num_classes, max_iteration
 
 _kmeans_per_class_jit = jax.jit(
     _kmeans_per_class_core,
-    static_argnames=("k", "num_classes", "max_iterations", "num_restarts",
-                     "num_local_trials", "refine_steps", "exhaustive_max_points"))
+    static_argnames=(
+        "k",
+        "num_classes",
+        "max_iterations",
+        "num_restarts",
+        "num_local_trials",
+        "refine_steps",
+        "exhaustive_max_points",
+    ),
+)
 
 
 def _is_concrete(array) -> bool:
     return not isinstance(array, jax.core.Tracer)
 
 
-def kmeans_per_class(embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
-                     k: int, *, key: jax.Array, num_classes: int | None = None,
-                     max_iterations: int = 100, tolerance: float = 1e-4,
-                     num_restarts: int = 1,
-                     num_local_trials: int | None = None,
-                     refine_steps: int = 5,
-                     exhaustive_max_points: int = 12) -> KMeansResult:
+def kmeans_per_class(
+    embeddings: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    k: int,
+    *,
+    key: jax.Array,
+    num_classes: int | None = None,
+    max_iterations: int = 100,
+    tolerance: float = 1e-4,
+    num_restarts: int = 1,
+    num_local_trials: int | None = None,
+    refine_steps: int = 5,
+    exhaustive_max_points: int = 12,
+) -> KMeansResult:
     """k-means (k-means++ initialisation) inside every class, all classes at once.
 
     Every class ``c`` is clustered independently into at most ``k`` clusters,
@@ -842,8 +942,7 @@ def kmeans_per_class(embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayL
     labels = jnp.asarray(labels)
     _check_embeddings_labels(embeddings, labels)
     if not jnp.issubdtype(embeddings.dtype, jnp.floating):
-        raise ValueError(f"embeddings must be floating point, got dtype "
-                         f"{embeddings.dtype}.")
+        raise ValueError(f"embeddings must be floating point, got dtype {embeddings.dtype}.")
     if embeddings.shape[0] == 0:
         raise ValueError("embeddings has no examples (N = 0).")
     if not isinstance(k, (int, np.integer)) or k < 1:
@@ -855,15 +954,17 @@ def kmeans_per_class(embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayL
     if num_local_trials is None:
         num_local_trials = _default_local_trials(int(k))
     if not isinstance(num_local_trials, (int, np.integer)) or num_local_trials < 1:
-        raise ValueError(
-            f"num_local_trials must be an integer >= 1, got {num_local_trials!r}.")
+        raise ValueError(f"num_local_trials must be an integer >= 1, got {num_local_trials!r}.")
     if not isinstance(refine_steps, (int, np.integer)) or refine_steps < 0:
         raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}.")
-    if (not isinstance(exhaustive_max_points, (int, np.integer))
-            or not 0 <= exhaustive_max_points <= _EXHAUSTIVE_MAX_POINTS_LIMIT):
+    if (
+        not isinstance(exhaustive_max_points, (int, np.integer))
+        or not 0 <= exhaustive_max_points <= _EXHAUSTIVE_MAX_POINTS_LIMIT
+    ):
         raise ValueError(
             f"exhaustive_max_points must be an integer in [0, "
-            f"{_EXHAUSTIVE_MAX_POINTS_LIMIT}], got {exhaustive_max_points!r}.")
+            f"{_EXHAUSTIVE_MAX_POINTS_LIMIT}], got {exhaustive_max_points!r}."
+        )
     if _is_concrete(tolerance) and not float(tolerance) >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance!r}.")
 
@@ -875,19 +976,26 @@ def kmeans_per_class(embeddings: jax.typing.ArrayLike, labels: jax.typing.ArrayL
             raise ValueError(f"labels must be >= 0, got a minimum of {low}.")
     if num_classes is None:
         if not labels_concrete:
-            raise ValueError("num_classes must be given when labels are traced "
-                             "(e.g. under jax.jit): it fixes the output shape [C, k, d].")
+            raise ValueError(
+                "num_classes must be given when labels are traced "
+                "(e.g. under jax.jit): it fixes the output shape [C, k, d]."
+            )
         num_classes = high + 1
     if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}.")
     if labels_concrete and high >= num_classes:
-        raise ValueError(f"labels must be < num_classes = {num_classes}, got a maximum "
-                         f"of {high}.")
+        raise ValueError(f"labels must be < num_classes = {num_classes}, got a maximum of {high}.")
 
-    return _kmeans_per_class_jit(embeddings, labels, key, tolerance, k=int(k),
-                                 num_classes=int(num_classes),
-                                 max_iterations=int(max_iterations),
-                                 num_restarts=int(num_restarts),
-                                 num_local_trials=int(num_local_trials),
-                                 refine_steps=int(refine_steps),
-                                 exhaustive_max_points=int(exhaustive_max_points))
+    return _kmeans_per_class_jit(
+        embeddings,
+        labels,
+        key,
+        tolerance,
+        k=int(k),
+        num_classes=int(num_classes),
+        max_iterations=int(max_iterations),
+        num_restarts=int(num_restarts),
+        num_local_trials=int(num_local_trials),
+        refine_steps=int(refine_steps),
+        exhaustive_max_points=int(exhaustive_max_points),
+    )

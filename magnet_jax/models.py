@@ -30,12 +30,16 @@ class MLP(nnx.Module):
     """Fully connected trunk for flat inputs ``[B, features]`` (precomputed features; images are flattened)."""
 
     def __init__(
-        self, in_features: int, hidden: Sequence[int], out_features: int, *, head_bias: bool = True, rngs: nnx.Rngs
+        self,
+        in_features: int,
+        hidden: Sequence[int],
+        out_features: int,
+        *,
+        head_bias: bool = True,
+        rngs: nnx.Rngs,
     ):
         sizes = [in_features, *hidden]
-        self.layers = nnx.List(
-            [nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])]
-        )
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
         self.norms = nnx.List([nnx.LayerNorm(b, rngs=rngs) for b in hidden])
         self.head = nnx.Linear(sizes[-1], out_features, use_bias=head_bias, rngs=rngs)
 
@@ -91,7 +95,9 @@ class ConvNet(nnx.Module):
 
 class ResidualBlock(nnx.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, *, rngs: nnx.Rngs):
-        self.conv1 = nnx.Conv(in_channels, out_channels, (3, 3), strides=stride, use_bias=False, rngs=rngs)
+        self.conv1 = nnx.Conv(
+            in_channels, out_channels, (3, 3), strides=stride, use_bias=False, rngs=rngs
+        )
         self.norm1 = nnx.GroupNorm(out_channels, num_groups=8, rngs=rngs)
         self.conv2 = nnx.Conv(out_channels, out_channels, (3, 3), use_bias=False, rngs=rngs)
         self.norm2 = nnx.GroupNorm(out_channels, num_groups=8, rngs=rngs)
@@ -170,7 +176,10 @@ class EmbeddingModel(nnx.Module):
         self.embedding_dim = embedding_dim
         self.classifier = nnx.Linear(embedding_dim, num_classes, rngs=rngs) if classifier else None
         self.proxies = (
-            nnx.Param(jax.random.normal(rngs.params(), (num_classes, embedding_dim)) / jnp.sqrt(embedding_dim))
+            nnx.Param(
+                jax.random.normal(rngs.params(), (num_classes, embedding_dim))
+                / jnp.sqrt(embedding_dim)
+            )
             if proxies
             else None
         )
@@ -228,7 +237,9 @@ def create_model(
         if architecture == "convnet":
             trunk = ConvNet(input_shape, embedding_dim, width=width, head_bias=head_bias, rngs=rngs)
         else:
-            trunk = ResNet(input_shape[-1], embedding_dim, width=width, head_bias=head_bias, rngs=rngs)
+            trunk = ResNet(
+                input_shape[-1], embedding_dim, width=width, head_bias=head_bias, rngs=rngs
+            )
     else:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
     return EmbeddingModel(

@@ -103,12 +103,16 @@ def _zeros_like_batch(embeddings: jax.Array) -> jax.Array:
 
 
 def _magnet(model, embeddings, batch: Batch, config: TrainConfig) -> LossOutput:
-    terms = magnet_losses.magnet_terms(embeddings, batch.labels, batch.cluster_ids, alpha=config.alpha)
+    terms = magnet_losses.magnet_terms(
+        embeddings, batch.labels, batch.cluster_ids, alpha=config.alpha
+    )
     return LossOutput(jnp.mean(terms.losses), terms.losses, terms.variance)
 
 
 def _triplet(model, embeddings, batch: Batch, config: TrainConfig) -> LossOutput:
-    loss = triplet.triplet_loss(embeddings, batch.labels, margin=config.margin, mining=config.mining)
+    loss = triplet.triplet_loss(
+        embeddings, batch.labels, margin=config.margin, mining=config.mining
+    )
     return LossOutput(loss, _zeros_like_batch(embeddings), jnp.zeros(()))
 
 
@@ -147,9 +151,13 @@ OBJECTIVES: dict[str, Objective] = {
     "magnet": Objective("magnet", "neighbourhood", _neighbourhood_batch, _magnet, uses_index=True),
     "triplet": Objective("triplet", "classes", _class_balanced_batch, _triplet),
     "contrastive": Objective("contrastive", "classes", _class_balanced_batch, _contrastive),
-    "multi_similarity": Objective("multi_similarity", "classes", _class_balanced_batch, _multi_similarity),
+    "multi_similarity": Objective(
+        "multi_similarity", "classes", _class_balanced_batch, _multi_similarity
+    ),
     "proxy_nca": Objective("proxy_nca", "uniform", _uniform_batch, _proxy_nca, proxies=True),
-    "normalized_softmax": Objective("normalized_softmax", "uniform", _uniform_batch, _normalized_softmax, proxies=True),
+    "normalized_softmax": Objective(
+        "normalized_softmax", "uniform", _uniform_batch, _normalized_softmax, proxies=True
+    ),
     "arcface": Objective("arcface", "uniform", _uniform_batch, _arcface, proxies=True),
     "softmax": Objective("softmax", "uniform", _uniform_batch, _softmax, classifier=True),
 }

@@ -34,7 +34,9 @@ def project_2d(embeddings: np.ndarray, *, seed: int = 0) -> np.ndarray:
     from sklearn.manifold import TSNE
 
     perplexity = float(min(30, max(5, (len(embeddings) - 1) // 3)))
-    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(embeddings)
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        embeddings
+    )
 
 
 def plot_embedding_maps(
@@ -54,7 +56,9 @@ def plot_embedding_maps(
     labels = np.asarray(labels)
     for title, embeddings in panels.items():
         if len(embeddings) != len(labels):
-            raise ValueError(f"panel {title!r} has {len(embeddings)} embeddings but there are {len(labels)} labels")
+            raise ValueError(
+                f"panel {title!r} has {len(embeddings)} embeddings but there are {len(labels)} labels"
+            )
     rng = np.random.default_rng(seed)
     subset = rng.permutation(len(labels))[:max_points]
     num_classes = int(labels.max()) + 1
@@ -65,7 +69,9 @@ def plot_embedding_maps(
         for c in range(num_classes):
             mask = labels[subset] == c
             name = class_names[c] if class_names is not None else str(c)
-            axis.scatter(points[mask, 0], points[mask, 1], s=4, color=colours(c % colours.N), label=name)
+            axis.scatter(
+                points[mask, 0], points[mask, 1], s=4, color=colours(c % colours.N), label=name
+            )
         axis.set_title(title)
         axis.set_xticks([])
         axis.set_yticks([])
@@ -122,7 +128,10 @@ def plot_clustering_diagnostics(
     iterations, from the ``"refresh"`` records of each run's history (name -> records).
     The purity panel is drawn when some run logged ``purity`` (datasets with fine
     labels). Returns the PNG's path."""
-    refreshes = {name: [h for h in records if h.get("kind") == "refresh"] for name, records in histories.items()}
+    refreshes = {
+        name: [h for h in records if h.get("kind") == "refresh"]
+        for name, records in histories.items()
+    }
     with_purity = any("purity" in h for records in refreshes.values() for h in records)
     panels = ["purity", "clusters_per_class_mean"] if with_purity else ["clusters_per_class_mean"]
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
@@ -142,7 +151,9 @@ def plot_clustering_diagnostics(
                     alpha=0.15,
                 )
         axis.set_xlabel("iterations")
-        axis.set_ylabel("cluster purity (fine labels)" if panel == "purity" else "valid clusters per class")
+        axis.set_ylabel(
+            "cluster purity (fine labels)" if panel == "purity" else "valid clusters per class"
+        )
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     if title:
@@ -178,11 +189,17 @@ def plot_runs(workdirs: Sequence[str], *, output_dir: str | None = None) -> list
                 curves[name] = [([h["step"] for h in evals], [h[metric] for h in evals])]
         if curves:
             written.append(
-                plot_learning_curves(curves, os.path.join(output_dir, f"curves_{metric}.png"), ylabel=metric.replace("_", " "))
+                plot_learning_curves(
+                    curves,
+                    os.path.join(output_dir, f"curves_{metric}.png"),
+                    ylabel=metric.replace("_", " "),
+                )
             )
     histories = {os.path.basename(os.path.normpath(w)): read_history(w) for w in workdirs}
     if any("clusters_per_class_mean" in h for records in histories.values() for h in records):
-        written.append(plot_clustering_diagnostics(histories, os.path.join(output_dir, "clustering.png")))
+        written.append(
+            plot_clustering_diagnostics(histories, os.path.join(output_dir, "clustering.png"))
+        )
     run, state, _ = training.load_for_evaluation(workdirs[0])
     before = np.asarray(run.steps.embed(run.initial_state.params, run.x_test))
     after = np.asarray(run.steps.embed(state.params, run.x_test))

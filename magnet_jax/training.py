@@ -87,16 +87,26 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     if num_devices is None:
         num_devices = len(devices)
     if num_devices > len(devices):
-        raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices are available: {devices}")
+        raise ValueError(
+            f"num_devices={num_devices} but only {len(devices)} devices are available: {devices}"
+        )
     return Mesh(np.asarray(devices[:num_devices]), ("data",))
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """Adam (or SGD with momentum 0.9) with a constant or cosine-decayed learning rate."""
-    lr = optax.cosine_decay_schedule(config.lr, config.steps) if config.lr_schedule == "cosine" else config.lr
+    lr = (
+        optax.cosine_decay_schedule(config.lr, config.steps)
+        if config.lr_schedule == "cosine"
+        else config.lr
+    )
     if config.optimizer == "sgd":
         sgd = optax.sgd(lr, momentum=0.9)
-        return optax.chain(optax.add_decayed_weights(config.weight_decay), sgd) if config.weight_decay > 0 else sgd
+        return (
+            optax.chain(optax.add_decayed_weights(config.weight_decay), sgd)
+            if config.weight_decay > 0
+            else sgd
+        )
     if config.weight_decay > 0:
         return optax.adamw(lr, weight_decay=config.weight_decay)
     return optax.adam(lr)
@@ -119,7 +129,9 @@ def build_step_functions(
         batch = objective.sample(key, index, data, config)
         inputs = data.x[batch.indices]
         if config.augment_shift:
-            inputs = augment.random_shift(jax.random.fold_in(key, _AUGMENT_STREAM), inputs, config.augment_shift)
+            inputs = augment.random_shift(
+                jax.random.fold_in(key, _AUGMENT_STREAM), inputs, config.augment_shift
+            )
         inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
 
         def loss_of(params):
@@ -131,7 +143,9 @@ def build_step_functions(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         if objective.uses_index:
-            index = index_lib.record_batch(index, batch.cluster_ids, output.example_losses, output.variance)
+            index = index_lib.record_batch(
+                index, batch.cluster_ids, output.example_losses, output.variance
+            )
         return TrainState(state.step + 1, params, opt_state, state.rng), index, loss
 
     jitted_step = jax.jit(train_step, donate_argnums=(0, 1))
@@ -184,7 +198,7 @@ def build_step_functions(
         covered = starts[-1] + chunk
         if covered < num_examples:
             last = embed_one(params, x, num_examples - chunk, chunk)
-            parts.append(last[chunk - (num_examples - covered):])
+            parts.append(last[chunk - (num_examples - covered) :])
         return jax.device_put(jnp.concatenate(parts, axis=0), replicated)
 
     return StepFunctions(
@@ -222,7 +236,9 @@ class Run:
         return max(1, math.ceil(len(self.dataset.y_train) / self.config.batch_size))
 
 
-def _check_against_data(config: TrainConfig, dataset: Dataset, objective: Objective, num_devices: int) -> None:
+def _check_against_data(
+    config: TrainConfig, dataset: Dataset, objective: Objective, num_devices: int
+) -> None:
     labels = np.asarray(dataset.y_train)
     class_sizes = np.bincount(labels, minlength=dataset.num_classes)
     num_classes = int(np.count_nonzero(class_sizes))
@@ -272,7 +288,11 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
     """
     config.validate()
     # The source is looked up before the data is loaded: a mistyped path fails at once.
-    source = find_init_checkpoint(config.init_from) if config.init_from is not None and warm_start else None
+    source = (
+        find_init_checkpoint(config.init_from)
+        if config.init_from is not None and warm_start
+        else None
+    )
     objective = get_objective(config.loss)
     if dataset is None:
         # image_size / tfds_splits / manual_dir (tfds only; validate() refused them otherwise).
@@ -315,7 +335,9 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
     state = jax.device_put(state, replicated)
     steps = build_step_functions(objective, graphdef, optimizer, config, mesh)
     x_test = jax.device_put(jnp.asarray(dataset.x_test), replicated)
-    return Run(config, dataset, objective, mesh, graphdef, optimizer, steps, data, x_test, state, warm)
+    return Run(
+        config, dataset, objective, mesh, graphdef, optimizer, steps, data, x_test, state, warm
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -360,7 +382,9 @@ def refresh(run: Run, state: TrainState, index, step: int, *, with_diagnostics: 
             **_clustering_options(run.config),
         )
     else:
-        new_index = index_lib.refresh_index(index, embeddings, key=key, **_clustering_options(run.config))
+        new_index = index_lib.refresh_index(
+            index, embeddings, key=key, **_clustering_options(run.config)
+        )
     new_index = jax.device_put(new_index, NamedSharding(run.mesh, P()))
     if not with_diagnostics:
         return new_index
@@ -392,12 +416,18 @@ def evaluate(run: Run, params, index) -> dict[str, float]:
     y_test = np.asarray(run.dataset.y_test)
     metrics: dict[str, float] = {}
     predicted = evaluation.knn_predict(
-        test_embeddings, train_embeddings, run.data.labels, k=config.knn_k, num_classes=run.dataset.num_classes
+        test_embeddings,
+        train_embeddings,
+        run.data.labels,
+        k=config.knn_k,
+        num_classes=run.dataset.num_classes,
     )
     metrics["knn_error"] = float(np.mean(np.asarray(predicted) != y_test))
     if index is not None:
         fresh = index_lib.recompute_centroids(index, train_embeddings)
-        predicted = evaluation.knc_predict(test_embeddings, fresh, num_nearest_clusters=config.num_nearest_clusters)
+        predicted = evaluation.knc_predict(
+            test_embeddings, fresh, num_nearest_clusters=config.num_nearest_clusters
+        )
         metrics["knc_error"] = float(np.mean(np.asarray(predicted) != y_test))
     if run.objective.classifier:
         model = nnx.merge(run.graphdef, nnx.State(params))
@@ -408,11 +438,17 @@ def evaluate(run: Run, params, index) -> dict[str, float]:
     )
     metrics.update({name: float(value) for name, value in retrieval.items()})
     if run.dataset.fine_test is not None:
-        metrics.update(fine_label_errors(train_embeddings, run.dataset.fine_train, test_embeddings, run.dataset.fine_test))
+        metrics.update(
+            fine_label_errors(
+                train_embeddings, run.dataset.fine_train, test_embeddings, run.dataset.fine_test
+            )
+        )
     return metrics
 
 
-def fine_label_errors(train_embeddings, fine_train, test_embeddings, fine_test, *, ks=(1, 5)) -> dict[str, float]:
+def fine_label_errors(
+    train_embeddings, fine_train, test_embeddings, fine_test, *, ks=(1, 5)
+) -> dict[str, float]:
     """Hierarchy recovery: how well an embedding trained on coarse labels separates the
     fine ones. ``fine_error_at_k`` is the share of test queries with no training example of
     their fine class among their k nearest training examples (Error@1 is the 1-NN error)."""
@@ -472,7 +508,14 @@ class _Workdir:
 
 # Fields that may differ between a run and its resumption. Not init_from: it is ignored on
 # resume (the checkpoint holds the warm-started parameters) but names what the run is.
-_RESUMABLE_CHANGES = {"steps", "eval_every", "checkpoint_every", "log_every", "max_checkpoints", "workdir"}
+_RESUMABLE_CHANGES = {
+    "steps",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "max_checkpoints",
+    "workdir",
+}
 
 
 def _check_same_run(saved: dict, config: TrainConfig, workdir: str) -> None:
@@ -481,7 +524,9 @@ def _check_same_run(saved: dict, config: TrainConfig, workdir: str) -> None:
     defaults = TrainConfig().to_dict()
     # `steps` may change only with a constant learning rate: a schedule's shape depends on it.
     resumable = _RESUMABLE_CHANGES - ({"steps"} if config.lr_schedule != "constant" else set())
-    differing = sorted(k for k in current if k not in resumable and saved.get(k, defaults[k]) != current[k])
+    differing = sorted(
+        k for k in current if k not in resumable and saved.get(k, defaults[k]) != current[k]
+    )
     if differing:
         details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current[k]!r}" for k in differing)
         raise ValueError(
@@ -490,7 +535,9 @@ def _check_same_run(saved: dict, config: TrainConfig, workdir: str) -> None:
         )
 
 
-def train(config: TrainConfig, *, progress: bool = True, dataset: Dataset | None = None) -> dict[str, float]:
+def train(
+    config: TrainConfig, *, progress: bool = True, dataset: Dataset | None = None
+) -> dict[str, float]:
     """Trains (or resumes) the run described by ``config``; returns the final metrics.
 
     Writes ``config.json``, ``history.jsonl`` (one JSON line per logged step, refresh and
@@ -539,20 +586,37 @@ def train(config: TrainConfig, *, progress: bool = True, dataset: Dataset | None
         log(run.warm_start.record())
         print(run.warm_start.summary(), flush=True)
 
-    bar = tqdm(total=config.steps, initial=step, disable=not progress, desc=f"{config.loss} on {config.dataset}", unit="step")
+    bar = tqdm(
+        total=config.steps,
+        initial=step,
+        disable=not progress,
+        desc=f"{config.loss} on {config.dataset}",
+        unit="step",
+    )
     try:
         while True:
             if run.objective.uses_index and step < config.steps and step % run.refresh_every == 0:
                 index, diagnostics = refresh(run, state, index, step, with_diagnostics=True)
-                log({"kind": "refresh", "step": step, **diagnostics, "valid_clusters": int(jnp.sum(index.valid))})
+                log(
+                    {
+                        "kind": "refresh",
+                        "step": step,
+                        **diagnostics,
+                        "valid_clusters": int(jnp.sum(index.valid)),
+                    }
+                )
             if step == config.steps or (step > 0 and step % config.eval_every == 0):
                 metrics = evaluate(run, state.params, index)
                 log({"kind": "eval", "step": step, **metrics})
-                bar.set_postfix({k: f"{metrics[k]:.4f}" for k in ("knn_error", "knc_error") if k in metrics})
+                bar.set_postfix(
+                    {k: f"{metrics[k]:.4f}" for k in ("knn_error", "knc_error") if k in metrics}
+                )
             if step == config.steps:
                 break
             target = _next_event(step, run)
-            state, index, loss = run.steps.run_steps(state, index, run.data, jnp.asarray(target - step, jnp.int32))
+            state, index, loss = run.steps.run_steps(
+                state, index, run.data, jnp.asarray(target - step, jnp.int32)
+            )
             loss = float(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(
@@ -566,7 +630,9 @@ def train(config: TrainConfig, *, progress: bool = True, dataset: Dataset | None
                 bar.set_postfix_str(f"loss={loss:.4f}", refresh=False)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 seconds = seconds_before + time.perf_counter() - started
-                checkpointer.save(step, state, index, {"history_lines": history_lines, "seconds": seconds})
+                checkpointer.save(
+                    step, state, index, {"history_lines": history_lines, "seconds": seconds}
+                )
     finally:
         bar.close()
         history.close()
@@ -590,7 +656,9 @@ def load_for_evaluation(workdir: str) -> tuple[Run, TrainState, Any]:
     files = _Workdir(workdir)
     saved = files.saved_config()
     if saved is None:
-        raise FileNotFoundError(f"no run in {files.path}: {files.config} is missing (train one with `magnet-jax train --workdir {workdir}`)")
+        raise FileNotFoundError(
+            f"no run in {files.path}: {files.config} is missing (train one with `magnet-jax train --workdir {workdir}`)"
+        )
     config = TrainConfig.from_dict(saved)
     run = prepare(config, warm_start=False)  # the checkpoint holds the parameters
     checkpointer = Checkpointer(files.checkpoints)

@@ -45,8 +45,15 @@ def graft_params(target: Any, source: Any) -> tuple[Any, list[str], list[str]]:
 
     def graft(target_node: Any, source_node: Any, path: tuple[str, ...]) -> Any:
         if isinstance(target_node, dict):
-            by_name = {str(key): value for key, value in source_node.items()} if isinstance(source_node, dict) else {}
-            return {key: graft(value, by_name.get(str(key)), (*path, str(key))) for key, value in target_node.items()}
+            by_name = (
+                {str(key): value for key, value in source_node.items()}
+                if isinstance(source_node, dict)
+                else {}
+            )
+            return {
+                key: graft(value, by_name.get(str(key)), (*path, str(key)))
+                for key, value in target_node.items()
+            }
         name = "/".join(path)
         matches = (
             source_node is not None
@@ -59,7 +66,11 @@ def graft_params(target: Any, source: Any) -> tuple[Any, list[str], list[str]]:
         copied.append(name)
         dtype = getattr(target_node, "dtype", None)
         if dtype is not None and getattr(source_node, "dtype", None) != dtype:
-            source_node = source_node.astype(dtype) if hasattr(source_node, "astype") else np.asarray(source_node, dtype)
+            source_node = (
+                source_node.astype(dtype)
+                if hasattr(source_node, "astype")
+                else np.asarray(source_node, dtype)
+            )
         return source_node
 
     return graft(target, source, ()), copied, skipped
@@ -137,6 +148,7 @@ def warm_start_params(path: str, directory: str, step: int, params: Any) -> tupl
     source = restore_params(directory, step)
     grafted, copied, skipped = graft_params(params, source)
     if not copied:
+
         def shapes(tree):
             flat = jax.tree_util.tree_flatten_with_path(tree)[0]
             return ", ".join(

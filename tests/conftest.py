@@ -2,6 +2,7 @@
 
 This must run before JAX initialises its backends, which is why it lives in conftest.
 """
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -82,10 +82,7 @@ def np_triplet(x, y, *, margin, mining, squared, normalize):
     neg = lambda a: [k for k in range(n) if y[k] != y[a]]  # noqa: E731
     if mining == "batch_all":
         losses = [
-            max(0.0, d[a][p] - d[a][k] + margin)
-            for a in range(n)
-            for p in pos(a)
-            for k in neg(a)
+            max(0.0, d[a][p] - d[a][k] + margin) for a in range(n) for p in pos(a) for k in neg(a)
         ]
         nonzero = [v for v in losses if v > 0]
         return sum(nonzero) / len(nonzero) if nonzero else 0.0
@@ -246,7 +243,9 @@ def test_pairwise_distances_clamped_and_safe_gradient_at_zero():
     x = jnp.array([[1000.0, 1000.0], [1000.0, 1000.0001], [1000.0, 1000.0]])
     assert bool(jnp.all(pairwise_distances(x, x) >= 0))
     for squared in (True, False):
-        grad = jax.jit(jax.grad(lambda z, squared=squared: jnp.sum(pairwise_distances(z, z, squared=squared))))(x)
+        grad = jax.jit(
+            jax.grad(lambda z, squared=squared: jnp.sum(pairwise_distances(z, z, squared=squared)))
+        )(x)
         assert bool(jnp.all(jnp.isfinite(grad)))
     # Exactly zero distances (diagonal, duplicates): zero, finite gradient of the sqrt.
     z = jnp.array([[1.0, 2.0], [1.0, 2.0]])
@@ -275,13 +274,17 @@ def test_triplet_hand_computed():
     kw = dict(margin=1.5, squared=False)
     # batch_all, (a, p, n): (1,0,2): 1-2+1.5 = 0.5; (2,3,0): 2-3+1.5 = 0.5;
     # (2,3,1): 2-2+1.5 = 1.5; every other triplet <= 0. Mean over non-zero: 2.5 / 3.
-    np.testing.assert_allclose(j_triplet_loss(LINE_X, LINE_Y, mining="batch_all", **kw), 2.5 / 3, rtol=1e-6)
+    np.testing.assert_allclose(
+        j_triplet_loss(LINE_X, LINE_Y, mining="batch_all", **kw), 2.5 / 3, rtol=1e-6
+    )
     np.testing.assert_allclose(
         j_triplet_loss(LINE_X, LINE_Y, mining="batch_all", reduction="sum", **kw), 2.5, rtol=1e-6
     )
     # batch_hard, per anchor (hardest pos, nearest neg): a0 (1, 3) -> 0; a1 (1, 2) -> 0.5;
     # a2 (2, 2) -> 1.5; a3 (2, 4) -> 0. Mean over the 4 anchors: 0.5.
-    np.testing.assert_allclose(j_triplet_loss(LINE_X, LINE_Y, mining="batch_hard", **kw), 0.5, rtol=1e-6)
+    np.testing.assert_allclose(
+        j_triplet_loss(LINE_X, LINE_Y, mining="batch_hard", **kw), 0.5, rtol=1e-6
+    )
     np.testing.assert_allclose(
         j_triplet_loss(LINE_X, LINE_Y, mining="batch_hard", reduction="none", **kw),
         [0.0, 0.5, 1.5, 0.0],
@@ -291,7 +294,9 @@ def test_triplet_hand_computed():
     # (0,1): d=1, negs 3, 5 -> 3: 1-3+1.5 < 0 -> 0;  (1,0): d=1, negs 2, 4 -> 2: 0.5;
     # (2,3): d=2, negs 3, 2 -> 3 (2 is not farther): 0.5;  (3,2): d=2, negs 5, 4 -> 4: 0.
     # Mean over the 4 pairs: 0.25.
-    np.testing.assert_allclose(j_triplet_loss(LINE_X, LINE_Y, mining="semi_hard", **kw), 0.25, rtol=1e-6)
+    np.testing.assert_allclose(
+        j_triplet_loss(LINE_X, LINE_Y, mining="semi_hard", **kw), 0.25, rtol=1e-6
+    )
     # Squared distances, batch_all, margin 1.5: d01 = 1, d02 = 9, d03 = 25, d12 = 4,
     # d13 = 16, d23 = 4. Violations: (1,0,2): 1-4+1.5 < 0 ... (2,3,1): 4-4+1.5 = 1.5,
     # (3,2,1): 4-16+1.5 < 0, (2,3,0): 4-9+1.5 < 0. Only one: mean 1.5.
@@ -314,13 +319,22 @@ def test_triplet_matches_numpy_reference(mining, squared, normalize):
     margin = 0.3 if normalize else 1.0
     for seed in range(3):
         x, y = random_batch(seed, batch=10, classes=3)
-        expected = np_triplet(x, y, margin=margin, mining=mining, squared=squared, normalize=normalize)
+        expected = np_triplet(
+            x, y, margin=margin, mining=mining, squared=squared, normalize=normalize
+        )
         with jax.enable_x64(True):
             got64 = j_triplet_loss(
-                x.astype(np.float64), y, margin=margin, mining=mining, squared=squared, normalize=normalize
+                x.astype(np.float64),
+                y,
+                margin=margin,
+                mining=mining,
+                squared=squared,
+                normalize=normalize,
             )
         np.testing.assert_allclose(got64, expected, rtol=1e-10, atol=1e-12)
-        got32 = j_triplet_loss(x, y, margin=margin, mining=mining, squared=squared, normalize=normalize)
+        got32 = j_triplet_loss(
+            x, y, margin=margin, mining=mining, squared=squared, normalize=normalize
+        )
         assert got32.dtype == jnp.float32
         np.testing.assert_allclose(got32, expected, rtol=2e-5, atol=1e-6)
 
@@ -333,7 +347,9 @@ def test_triplet_gradients(mining, squared):
     margin = 0.5
     x, y = kink_free_batch(margin, squared, normalize=False)
     with jax.enable_x64(True):
-        fn = functools.partial(triplet_loss, labels=y, margin=margin, mining=mining, squared=squared)
+        fn = functools.partial(
+            triplet_loss, labels=y, margin=margin, mining=mining, squared=squared
+        )
         assert float(fn(x)) > 0
         modes = ("rev", "fwd") if (mining, squared) == ("batch_all", True) else ("rev",)
         check_grads(jax.jit(fn), (x,), order=1, modes=modes, eps=1e-4)
@@ -357,7 +373,10 @@ DEGENERATE = {
     "all_distinct_labels": (_rng.normal(size=(6, 3)), np.arange(6, dtype=np.int32)),
     "all_equal_embeddings": (np.ones((6, 3)), np.array([0, 0, 1, 1, 2, 2], np.int32)),
     "all_zero_embeddings": (np.zeros((6, 3)), np.array([0, 0, 1, 1, 2, 2], np.int32)),
-    "duplicates": (np.repeat(_rng.normal(size=(3, 3)), 2, axis=0), np.array([0, 0, 1, 1, 0, 1], np.int32)),
+    "duplicates": (
+        np.repeat(_rng.normal(size=(3, 3)), 2, axis=0),
+        np.array([0, 0, 1, 1, 0, 1], np.int32),
+    ),
     "single_example": (np.ones((1, 3)), np.zeros(1, np.int32)),
 }
 
@@ -373,13 +392,19 @@ def _assert_finite_value_and_grad(fn, x, *args):
 @pytest.mark.parametrize("mining", MININGS)
 @pytest.mark.parametrize("squared,normalize", [(True, False), (False, True)])
 def test_triplet_degenerate_batches(mining, squared, normalize):
-    fn = jax.jit(functools.partial(triplet_loss, margin=0.2, mining=mining, squared=squared, normalize=normalize))
+    fn = jax.jit(
+        functools.partial(
+            triplet_loss, margin=0.2, mining=mining, squared=squared, normalize=normalize
+        )
+    )
     for case, (x, y) in DEGENERATE.items():
         value = _assert_finite_value_and_grad(fn, x, y)
         if case in ("single_class", "all_distinct_labels", "single_example"):
             assert value == 0.0, case  # no valid triplet
         if case in ("all_equal_embeddings", "all_zero_embeddings"):
-            np.testing.assert_allclose(value, 0.2, rtol=1e-6, err_msg=case)  # each triplet costs the margin
+            np.testing.assert_allclose(
+                value, 0.2, rtol=1e-6, err_msg=case
+            )  # each triplet costs the margin
 
 
 def test_triplet_errors():
@@ -409,23 +434,34 @@ def test_contrastive_hand_computed():
     # Negative pairs, neg_margin 1: (0,2), (2,0): 0.2; (1,2), (2,1): 0.7 -> mean 0.45.
     np.testing.assert_allclose(j_contrastive_loss(x, y), 0.95, rtol=1e-5)
     # pos_margin 0.6 silences the positives; neg_margin 0.5 leaves only (1,2), (2,1): 0.2.
-    np.testing.assert_allclose(j_contrastive_loss(x, y, pos_margin=0.6, neg_margin=0.5), 0.2, rtol=1e-5)
+    np.testing.assert_allclose(
+        j_contrastive_loss(x, y, pos_margin=0.6, neg_margin=0.5), 0.2, rtol=1e-5
+    )
     # Squared: d01 = 0.25, d02 = 0.64, d12 = 0.09 -> 0.25 + (0.36 + 0.91) / 2 = 0.885.
     np.testing.assert_allclose(j_contrastive_loss(x, y, squared=True), 0.885, rtol=1e-5)
     # Sum over ordered pairs: 2 * 0.5 + 2 * 0.2 + 2 * 0.7 = 2.8.
     np.testing.assert_allclose(j_contrastive_loss(x, y, reduction="sum"), 2.8, rtol=1e-5)
     per_pair = j_contrastive_loss(x, y, reduction="none")
-    np.testing.assert_allclose(per_pair, [[0, 0.5, 0.2], [0.5, 0, 0.7], [0.2, 0.7, 0]], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        per_pair, [[0, 0.5, 0.2], [0.5, 0, 0.7], [0.2, 0.7, 0]], rtol=1e-5, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("squared,normalize", [(False, False), (True, False), (False, True)])
 def test_contrastive_matches_numpy_reference(squared, normalize):
     for seed in range(3):
         x, y = random_batch(seed, batch=10, classes=3)
-        kw = dict(pos_margin=0.5, neg_margin=2.0 if not normalize else 1.0, squared=squared, normalize=normalize)
+        kw = dict(
+            pos_margin=0.5,
+            neg_margin=2.0 if not normalize else 1.0,
+            squared=squared,
+            normalize=normalize,
+        )
         expected = np_contrastive(x, y, **kw)
         with jax.enable_x64(True):
-            np.testing.assert_allclose(j_contrastive_loss(x.astype(np.float64), y, **kw), expected, rtol=1e-10)
+            np.testing.assert_allclose(
+                j_contrastive_loss(x.astype(np.float64), y, **kw), expected, rtol=1e-10
+            )
         np.testing.assert_allclose(j_contrastive_loss(x, y, **kw), expected, rtol=2e-5)
 
 
@@ -442,7 +478,9 @@ def test_contrastive_gradients_jit_vmap():
     fn = functools.partial(contrastive_loss, pos_margin=0.5, neg_margin=2.0)
     np.testing.assert_allclose(jax.jit(fn)(x32, y), fn(x32, y), rtol=1e-6)
     xs, ys = np.stack([x32, x32[::-1], 2 * x32]), np.stack([y, y, y])
-    np.testing.assert_allclose(jax.vmap(fn)(xs, ys), [jax.jit(fn)(a, b) for a, b in zip(xs, ys)], rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.vmap(fn)(xs, ys), [jax.jit(fn)(a, b) for a, b in zip(xs, ys)], rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("squared", [True, False])
@@ -475,7 +513,9 @@ def test_multi_similarity_hand_computed():
     a1 = pos_01 + math.log(1 + math.exp(beta * (0.96 - base))) / beta
     # Anchor 2 has no positive; without mining its negatives (S = 0.8, 0.96) still count.
     a2 = math.log(1 + math.exp(beta * 0.3) + math.exp(beta * 0.46)) / beta
-    np.testing.assert_allclose(j_multi_similarity_loss(x, y, mine=False), (a0 + a1 + a2) / 3, rtol=1e-5)
+    np.testing.assert_allclose(
+        j_multi_similarity_loss(x, y, mine=False), (a0 + a1 + a2) / 3, rtol=1e-5
+    )
     # Mining (eps 0.1): anchors 0 and 1 keep both their pairs (0.6 - 0.1 < 0.8 or 0.96,
     # 0.8/0.96 + 0.1 > 0.6); anchor 2 has no positive, so it keeps no negative.
     np.testing.assert_allclose(j_multi_similarity_loss(x, y), (a0 + a1) / 3, rtol=1e-5)
@@ -499,9 +539,13 @@ def test_multi_similarity_matches_numpy_reference(mine):
         expected = np_multi_similarity(x, y, mine=mine, **kw)
         with jax.enable_x64(True):
             np.testing.assert_allclose(
-                j_multi_similarity_loss(x.astype(np.float64), y, mine=mine, **kw), expected, rtol=1e-10
+                j_multi_similarity_loss(x.astype(np.float64), y, mine=mine, **kw),
+                expected,
+                rtol=1e-10,
             )
-        np.testing.assert_allclose(j_multi_similarity_loss(x, y, mine=mine, **kw), expected, rtol=2e-5)
+        np.testing.assert_allclose(
+            j_multi_similarity_loss(x, y, mine=mine, **kw), expected, rtol=2e-5
+        )
 
 
 def test_multi_similarity_miner_matches_numpy_reference():
@@ -541,7 +585,9 @@ def test_multi_similarity_gradients_jit_vmap():
     fn = multi_similarity_loss
     np.testing.assert_allclose(jax.jit(fn)(x32, y), fn(x32, y), rtol=1e-6)
     xs, ys = np.stack([x32, -x32, x32[::-1]]), np.stack([y, y, y])
-    np.testing.assert_allclose(jax.vmap(fn)(xs, ys), [jax.jit(fn)(a, b) for a, b in zip(xs, ys)], rtol=1e-6)
+    np.testing.assert_allclose(
+        jax.vmap(fn)(xs, ys), [jax.jit(fn)(a, b) for a, b in zip(xs, ys)], rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("mine", [True, False])
@@ -580,27 +626,39 @@ def test_proxy_losses_hand_computed():
     # Original-paper form: the own proxy leaves the denominator.
     e0 = math.log(math.exp(-4) + math.exp(-2))
     e1 = math.log(math.exp(-2) + 1) + 2
-    np.testing.assert_allclose(j_proxy_nca_loss(x, y, proxies, exclude_positive=True), (e0 + e1) / 2, rtol=1e-6)
+    np.testing.assert_allclose(
+        j_proxy_nca_loss(x, y, proxies, exclude_positive=True), (e0 + e1) / 2, rtol=1e-6
+    )
     # Normalised softmax, T = 0.5: cosines x0: (1, -1, 0), x1: (0, 0, 1) -> logits * 2.
     n0 = math.log(math.exp(2) + math.exp(-2) + 1) - 2
     n1 = math.log(1 + 1 + math.exp(2)) - 0  # target class 1 has cosine 0
-    np.testing.assert_allclose(j_normalized_softmax_loss(x, y, proxies, temperature=0.5), (n0 + n1) / 2, rtol=1e-6)
+    np.testing.assert_allclose(
+        j_normalized_softmax_loss(x, y, proxies, temperature=0.5), (n0 + n1) / 2, rtol=1e-6
+    )
     # ArcFace, m = 0.5, s = 2: x0 target theta = 0 -> cos(0.5); x1 target (proxy 1) has
     # theta = pi/2 <= pi - m -> cos(pi/2 + 0.5) = -sin(0.5).
     t0, t1 = math.cos(0.5), -math.sin(0.5)
     a0 = math.log(math.exp(2 * t0) + math.exp(-2) + 1) - 2 * t0
     a1 = math.log(1 + math.exp(2 * t1) + math.exp(2)) - 2 * t1
-    np.testing.assert_allclose(j_arcface_loss(x, y, proxies, margin=0.5, scale=2.0), (a0 + a1) / 2, rtol=1e-6)
+    np.testing.assert_allclose(
+        j_arcface_loss(x, y, proxies, margin=0.5, scale=2.0), (a0 + a1) / 2, rtol=1e-6
+    )
     # Past pi - m the target logit is cos(theta) - m sin(m): x = (1, 0) against proxy 1 (theta = pi).
     t = -1 - 0.5 * math.sin(0.5)
     a = math.log(math.exp(2 * 1) + math.exp(2 * t) + 1) - 2 * t
-    np.testing.assert_allclose(j_arcface_loss(x[:1], np.array([1], np.int32), proxies, margin=0.5, scale=2.0), a, rtol=1e-6)
+    np.testing.assert_allclose(
+        j_arcface_loss(x[:1], np.array([1], np.int32), proxies, margin=0.5, scale=2.0), a, rtol=1e-6
+    )
 
 
 PROXY_CASES = {
     "proxy_nca": (proxy_nca_loss, np_proxy_nca, dict(scale=3.0)),
     "proxy_nca_unnormalized": (proxy_nca_loss, np_proxy_nca, dict(scale=0.5, normalize=False)),
-    "proxy_nca_exclude_positive": (proxy_nca_loss, np_proxy_nca, dict(scale=3.0, exclude_positive=True)),
+    "proxy_nca_exclude_positive": (
+        proxy_nca_loss,
+        np_proxy_nca,
+        dict(scale=3.0, exclude_positive=True),
+    ),
     "normalized_softmax": (normalized_softmax_loss, np_normalized_softmax, dict(temperature=0.1)),
     "arcface": (arcface_loss, np_arcface, dict(margin=0.5, scale=16.0)),
 }
@@ -614,7 +672,9 @@ def test_proxy_losses_match_numpy_reference(name):
         proxies = random_proxies(seed)
         expected = ref(x, y, proxies, **kw)
         with jax.enable_x64(True):
-            np.testing.assert_allclose(fn(x.astype(np.float64), y, proxies.astype(np.float64), **kw), expected, rtol=1e-10)
+            np.testing.assert_allclose(
+                fn(x.astype(np.float64), y, proxies.astype(np.float64), **kw), expected, rtol=1e-10
+            )
         np.testing.assert_allclose(fn(x, y, proxies, **kw), expected, rtol=2e-5)
 
 
@@ -625,7 +685,9 @@ def test_arcface_both_branches_match_reference():
     x[:5] = -proxies[y[:5]] + 0.05 * x[:5]
     cos = np.sum(np_normalize(x) * np_normalize(proxies[y]), axis=1)
     assert np.sum(np.arccos(cos) > math.pi - 0.5) >= 3
-    np.testing.assert_allclose(j_arcface_loss(x, y, proxies), np_arcface(x, y, proxies, margin=0.5, scale=64.0), rtol=2e-5)
+    np.testing.assert_allclose(
+        j_arcface_loss(x, y, proxies), np_arcface(x, y, proxies, margin=0.5, scale=64.0), rtol=2e-5
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PROXY_CASES))
@@ -636,12 +698,16 @@ def test_proxy_losses_gradients_jit_vmap(name):
     with jax.enable_x64(True):
         f = lambda e, p: fn(e, y, p, **kw)  # noqa: E731
         modes = ("rev", "fwd") if name == "proxy_nca" else ("rev",)
-        check_grads(jax.jit(f), (x.astype(np.float64), proxies.astype(np.float64)), order=1, modes=modes)
+        check_grads(
+            jax.jit(f), (x.astype(np.float64), proxies.astype(np.float64)), order=1, modes=modes
+        )
     g = functools.partial(fn, **kw)
     np.testing.assert_allclose(jax.jit(g)(x, y, proxies), g(x, y, proxies), rtol=1e-6)
     xs, ys = np.stack([x, -x, x[::-1]]), np.stack([y, y, y[::-1]])
     batched = jax.vmap(g, in_axes=(0, 0, None))(xs, ys, proxies)
-    np.testing.assert_allclose(batched, [jax.jit(g)(a, b, proxies) for a, b in zip(xs, ys)], rtol=1e-6)
+    np.testing.assert_allclose(
+        batched, [jax.jit(g)(a, b, proxies) for a, b in zip(xs, ys)], rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PROXY_CASES))
@@ -651,7 +717,9 @@ def test_proxy_losses_degenerate_batches(name):
     for x, y in DEGENERATE.values():
         proxies = np.concatenate([x[:1], random_proxies(0, classes=4, dim=3)])  # proxy 0 == x[0]
         proxies = np.concatenate([proxies, np.zeros((1, 3))]).astype(np.float32)  # and a zero proxy
-        value, grads = jax.value_and_grad(f, argnums=(0, 2))(jnp.asarray(x, jnp.float32), y, proxies)
+        value, grads = jax.value_and_grad(f, argnums=(0, 2))(
+            jnp.asarray(x, jnp.float32), y, proxies
+        )
         assert np.isfinite(value)
         assert all(np.all(np.isfinite(g)) for g in grads)
 
@@ -715,10 +783,16 @@ def test_pml_triplet(pml, squared, normalize):
         kw = dict(margin=margin, squared=squared, normalize=normalize)
 
         # batch_all == every triplet (also == TripletMarginMiner("all") + the loss).
-        all_triplets = miners.TripletMarginMiner(margin=margin, type_of_triplets="all", distance=dist)
-        np.testing.assert_allclose(j_triplet_loss(x, y, mining="batch_all", **kw), loss_fn(xt, yt).item(), rtol=1e-5)
+        all_triplets = miners.TripletMarginMiner(
+            margin=margin, type_of_triplets="all", distance=dist
+        )
         np.testing.assert_allclose(
-            j_triplet_loss(x, y, mining="batch_all", **kw), loss_fn(xt, yt, all_triplets(xt, yt)).item(), rtol=1e-5
+            j_triplet_loss(x, y, mining="batch_all", **kw), loss_fn(xt, yt).item(), rtol=1e-5
+        )
+        np.testing.assert_allclose(
+            j_triplet_loss(x, y, mining="batch_all", **kw),
+            loss_fn(xt, yt, all_triplets(xt, yt)).item(),
+            rtol=1e-5,
         )
         # batch_hard == BatchHardMiner + the loss, up to the reducer: pml averages over the
         # anchors with non-zero loss, we over the anchors with a valid triplet.
@@ -735,7 +809,9 @@ def test_pml_triplet(pml, squared, normalize):
             miner = miners.TripletMarginMiner(margin=margin, type_of_triplets=kind, distance=dist)
             selected = per_triplet[(per_triplet > 0) & keep]
             ours = selected.mean() if selected.size else 0.0
-            np.testing.assert_allclose(ours, loss_fn(xt, yt, miner(xt, yt)).item(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                ours, loss_fn(xt, yt, miner(xt, yt)).item(), rtol=1e-5, atol=1e-6
+            )
 
 
 @pml_parity
@@ -746,10 +822,12 @@ def test_pml_contrastive(pml, squared, normalize):
         x, y = random_batch(seed, batch=16, classes=4)
         pos_margin, neg_margin = (0.3, 0.9) if normalize else (1.0, 3.0)
         dist = distances.LpDistance(power=2 if squared else 1, normalize_embeddings=normalize)
-        expected = losses.ContrastiveLoss(pos_margin=pos_margin, neg_margin=neg_margin, distance=dist)(
-            _t(torch, x), _t(torch, y).long()
+        expected = losses.ContrastiveLoss(
+            pos_margin=pos_margin, neg_margin=neg_margin, distance=dist
+        )(_t(torch, x), _t(torch, y).long())
+        got = j_contrastive_loss(
+            x, y, pos_margin=pos_margin, neg_margin=neg_margin, squared=squared, normalize=normalize
         )
-        got = j_contrastive_loss(x, y, pos_margin=pos_margin, neg_margin=neg_margin, squared=squared, normalize=normalize)
         np.testing.assert_allclose(got, expected.item(), rtol=1e-5)
 
 
@@ -782,17 +860,25 @@ def test_pml_proxy_losses(pml):
 
         nca = losses.ProxyNCALoss(num_classes=4, embedding_size=5, softmax_scale=3.0)
         nca.proxies.data = _t(torch, proxies)
-        np.testing.assert_allclose(j_proxy_nca_loss(x, y, proxies, scale=3.0), nca(xt, yt).item(), rtol=1e-5)
+        np.testing.assert_allclose(
+            j_proxy_nca_loss(x, y, proxies, scale=3.0), nca(xt, yt).item(), rtol=1e-5
+        )
 
         softmax = losses.NormalizedSoftmaxLoss(num_classes=4, embedding_size=5, temperature=0.05)
         softmax.W.data = _t(torch, proxies.T.copy())
         np.testing.assert_allclose(
-            j_normalized_softmax_loss(x, y, proxies, temperature=0.05), softmax(xt, yt).item(), rtol=1e-5
+            j_normalized_softmax_loss(x, y, proxies, temperature=0.05),
+            softmax(xt, yt).item(),
+            rtol=1e-5,
         )
 
-        arc = losses.ArcFaceLoss(num_classes=4, embedding_size=5, margin=math.degrees(0.5), scale=64.0)
+        arc = losses.ArcFaceLoss(
+            num_classes=4, embedding_size=5, margin=math.degrees(0.5), scale=64.0
+        )
         arc.W.data = _t(torch, proxies.T.copy())
-        np.testing.assert_allclose(j_arcface_loss(x, y, proxies, margin=0.5, scale=64.0), arc(xt, yt).item(), rtol=1e-5)
+        np.testing.assert_allclose(
+            j_arcface_loss(x, y, proxies, margin=0.5, scale=64.0), arc(xt, yt).item(), rtol=1e-5
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -817,4 +903,6 @@ def test_losses_on_a_batch_sharded_over_devices():
         (arcface_loss, (proxies,)),
     ]
     for fn, extra in cases:
-        np.testing.assert_allclose(jax.jit(fn)(xs, ys, *extra), jax.jit(fn)(x, y, *extra), rtol=1e-5)
+        np.testing.assert_allclose(
+            jax.jit(fn)(xs, ys, *extra), jax.jit(fn)(x, y, *extra), rtol=1e-5
+        )

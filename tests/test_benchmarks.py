@@ -18,7 +18,11 @@ def test_quick_mode_runs_and_writes_json(script, tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "MAGNET_JAX_RESULTS": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     written = list(tmp_path.glob("*.json"))

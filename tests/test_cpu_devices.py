@@ -41,7 +41,10 @@ def test_convnet_on_four_cpu_devices_does_not_deadlock(tmp_path):
     env.pop("XLA_FLAGS", None)
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / "images.npz")],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "finished 4" in result.stdout

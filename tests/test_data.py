@@ -25,7 +25,9 @@ from magnet_jax.data import (
 )
 
 SHARED_DATASETS = Path(
-    os.environ.get("MAGNET_JAX_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
+    os.environ.get(
+        "MAGNET_JAX_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"
+    )
 )
 
 # ---------------------------------------------------------------------------------------
@@ -77,7 +79,10 @@ def cifar_batch(rng, n, **labels):
 def cifar10_members(seed=0):
     """name -> pickled bytes of a tiny CIFAR-10 (2 images per training batch, 3 test)."""
     rng = np.random.default_rng(seed)
-    members = {f"data_batch_{i}": cifar_batch(rng, 2, labels=[(2 * i) % 10, (2 * i + 1) % 10]) for i in range(1, 6)}
+    members = {
+        f"data_batch_{i}": cifar_batch(rng, 2, labels=[(2 * i) % 10, (2 * i + 1) % 10])
+        for i in range(1, 6)
+    }
     members["test_batch"] = cifar_batch(rng, 3, labels=[0, 5, 9])
     members["batches.meta"] = {b"label_names": CIFAR10_NAMES, b"num_cases_per_batch": 2}
     return {name: pickle.dumps(obj, protocol=2) for name, obj in members.items()}
@@ -87,8 +92,12 @@ def cifar100_members(seed=0):
     rng = np.random.default_rng(seed)
     fine_train, fine_test = [3, 99, 42, 7], [0, 55]
     members = {
-        "train": cifar_batch(rng, 4, fine_labels=fine_train, coarse_labels=[f // 5 for f in fine_train]),
-        "test": cifar_batch(rng, 2, fine_labels=fine_test, coarse_labels=[f // 5 for f in fine_test]),
+        "train": cifar_batch(
+            rng, 4, fine_labels=fine_train, coarse_labels=[f // 5 for f in fine_train]
+        ),
+        "test": cifar_batch(
+            rng, 2, fine_labels=fine_test, coarse_labels=[f // 5 for f in fine_test]
+        ),
         "meta": {b"fine_label_names": CIFAR100_FINE, b"coarse_label_names": CIFAR100_COARSE},
     }
     return {name: pickle.dumps(obj, protocol=2) for name, obj in members.items()}
@@ -120,9 +129,15 @@ def test_idx_loader_reads_gz_and_uncompressed(tmp_path, compress):
     ds = load_dataset("fashion_mnist", tmp_path, verify=False)
     assert ds.x_train.shape == (30, 28, 28, 1) and ds.x_test.shape == (12, 28, 28, 1)
     assert ds.x_train.dtype == np.float32 and ds.y_train.dtype == np.int32
-    np.testing.assert_allclose(ds.x_train[..., 0] * 255, arrays["train-images-idx3-ubyte"], atol=1e-3)
+    np.testing.assert_allclose(
+        ds.x_train[..., 0] * 255, arrays["train-images-idx3-ubyte"], atol=1e-3
+    )
     np.testing.assert_array_equal(ds.y_test, arrays["t10k-labels-idx1-ubyte"])
-    assert ds.class_names[0] == "T-shirt/top" and ds.num_classes == 10 and ds.input_shape == (28, 28, 1)
+    assert (
+        ds.class_names[0] == "T-shirt/top"
+        and ds.num_classes == 10
+        and ds.input_shape == (28, 28, 1)
+    )
 
 
 @pytest.mark.parametrize("subdir", ["", "mnist", "MNIST/raw"])
@@ -157,7 +172,9 @@ def test_idx_wrong_magic(tmp_path):
         return bytes([0, 0, 8, 1]) + content[4:] if name == "train-images-idx3-ubyte" else content
 
     write_idx_folder(tmp_path, small_idx_arrays(), edit=swap_magic)
-    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: wrong idx magic number 2049.*expected 2051"):
+    with pytest.raises(
+        ValueError, match=r"train-images-idx3-ubyte\.gz: wrong idx magic number 2049.*expected 2051"
+    ):
         load_dataset("mnist", tmp_path, verify=False)
 
 
@@ -267,7 +284,9 @@ def test_cifar10(tmp_path, form):
     # channel planes R, G, B of the row become the last axis
     raw = pickle.loads(members["data_batch_1"], encoding="bytes")[b"data"][1]
     np.testing.assert_allclose(ds.x_train[1, 0, 1] * 255, raw[[1, 1024 + 1, 2048 + 1]], atol=1e-3)
-    np.testing.assert_allclose(ds.x_train[1, 2, 0] * 255, raw[[64, 1024 + 64, 2048 + 64]], atol=1e-3)
+    np.testing.assert_allclose(
+        ds.x_train[1, 2, 0] * 255, raw[[64, 1024 + 64, 2048 + 64]], atol=1e-3
+    )
 
 
 def test_cifar10_dir_is_the_extracted_folder(tmp_path):
@@ -299,14 +318,20 @@ def test_cifar_missing(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
         load_dataset("cifar100", tmp_path)
     message = str(info.value)
-    assert "cifar-100-python.tar.gz" in message and "cifar-100-python/" in message and str(tmp_path) in message
+    assert (
+        "cifar-100-python.tar.gz" in message
+        and "cifar-100-python/" in message
+        and str(tmp_path) in message
+    )
 
 
 def test_cifar_folder_missing_member(tmp_path):
     members = cifar10_members()
     del members["test_batch"]
     write_cifar_folder(tmp_path / "cifar-10-batches-py", members)
-    with pytest.raises(FileNotFoundError, match=r"CIFAR-10 file 'test_batch' not found in .*cifar-10-batches-py"):
+    with pytest.raises(
+        FileNotFoundError, match=r"CIFAR-10 file 'test_batch' not found in .*cifar-10-batches-py"
+    ):
         load_dataset("cifar10", tmp_path)
 
 
@@ -322,13 +347,17 @@ def test_cifar_pickle_with_code_is_refused(tmp_path):
     members = cifar10_members()
     members["test_batch"] = pickle.dumps({b"data": os.getcwd}, protocol=2)  # names a global
     write_cifar_folder(tmp_path / "cifar-10-batches-py", members)
-    with pytest.raises(ValueError, match="test_batch: not a readable CIFAR python pickle.*refusing"):
+    with pytest.raises(
+        ValueError, match="test_batch: not a readable CIFAR python pickle.*refusing"
+    ):
         load_dataset("cifar10", tmp_path)
 
 
 def test_cifar_bad_data_shape(tmp_path):
     members = cifar10_members()
-    members["test_batch"] = pickle.dumps({b"data": np.zeros((3, 100), np.uint8), b"labels": [0, 1, 2]})
+    members["test_batch"] = pickle.dumps(
+        {b"data": np.zeros((3, 100), np.uint8), b"labels": [0, 1, 2]}
+    )
     write_cifar_folder(tmp_path / "cifar-10-batches-py", members)
     with pytest.raises(ValueError, match=r"test_batch: b'data' must be uint8 \[n, 3072\]"):
         load_dataset("cifar10", tmp_path)
@@ -342,7 +371,13 @@ def test_cifar_bad_data_shape(tmp_path):
 def test_npz_with_test_split_and_noncontiguous_labels(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "feats.npz"
-    np.savez(path, x=rng.normal(size=(6, 4)), y=[10, 30, 10, 7, 30, 7], x_test=rng.normal(size=(2, 4)), y_test=[99, 7])
+    np.savez(
+        path,
+        x=rng.normal(size=(6, 4)),
+        y=[10, 30, 10, 7, 30, 7],
+        x_test=rng.normal(size=(2, 4)),
+        y_test=[99, 7],
+    )
     ds = load_dataset(f"npz:{path}")
     assert ds.class_names == ("7", "10", "30", "99")
     np.testing.assert_array_equal(ds.y_train, [1, 2, 1, 0, 2, 0])
@@ -393,7 +428,10 @@ def test_digits_split_fixed_and_stratified():
 
 
 def test_unknown_name_lists_known():
-    with pytest.raises(ValueError, match=r"unknown dataset 'imagenet'; known: digits, mnist, fashion_mnist, cifar10"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown dataset 'imagenet'; known: digits, mnist, fashion_mnist, cifar10",
+    ):
         load_dataset("imagenet")
 
 
@@ -404,12 +442,17 @@ def test_coarse_label_mode_only_for_cifar100():
 
 def test_tfds_missing_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
-    with pytest.raises(ImportError, match=r"tfds:mnist needs tensorflow-datasets: pip install 'magnet-jax\[tfds\]'"):
+    with pytest.raises(
+        ImportError, match=r"tfds:mnist needs tensorflow-datasets: pip install 'magnet-jax\[tfds\]'"
+    ):
         load_dataset("tfds:mnist")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("tensorflow_datasets") is None, reason="tensorflow-datasets not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow_datasets") is None,
+    reason="tensorflow-datasets not installed",
+)
 def test_tfds_fashion_mnist_from_manual_dir(tmp_path):
     manual = SHARED_DATASETS / "fashion-mnist"
     if not (manual / "train-images-idx3-ubyte.gz").is_file():
@@ -424,7 +467,9 @@ def test_tfds_fashion_mnist_from_manual_dir(tmp_path):
         rows = np.concatenate([x.reshape(len(x), -1), y[:, None].astype(np.float32)], axis=1)
         return rows[np.lexsort(rows.T[::-1])]
 
-    np.testing.assert_array_equal(sorted_rows(ds.x_test, ds.y_test), sorted_rows(reference.x_test, reference.y_test))
+    np.testing.assert_array_equal(
+        sorted_rows(ds.x_test, ds.y_test), sorted_rows(reference.x_test, reference.y_test)
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -441,10 +486,14 @@ def tiny_dataset(num_classes=10, per_class=6):
 
 def test_coarsen_fashion_groups():
     ds = coarsen(tiny_dataset(), *FASHION_MNIST_COARSE)
-    expected = np.array([0, 2, 0, 0, 0, 1, 0, 1, 3, 1])  # T-shirt, Trouser, Pullover, Dress, Coat, Sandal, ...
+    expected = np.array(
+        [0, 2, 0, 0, 0, 1, 0, 1, 3, 1]
+    )  # T-shirt, Trouser, Pullover, Dress, Coat, Sandal, ...
     np.testing.assert_array_equal(ds.y_test, expected)
     np.testing.assert_array_equal(ds.y_train, expected[ds.fine_train])
-    assert ds.class_names == ("tops", "footwear", "trouser", "bag") and ds.fine_class_names[0] == "c0"
+    assert (
+        ds.class_names == ("tops", "footwear", "trouser", "bag") and ds.fine_class_names[0] == "c0"
+    )
     assert ds.name == "tiny/coarse" and ds.num_fine_classes == 10
     parity = coarsen(tiny_dataset(), *MNIST_PARITY)
     np.testing.assert_array_equal(parity.y_train, parity.fine_train % 2)
@@ -480,7 +529,9 @@ def test_stratified_split_small_classes():
 
 def test_dataset_rejects_bad_labels():
     x = np.zeros((3, 2), np.float32)
-    with pytest.raises(ValueError, match=r"y_train has labels in \[0, 5\] but there are 2 class names"):
+    with pytest.raises(
+        ValueError, match=r"y_train has labels in \[0, 5\] but there are 2 class names"
+    ):
         Dataset("bad", x, np.array([0, 1, 5], np.int32), x, np.zeros(3, np.int32), ("a", "b"))
     with pytest.raises(ValueError, match="must be an int32 array"):
         Dataset("bad", x, np.array([0, 1, 1]), x, np.zeros(3, np.int32), ("a", "b"))

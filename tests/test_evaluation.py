@@ -1,4 +1,5 @@
 """Tests of magnet_jax.evaluation against brute-force NumPy references (and pml)."""
+
 import types
 
 import jax
@@ -39,8 +40,7 @@ def np_order(query, reference, exclude_self=False):
     return order, np.take_along_axis(distances, order, axis=1)
 
 
-def np_retrieval(query, query_labels, reference=None, reference_labels=None,
-                 ks=(1, 2, 4, 8)):
+def np_retrieval(query, query_labels, reference=None, reference_labels=None, ks=(1, 2, 4, 8)):
     """pml's AccuracyCalculator definitions, one query at a time."""
     self_gallery = reference is None
     if self_gallery:
@@ -53,10 +53,10 @@ def np_retrieval(query, query_labels, reference=None, reference_labels=None,
             continue  # pml's "lone" query
         same = reference_labels[order[i]] == label
         first = same[:relevant]
-        average_precision = sum(np.cumsum(first)[j] / (j + 1)
-                                for j in range(relevant) if first[j]) / relevant
-        rows.append([same[0], first.mean(), average_precision]
-                    + [same[:k].any() for k in ks])
+        average_precision = (
+            sum(np.cumsum(first)[j] / (j + 1) for j in range(relevant) if first[j]) / relevant
+        )
+        rows.append([same[0], first.mean(), average_precision] + [same[:k].any() for k in ks])
     names = list(KNN_METRICS) + [f"recall_at_{k}" for k in ks]
     if not rows:
         return {name: float("nan") for name in names}
@@ -80,7 +80,7 @@ def np_knc(embeddings, centroids, valid, sigma2, num_nearest):
     distances[:, ~valid.reshape(-1)] = np.inf
     predictions = []
     for row in distances:
-        nearest = np.argsort(row, kind="stable")[:min(num_nearest, int(valid.sum()))]
+        nearest = np.argsort(row, kind="stable")[: min(num_nearest, int(valid.sum()))]
         scores = np.zeros(num_classes)
         for cluster in nearest:
             scores[cluster // num_slots] += np.exp(-row[cluster] / (2 * sigma2))
@@ -115,9 +115,14 @@ def test_nearest_neighbours_matches_numpy(chunk_size, reference_chunk_size, excl
     query = rng.standard_normal((23, 6)).astype(np.float32)
     reference = query if exclude_self else rng.standard_normal((31, 6)).astype(np.float32)
     k = 9
-    distances, indices = nearest_neighbours(query, reference, k=k, chunk_size=chunk_size,
-                                            reference_chunk_size=reference_chunk_size,
-                                            exclude_self=exclude_self)
+    distances, indices = nearest_neighbours(
+        query,
+        reference,
+        k=k,
+        chunk_size=chunk_size,
+        reference_chunk_size=reference_chunk_size,
+        exclude_self=exclude_self,
+    )
     order, expected = np_order(query, reference, exclude_self)
     assert distances.shape == indices.shape == (23, k)
     assert indices.dtype == jnp.int32
@@ -129,20 +134,19 @@ def test_nearest_neighbours_matches_numpy(chunk_size, reference_chunk_size, excl
 
 def test_nearest_neighbours_ties_lower_index_first():
     # Integer coordinates: float32 distances are exact, so these ties are exact ties.
-    reference = np.array([[2.], [1.], [-1.], [1.], [0.], [-2.], [1.]], np.float32)
-    query = np.array([[0.], [1.]], np.float32)
+    reference = np.array([[2.0], [1.0], [-1.0], [1.0], [0.0], [-2.0], [1.0]], np.float32)
+    query = np.array([[0.0], [1.0]], np.float32)
     for reference_chunk_size in (None, 2, 3):
-        distances, indices = nearest_neighbours(query, reference, k=7,
-                                                reference_chunk_size=reference_chunk_size)
-        np.testing.assert_array_equal(indices, [[4, 1, 2, 3, 6, 0, 5],
-                                                [1, 3, 6, 0, 4, 2, 5]])
-        np.testing.assert_array_equal(distances, [[0, 1, 1, 1, 1, 4, 4],
-                                                  [0, 0, 0, 1, 1, 4, 9]])
+        distances, indices = nearest_neighbours(
+            query, reference, k=7, reference_chunk_size=reference_chunk_size
+        )
+        np.testing.assert_array_equal(indices, [[4, 1, 2, 3, 6, 0, 5], [1, 3, 6, 0, 4, 2, 5]])
+        np.testing.assert_array_equal(distances, [[0, 1, 1, 1, 1, 4, 4], [0, 0, 0, 1, 1, 4, 9]])
 
 
 def test_nearest_neighbours_exclude_self_with_duplicates():
     # Three identical points: each one's neighbours are the other two, never itself.
-    points = np.array([[1., 1.], [1., 1.], [1., 1.], [5., 5.]], np.float32)
+    points = np.array([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [5.0, 5.0]], np.float32)
     _, indices = nearest_neighbours(points, points, k=2, exclude_self=True, chunk_size=3)
     np.testing.assert_array_equal(indices, [[1, 2], [0, 2], [0, 1], [0, 1]])
 
@@ -177,8 +181,11 @@ def test_knn_predict_k1_matches_sklearn():
     rng = np.random.default_rng(2)
     reference, reference_labels = gaussian_classes(rng, 200, 8, 5)
     query, query_labels = gaussian_classes(rng, 77, 8, 5)
-    expected = KNeighborsClassifier(n_neighbors=1, algorithm="brute").fit(
-        reference, reference_labels).predict(query)
+    expected = (
+        KNeighborsClassifier(n_neighbors=1, algorithm="brute")
+        .fit(reference, reference_labels)
+        .predict(query)
+    )
     predictions = knn_predict(query, reference, reference_labels, k=1, chunk_size=16)
     assert predictions.dtype == jnp.int32
     np.testing.assert_array_equal(predictions, expected)
@@ -193,13 +200,14 @@ def test_knn_predict_k5_majority_vote(exclude_self):
     query = reference if exclude_self else gaussian_classes(rng, 60, 4, 6, spread=0.7)[0]
     order, _ = np_order(query, reference, exclude_self)
     expected = np_vote(reference_labels[order[:, :5]])
-    predictions = knn_predict(query, reference, reference_labels, k=5, chunk_size=7,
-                              exclude_self=exclude_self)
+    predictions = knn_predict(
+        query, reference, reference_labels, k=5, chunk_size=7, exclude_self=exclude_self
+    )
     np.testing.assert_array_equal(predictions, expected)
 
 
 def test_knn_predict_tie_goes_to_nearest_member():
-    reference = np.array([[0.], [1.], [2.], [3.]], np.float32)
+    reference = np.array([[0.0], [1.0], [2.0], [3.0]], np.float32)
     labels = np.array([3, 1, 1, 3])
     # Neighbours of 0.1: 0 (class 3), 1 (class 1), 2 (class 1), 3 (class 3): 2 votes each,
     # class 3 has the nearest member.
@@ -237,8 +245,14 @@ def test_knc_predict_matches_numpy(num_nearest, chunk_size):
     embeddings = rng.standard_normal((40, 5)).astype(np.float32)
     sigma2 = 0.8
     expected = np_knc(embeddings, centroids, valid, sigma2, num_nearest)
-    predictions = knc_predict(embeddings, centroids=centroids, valid=valid, sigma2=sigma2,
-                              num_nearest_clusters=num_nearest, chunk_size=chunk_size)
+    predictions = knc_predict(
+        embeddings,
+        centroids=centroids,
+        valid=valid,
+        sigma2=sigma2,
+        num_nearest_clusters=num_nearest,
+        chunk_size=chunk_size,
+    )
     assert predictions.dtype == jnp.int32 and predictions.shape == (40,)
     np.testing.assert_array_equal(predictions, expected)
 
@@ -261,20 +275,25 @@ def test_knc_one_cluster_per_class_is_nearest_class_mean():
     means = np.stack([embeddings[labels == c].mean(0) for c in range(7)])
     nearest_mean = np.argmin(np_sq_distances(embeddings, means), axis=1)
     for num_nearest in (7, 128):
-        predictions = knc_predict(embeddings, centroids=means[:, None, :], sigma2=2.5,
-                                  num_nearest_clusters=num_nearest, chunk_size=64)
+        predictions = knc_predict(
+            embeddings,
+            centroids=means[:, None, :],
+            sigma2=2.5,
+            num_nearest_clusters=num_nearest,
+            chunk_size=64,
+        )
         np.testing.assert_array_equal(predictions, nearest_mean)
 
 
 def test_knc_invalid_clusters_never_win():
-    centroids = np.array([[[0.0, 0.0], [9.0, 9.0]],
-                          [[5.0, 5.0], [0.0, 0.1]]], np.float32)
+    centroids = np.array([[[0.0, 0.0], [9.0, 9.0]], [[5.0, 5.0], [0.0, 0.1]]], np.float32)
     # Class 1's slot 1 sits on top of the queries but is empty.
     valid = np.array([[True, True], [True, False]])
     queries = np.array([[0.0, 0.1], [0.1, 0.1], [2.4, 2.4]], np.float32)
     for num_nearest in (1, 2, 4):
-        predictions = knc_predict(queries, centroids=centroids, valid=valid, sigma2=1.0,
-                                  num_nearest_clusters=num_nearest)
+        predictions = knc_predict(
+            queries, centroids=centroids, valid=valid, sigma2=1.0, num_nearest_clusters=num_nearest
+        )
         assert predictions.tolist() == [0, 0, 0]
     # Even with stale garbage (NaN) in an invalid slot.
     centroids[1, 1] = np.nan
@@ -285,18 +304,20 @@ def test_knc_invalid_clusters_never_win():
 def test_knc_duck_typed_index_and_overrides():
     rng = np.random.default_rng(6)
     centroids, valid = random_index(rng, 5, 3, 4)
-    index = types.SimpleNamespace(centroids=jnp.asarray(centroids),
-                                  valid=jnp.asarray(valid), variance=jnp.float32(0.5))
+    index = types.SimpleNamespace(
+        centroids=jnp.asarray(centroids), valid=jnp.asarray(valid), variance=jnp.float32(0.5)
+    )
     embeddings = rng.standard_normal((30, 4)).astype(np.float32)
     expected = np_knc(embeddings, centroids, valid, 0.5, 4)
-    np.testing.assert_array_equal(knc_predict(embeddings, index, num_nearest_clusters=4),
-                                  expected)
+    np.testing.assert_array_equal(knc_predict(embeddings, index, num_nearest_clusters=4), expected)
     np.testing.assert_array_equal(
         knc_predict(embeddings, index, sigma2=3.0, num_nearest_clusters=4),
-        np_knc(embeddings, centroids, valid, 3.0, 4))
+        np_knc(embeddings, centroids, valid, 3.0, 4),
+    )
     labels = rng.integers(0, 5, 30)
     assert knc_error(embeddings, labels, index, num_nearest_clusters=4) == pytest.approx(
-        np.mean(expected != labels))
+        np.mean(expected != labels)
+    )
 
 
 def test_knc_under_jit_matches_eager():
@@ -306,13 +327,19 @@ def test_knc_under_jit_matches_eager():
 
     @jax.jit
     def predict(x, c, v, s):
-        return knc_predict(x, centroids=c, valid=v, sigma2=s, num_nearest_clusters=5,
-                           chunk_size=8)
+        return knc_predict(x, centroids=c, valid=v, sigma2=s, num_nearest_clusters=5, chunk_size=8)
 
     np.testing.assert_array_equal(
         predict(embeddings, centroids, valid, jnp.float32(0.7)),
-        knc_predict(embeddings, centroids=centroids, valid=valid, sigma2=0.7,
-                    num_nearest_clusters=5, chunk_size=8))
+        knc_predict(
+            embeddings,
+            centroids=centroids,
+            valid=valid,
+            sigma2=0.7,
+            num_nearest_clusters=5,
+            chunk_size=8,
+        ),
+    )
 
 
 def test_knc_validation():
@@ -344,9 +371,14 @@ def test_retrieval_self_gallery_matches_numpy(chunk_size):
     labels[:2] = [17, 23]  # two singleton classes: R = 0, left out like pml's lone queries
     expected = np_retrieval(points, labels, ks=(1, 3, 200))
     for reference_chunk_size in (None, 11):
-        metrics = retrieval_metrics(points, labels, ks=(1, 3, 200), chunk_size=chunk_size,
-                                    reference_chunk_size=reference_chunk_size,
-                                    clustering=False)
+        metrics = retrieval_metrics(
+            points,
+            labels,
+            ks=(1, 3, 200),
+            chunk_size=chunk_size,
+            reference_chunk_size=reference_chunk_size,
+            clustering=False,
+        )
         assert_metrics_close(metrics, expected)
         assert "nmi" not in metrics
 
@@ -358,32 +390,35 @@ def test_retrieval_separate_gallery_matches_numpy(chunk_size):
     query, query_labels = gaussian_classes(rng, 40, 5, 8, spread=0.8)  # 6, 7: absent
     assert np.isin([6, 7], query_labels).all()
     expected = np_retrieval(query, query_labels, reference, reference_labels)
-    metrics = retrieval_metrics(query, query_labels, reference, reference_labels,
-                                chunk_size=chunk_size, clustering=False)
+    metrics = retrieval_metrics(
+        query, query_labels, reference, reference_labels, chunk_size=chunk_size, clustering=False
+    )
     assert_metrics_close(metrics, expected)
 
 
 def test_retrieval_hand_made_ties_and_lone_queries():
     # 1-D, integer positions: exact distance ties, broken by the lower gallery index.
-    gallery = np.array([[1.], [-1.], [3.], [4.]], np.float32)
+    gallery = np.array([[1.0], [-1.0], [3.0], [4.0]], np.float32)
     gallery_labels = np.array([5, 7, 7, 5])
-    query = np.array([[0.], [10.]], np.float32)
+    query = np.array([[0.0], [10.0]], np.float32)
     query_labels = np.array([7, 9])  # class 9 is absent from the gallery: left out
-    metrics = retrieval_metrics(query, query_labels, gallery, gallery_labels, ks=(1, 2),
-                                clustering=False)
+    metrics = retrieval_metrics(
+        query, query_labels, gallery, gallery_labels, ks=(1, 2), clustering=False
+    )
     # Query 0: neighbours by (distance, index): 0 (5), 1 (7), 2 (7), 3 (5); R = 2.
     assert metrics["precision_at_1"] == 0.0
     assert metrics["r_precision"] == 0.5
     assert metrics["mean_average_precision_at_r"] == pytest.approx(0.25)  # (1/2)/2
     assert metrics["recall_at_1"] == 0.0 and metrics["recall_at_2"] == 1.0
     # All queries lone: NaN, like pml.
-    nan_metrics = retrieval_metrics(query, np.array([8, 9]), gallery, gallery_labels,
-                                    clustering=False)
+    nan_metrics = retrieval_metrics(
+        query, np.array([8, 9]), gallery, gallery_labels, clustering=False
+    )
     assert all(np.isnan(nan_metrics[name]) for name in KNN_METRICS)
 
 
 def test_retrieval_self_gallery_singletons_and_duplicates():
-    points = np.array([[0.], [0.], [0.], [2.], [5.]], np.float32)
+    points = np.array([[0.0], [0.0], [0.0], [2.0], [5.0]], np.float32)
     labels = np.array([1, 1, 2, 2, 3])  # class 3 is a singleton: left out
     metrics = retrieval_metrics(points, labels, ks=(1,), clustering=False)
     assert_metrics_close(metrics, np_retrieval(points, labels, ks=(1,)))
@@ -417,13 +452,13 @@ def test_clustering_scores_separated_classes():
 # ----------------------------------------------------------------- against pml
 
 
-def pml_accuracy(query, query_labels, reference=None, reference_labels=None,
-                 include=KNN_METRICS):
+def pml_accuracy(query, query_labels, reference=None, reference_labels=None, include=KNN_METRICS):
     pytest.importorskip("faiss")
     torch = pytest.importorskip("torch")
     accuracy = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
-    calculator = accuracy.AccuracyCalculator(include=include, k="max_bin_count",
-                                             device=torch.device("cpu"))
+    calculator = accuracy.AccuracyCalculator(
+        include=include, k="max_bin_count", device=torch.device("cpu")
+    )
     return calculator.get_accuracy(query, query_labels, reference, reference_labels)
 
 
@@ -441,8 +476,9 @@ def test_matches_pml_separate_gallery():
     reference, reference_labels = gaussian_classes(rng, 300, 16, 10, spread=0.5)
     query, query_labels = gaussian_classes(rng, 150, 16, 12, spread=0.5)  # 10, 11 absent
     expected = pml_accuracy(query, query_labels, reference, reference_labels)
-    metrics = retrieval_metrics(query, query_labels, reference, reference_labels,
-                                clustering=False, chunk_size=64)
+    metrics = retrieval_metrics(
+        query, query_labels, reference, reference_labels, clustering=False, chunk_size=64
+    )
     assert_metrics_close(metrics, {n: expected[n] for n in KNN_METRICS}, atol=1e-6)
 
 

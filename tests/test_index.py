@@ -109,7 +109,9 @@ def _check_impostors(index, centroids, exact=True):
 
 def test_index_from_assignments_matches_numpy(data, index):
     embeddings, labels, assignments = data
-    centroids, counts = _numpy_centroids(embeddings, labels, assignments, NUM_CLASSES, CLUSTERS_PER_CLASS)
+    centroids, counts = _numpy_centroids(
+        embeddings, labels, assignments, NUM_CLASSES, CLUSTERS_PER_CLASS
+    )
     assert isinstance(index, ClusterIndex)
     assert index.centroids.shape == (NUM_CLASSES, CLUSTERS_PER_CLASS, DIM)
     assert index.centroids.dtype == jnp.float32
@@ -168,7 +170,9 @@ def test_impostor_search_in_chunks_matches_brute_force():
     )
     chunked = build(impostor_chunk_size=128)
     assert not np.asarray(chunked.valid).all(), "the case should have empty slots"
-    centroids, _ = _numpy_centroids(embeddings, labels, assignments, num_classes, clusters_per_class)
+    centroids, _ = _numpy_centroids(
+        embeddings, labels, assignments, num_classes, clusters_per_class
+    )
     _check_impostors(chunked, centroids, exact=False)
     np.testing.assert_array_equal(chunked.impostors, build().impostors)
 
@@ -195,7 +199,9 @@ def test_index_from_assignments_under_jit(data, index):
         )
     )
     jax.tree.map(
-        partial(np.testing.assert_allclose, rtol=1e-6), build(embeddings, labels, assignments), index
+        partial(np.testing.assert_allclose, rtol=1e-6),
+        build(embeddings, labels, assignments),
+        index,
     )
 
 
@@ -223,7 +229,12 @@ def batches(index):
 
 def test_neighbourhood_batch_structure(index, batches):
     assert isinstance(batches, NeighbourhoodBatch)
-    assert batches.indices.shape == batches.labels.shape == batches.cluster_ids.shape == (NUM_DRAWS, 20)
+    assert (
+        batches.indices.shape
+        == batches.labels.shape
+        == batches.cluster_ids.shape
+        == (NUM_DRAWS, 20)
+    )
     indices, labels, cluster_ids = (np.asarray(x) for x in batches)
     # Every example belongs to its cluster and its class.
     np.testing.assert_array_equal(np.asarray(index.labels)[indices], labels)
@@ -275,19 +286,27 @@ def test_seed_frequencies_follow_tracked_losses(index):
 
 
 def test_seed_floor_and_all_zero_losses(index):
-    probabilities = np.asarray(seed_probabilities(index.replace(cluster_loss=jnp.zeros_like(index.cluster_loss))))
+    probabilities = np.asarray(
+        seed_probabilities(index.replace(cluster_loss=jnp.zeros_like(index.cluster_loss)))
+    )
     valid = np.asarray(index.valid).reshape(-1)
     np.testing.assert_allclose(probabilities[valid], 1.0 / valid.sum(), rtol=1e-6)
     assert (probabilities[~valid] == 0).all()
     one_solved = index.cluster_loss.at[0, 0].set(0.0)
-    probabilities = np.asarray(seed_probabilities(index.replace(cluster_loss=one_solved), seed_floor=0.0))
+    probabilities = np.asarray(
+        seed_probabilities(index.replace(cluster_loss=one_solved), seed_floor=0.0)
+    )
     assert probabilities[0] == 0.0 and np.isfinite(probabilities).all()
 
 
 def test_sample_neighbourhood_single_cluster(index):
-    single_cluster = sample_neighbourhood(index, jax.random.key(0), clusters_per_batch=1, examples_per_cluster=3)
+    single_cluster = sample_neighbourhood(
+        index, jax.random.key(0), clusters_per_batch=1, examples_per_cluster=3
+    )
     assert single_cluster.indices.shape == (3,)
-    assert (np.asarray(index.cluster_ids)[single_cluster.indices] == single_cluster.cluster_ids).all()
+    assert (
+        np.asarray(index.cluster_ids)[single_cluster.indices] == single_cluster.cluster_ids
+    ).all()
 
 
 # ---------------------------------------------------------------------------------------
@@ -365,14 +384,20 @@ def kmeans_index(data):
 def test_build_index(data, kmeans_index):
     embeddings, labels, _ = data
     index = kmeans_index
-    assert index.num_classes == NUM_CLASSES and index.centroids.shape == (NUM_CLASSES, CLUSTERS_PER_CLASS, DIM)
+    assert index.num_classes == NUM_CLASSES and index.centroids.shape == (
+        NUM_CLASSES,
+        CLUSTERS_PER_CLASS,
+        DIM,
+    )
     assert ((index.assignments >= 0) & (index.assignments < CLUSTERS_PER_CLASS)).all()
     counts = np.bincount(np.asarray(index.cluster_ids), minlength=index.num_clusters)
     np.testing.assert_array_equal(np.asarray(index.counts).reshape(-1), counts)
     np.testing.assert_array_equal(index.valid, index.counts > 0)
     # Class 3 has a single example, so one valid cluster; the others have three.
     np.testing.assert_array_equal(np.asarray(index.valid).sum(axis=1), [3, 3, 3, 1])
-    centroids, _ = _numpy_centroids(embeddings, labels, np.asarray(index.assignments), NUM_CLASSES, CLUSTERS_PER_CLASS)
+    centroids, _ = _numpy_centroids(
+        embeddings, labels, np.asarray(index.assignments), NUM_CLASSES, CLUSTERS_PER_CLASS
+    )
     np.testing.assert_allclose(index.centroids, centroids, rtol=1e-5, atol=1e-5)
     _check_impostors(index, centroids)
 
@@ -397,7 +422,11 @@ def test_refresh_index_carries_over_variance_and_resets_losses(data, kmeans_inde
     _check_impostors(refreshed, np.asarray(refreshed.centroids))
 
     inherited = refresh_index(
-        trained, 3.0 * embeddings, key=jax.random.key(9), max_iterations=20, inherit_cluster_loss=True
+        trained,
+        3.0 * embeddings,
+        key=jax.random.key(9),
+        max_iterations=20,
+        inherit_cluster_loss=True,
     )
     old_example_loss = np.asarray(trained.cluster_loss).reshape(-1)[np.asarray(trained.cluster_ids)]
     new_ids = np.asarray(inherited.cluster_ids)
@@ -425,7 +454,10 @@ def _build_call(data, **overrides):
     )
     arguments.update(overrides)
     return lambda: index_from_assignments(
-        arguments.pop("embeddings"), arguments.pop("labels"), arguments.pop("assignments"), **arguments
+        arguments.pop("embeddings"),
+        arguments.pop("labels"),
+        arguments.pop("assignments"),
+        **arguments,
     )
 
 
@@ -461,15 +493,60 @@ def test_index_from_assignments_errors(data, overrides, message):
 @pytest.mark.parametrize(
     "call, message",
     [
-        (lambda index: sample_neighbourhood(index, jax.random.key(0), clusters_per_batch=0, examples_per_cluster=2), "clusters_per_batch must be >= 1"),
-        (lambda index: sample_neighbourhood(index, jax.random.key(0), clusters_per_batch=8, examples_per_cluster=2), r"clusters_per_batch - 1 = 7 exceeds .* \(12, 6\)"),
-        (lambda index: sample_neighbourhood(index, jax.random.key(0), clusters_per_batch=2, examples_per_cluster=0), "examples_per_cluster"),
-        (lambda index: sample_neighbourhood(index, jax.random.key(0), clusters_per_batch=2, examples_per_cluster=2, seed_floor=-1.0), "seed_floor"),
-        (lambda index: record_batch(index, jnp.zeros(3, jnp.int32), jnp.zeros(4), jnp.float32(1)), r"\(3,\) and \(4,\)"),
-        (lambda index: record_batch(index, jnp.zeros(3), jnp.zeros(3), jnp.float32(1)), "cluster_ids must have an integer dtype"),
-        (lambda index: record_batch(index, jnp.zeros(3, jnp.int32), jnp.zeros(3), jnp.ones(2)), "variance must be a scalar"),
-        (lambda index: record_batch(index, jnp.zeros(3, jnp.int32), jnp.zeros(3), jnp.float32(1), momentum=1.0), "momentum"),
-        (lambda index: record_batch(index, jnp.zeros(3, jnp.int32), jnp.zeros(3), jnp.float32(1), variance_momentum=-0.1), "variance_momentum"),
+        (
+            lambda index: sample_neighbourhood(
+                index, jax.random.key(0), clusters_per_batch=0, examples_per_cluster=2
+            ),
+            "clusters_per_batch must be >= 1",
+        ),
+        (
+            lambda index: sample_neighbourhood(
+                index, jax.random.key(0), clusters_per_batch=8, examples_per_cluster=2
+            ),
+            r"clusters_per_batch - 1 = 7 exceeds .* \(12, 6\)",
+        ),
+        (
+            lambda index: sample_neighbourhood(
+                index, jax.random.key(0), clusters_per_batch=2, examples_per_cluster=0
+            ),
+            "examples_per_cluster",
+        ),
+        (
+            lambda index: sample_neighbourhood(
+                index,
+                jax.random.key(0),
+                clusters_per_batch=2,
+                examples_per_cluster=2,
+                seed_floor=-1.0,
+            ),
+            "seed_floor",
+        ),
+        (
+            lambda index: record_batch(
+                index, jnp.zeros(3, jnp.int32), jnp.zeros(4), jnp.float32(1)
+            ),
+            r"\(3,\) and \(4,\)",
+        ),
+        (
+            lambda index: record_batch(index, jnp.zeros(3), jnp.zeros(3), jnp.float32(1)),
+            "cluster_ids must have an integer dtype",
+        ),
+        (
+            lambda index: record_batch(index, jnp.zeros(3, jnp.int32), jnp.zeros(3), jnp.ones(2)),
+            "variance must be a scalar",
+        ),
+        (
+            lambda index: record_batch(
+                index, jnp.zeros(3, jnp.int32), jnp.zeros(3), jnp.float32(1), momentum=1.0
+            ),
+            "momentum",
+        ),
+        (
+            lambda index: record_batch(
+                index, jnp.zeros(3, jnp.int32), jnp.zeros(3), jnp.float32(1), variance_momentum=-0.1
+            ),
+            "variance_momentum",
+        ),
         (lambda index: recompute_centroids(index, jnp.zeros((46, DIM))), r"N=47"),
     ],
 )
@@ -486,6 +563,15 @@ def test_refresh_and_build_errors(index, data):
     with pytest.raises(ValueError, match="N=47"):
         refresh_index(index, embeddings[:-1], key=jax.random.key(0))
     with pytest.raises(ValueError, match="clusters_per_class must be >= 1"):
-        build_index(embeddings, labels, clusters_per_class=0, num_impostors=1, key=jax.random.key(0))
+        build_index(
+            embeddings, labels, clusters_per_class=0, num_impostors=1, key=jax.random.key(0)
+        )
     with pytest.raises(ValueError, match=r"num_impostors=9 exceeds"):
-        build_index(embeddings, labels, clusters_per_class=3, num_impostors=9, key=jax.random.key(0), max_iterations=20)
+        build_index(
+            embeddings,
+            labels,
+            clusters_per_class=3,
+            num_impostors=9,
+            key=jax.random.key(0),
+            max_iterations=20,
+        )

@@ -16,7 +16,15 @@ from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, load_dataset
 
 # A constant learning rate: the resume test extends `steps`, which a cosine schedule forbids.
-_SHORT = dict(lr_schedule="constant", eval_every=20, checkpoint_every=10, log_every=10, refresh_every=10, kmeans_iterations=10, num_devices=1)
+_SHORT = dict(
+    lr_schedule="constant",
+    eval_every=20,
+    checkpoint_every=10,
+    log_every=10,
+    refresh_every=10,
+    kmeans_iterations=10,
+    num_devices=1,
+)
 
 
 def _subset(dataset: Dataset, classes) -> Dataset:
@@ -35,7 +43,9 @@ def _subset(dataset: Dataset, classes) -> Dataset:
 
 def _flat(tree) -> dict[str, np.ndarray]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf) for path, leaf in flat}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): np.asarray(leaf) for path, leaf in flat
+    }
 
 
 def _history(workdir: Path) -> list[dict]:
@@ -51,7 +61,9 @@ def digits():
 def source(tmp_path_factory, digits):
     """A softmax run on digits 0-4 (2 devices), and its final parameters."""
     workdir = tmp_path_factory.mktemp("init_from") / "source"
-    config = TrainConfig(loss="softmax", steps=20, workdir=str(workdir), **{**_SHORT, "num_devices": 2})
+    config = TrainConfig(
+        loss="softmax", steps=20, workdir=str(workdir), **{**_SHORT, "num_devices": 2}
+    )
     dataset = _subset(digits, [0, 1, 2, 3, 4])
     training.train(config, progress=False, dataset=dataset)
     run = training.prepare(config, dataset)
@@ -69,18 +81,28 @@ def _finetune_config(source_dir: Path, workdir: Path, **changes) -> TrainConfig:
 
 def test_graft_params_copies_matching_paths_and_shapes():
     target = {
-        "trunk": {"layers": {0: {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}}, "head": {"kernel": np.zeros((3, 4))}},
+        "trunk": {
+            "layers": {0: {"kernel": np.zeros((2, 3)), "bias": np.zeros(3)}},
+            "head": {"kernel": np.zeros((3, 4))},
+        },
         "proxies": np.zeros((5, 4)),
     }
     source = {
-        "trunk": {"layers": {"0": {"kernel": np.arange(6.0).reshape(2, 3), "bias": np.ones(4)}}, "head": {"kernel": np.ones((3, 2))}},
+        "trunk": {
+            "layers": {"0": {"kernel": np.arange(6.0).reshape(2, 3), "bias": np.ones(4)}},
+            "head": {"kernel": np.ones((3, 2))},
+        },
         "classifier": {"kernel": np.ones((4, 5))},
     }
     params, copied, skipped = warm_start.graft_params(target, source)
     assert copied == ["trunk/layers/0/kernel"]
     assert skipped == ["trunk/layers/0/bias", "trunk/head/kernel", "proxies"]
-    np.testing.assert_array_equal(params["trunk"]["layers"][0]["kernel"], source["trunk"]["layers"]["0"]["kernel"])
-    assert params["trunk"]["layers"][0]["bias"] is target["trunk"]["layers"][0]["bias"]  # shape differs
+    np.testing.assert_array_equal(
+        params["trunk"]["layers"][0]["kernel"], source["trunk"]["layers"]["0"]["kernel"]
+    )
+    assert (
+        params["trunk"]["layers"][0]["bias"] is target["trunk"]["layers"][0]["bias"]
+    )  # shape differs
     assert params["trunk"]["head"]["kernel"] is target["trunk"]["head"]["kernel"]  # shape differs
     assert params["proxies"] is target["proxies"]  # absent from the source
     assert "classifier" not in params  # the target's structure, whatever the source has
@@ -88,10 +110,13 @@ def test_graft_params_copies_matching_paths_and_shapes():
     np.testing.assert_array_equal(target["trunk"]["layers"][0]["kernel"], 0.0)  # inputs untouched
     # A subtree where the target has a leaf (and the reverse) is no match; dtypes follow the target.
     params, copied, skipped = warm_start.graft_params(
-        {"a": np.zeros(2, np.float32), "b": {"c": np.zeros(2)}}, {"a": {"x": np.ones(2)}, "b": np.ones(2), "extra": 1}
+        {"a": np.zeros(2, np.float32), "b": {"c": np.zeros(2)}},
+        {"a": {"x": np.ones(2)}, "b": np.ones(2), "extra": 1},
     )
     assert copied == [] and skipped == ["a", "b/c"]
-    params, copied, _ = warm_start.graft_params({"a": jnp.zeros(3, jnp.float32)}, {"a": np.arange(3, dtype=np.float64)})
+    params, copied, _ = warm_start.graft_params(
+        {"a": jnp.zeros(3, jnp.float32)}, {"a": np.arange(3, dtype=np.float64)}
+    )
     assert copied == ["a"] and params["a"].dtype == np.float32
     np.testing.assert_array_equal(params["a"], [0.0, 1.0, 2.0])
 
@@ -101,7 +126,9 @@ def test_warm_start_copies_trunk_then_trains(tmp_path, source, digits):
     dataset = _subset(digits, [5, 6, 7, 8, 9])
     config = _finetune_config(source_dir, tmp_path / "finetune")
     # The checkpoints folder itself names the same checkpoint as its run's folder.
-    assert warm_start.find_init_checkpoint(str(source_dir / "checkpoints")) == warm_start.find_init_checkpoint(str(source_dir))
+    assert warm_start.find_init_checkpoint(
+        str(source_dir / "checkpoints")
+    ) == warm_start.find_init_checkpoint(str(source_dir))
 
     run = training.prepare(config, dataset)
     fresh = training.prepare(dataclasses.replace(config, init_from=None), dataset)
@@ -112,7 +139,9 @@ def test_warm_start_copies_trunk_then_trains(tmp_path, source, digits):
         np.testing.assert_array_equal(params[name], source_params[name], err_msg=name)
     # The 32-d head of the source does not fit the 16-d embedding: freshly initialised.
     assert source_params["trunk/head/kernel"].shape == (256, 32)
-    np.testing.assert_array_equal(params["trunk/head/kernel"], _flat(fresh.initial_state.params)["trunk/head/kernel"])
+    np.testing.assert_array_equal(
+        params["trunk/head/kernel"], _flat(fresh.initial_state.params)["trunk/head/kernel"]
+    )
     assert not any(name.startswith("classifier") for name in params)  # magnet has none
     # Optimizer state: fresh, as for the new parameters.
     for leaf in jax.tree.leaves(run.initial_state.opt_state):
@@ -168,11 +197,15 @@ def test_resume_does_not_graft_again(tmp_path, source, digits):
     for (name, a), b in zip(_flat(params_a).items(), _flat(params_b).values(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=name)
     history_a, history_b = _history(tmp_path / "straight"), _history(tmp_path / "interrupted")
-    assert [(h["kind"], h["step"]) for h in history_a] == [(h["kind"], h["step"]) for h in history_b]
+    assert [(h["kind"], h["step"]) for h in history_a] == [
+        (h["kind"], h["step"]) for h in history_b
+    ]
     assert [h["kind"] for h in history_b].count("init") == 1
     # init_from is part of the run: resuming with another (or none) is refused.
     with pytest.raises(ValueError, match="init_from"):
-        training.train(dataclasses.replace(resumed, init_from=None), progress=False, dataset=dataset)
+        training.train(
+            dataclasses.replace(resumed, init_from=None), progress=False, dataset=dataset
+        )
 
 
 def test_init_from_flag():
@@ -184,7 +217,10 @@ def test_init_from_flag():
 def _no_match_source(path: Path) -> Path:
     """A checkpoint whose parameters share no path with the digits model's."""
     state = training.TrainState(
-        step=jnp.zeros((), jnp.int32), params={"other": {"w": jnp.ones((3, 3))}}, opt_state=(), rng=jax.random.PRNGKey(0)
+        step=jnp.zeros((), jnp.int32),
+        params={"other": {"w": jnp.ones((3, 3))}},
+        opt_state=(),
+        rng=jax.random.PRNGKey(0),
     )
     checkpointer = Checkpointer(path / "checkpoints")
     checkpointer.save(5, state, None, {"history_lines": 0, "seconds": 0.0})
@@ -204,14 +240,30 @@ def test_bad_init_from_clear_error_nothing_written(tmp_path, capsys, case):
         init_from, messages = tmp_path / "partial", ["no complete checkpoint", "partial"]
         (init_from / "checkpoints" / "10.orbax-checkpoint-tmp-1").mkdir(parents=True)
     else:
-        init_from, messages = _no_match_source(tmp_path / "other"), ["nothing would be copied", "other"]
+        init_from, messages = (
+            _no_match_source(tmp_path / "other"),
+            ["nothing would be copied", "other"],
+        )
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     workdir = tmp_path / "run"
-    code = cli.main(["train", "--steps", "2", "--workdir", str(workdir), "--init-from", str(init_from), "--no-progress"])
+    code = cli.main(
+        [
+            "train",
+            "--steps",
+            "2",
+            "--workdir",
+            str(workdir),
+            "--init-from",
+            str(init_from),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     for message in messages:
         assert message in err
     assert "Traceback" not in err
     assert not workdir.exists()
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # the source untouched too
+    assert (
+        sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    )  # the source untouched too

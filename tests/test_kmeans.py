@@ -89,8 +89,7 @@ def _check_invariants(result: KMeansResult, x, y, num_classes, k):
     sq = np.where(counts[y] > 0, sq, np.inf)
     own = sq[np.arange(len(y)), assignments]
     np.testing.assert_allclose(own, sq.min(1), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(inertia, np.bincount(y, own, num_classes), rtol=1e-4,
-                               atol=1e-3)
+    np.testing.assert_allclose(inertia, np.bincount(y, own, num_classes), rtol=1e-4, atol=1e-3)
 
 
 # ------------------------------------------------------------------------ quality
@@ -131,8 +130,10 @@ def test_inertia_matches_sklearn_per_class():
     _check_invariants(result, x, y, 5, K)
     for label in range(5):
         points = x[y == label].astype(np.float64)
-        best = min(KMeans(K, init="k-means++", n_init=1, random_state=seed).fit(
-            points).inertia_ for seed in range(8))
+        best = min(
+            KMeans(K, init="k-means++", n_init=1, random_state=seed).fit(points).inertia_
+            for seed in range(8)
+        )
         assert float(result.inertia[label]) <= 1.02 * best, (label, best)
         assert float(result.inertia[label]) >= 0.9 * best, (label, best)
 
@@ -141,8 +142,9 @@ def test_restarts_keep_the_best_restart_of_every_class():
     x, y = _mixture()
     key = jax.random.key(3)
     best = kmeans_per_class(x, y, K, key=key, num_restarts=8)
-    singles = [kmeans_per_class(x, y, K, key=restart_key)
-               for restart_key in jax.random.split(key, 8)]
+    singles = [
+        kmeans_per_class(x, y, K, key=restart_key) for restart_key in jax.random.split(key, 8)
+    ]
     inertias = np.stack([np.asarray(single.inertia) for single in singles])
     np.testing.assert_allclose(best.inertia, inertias.min(0), rtol=1e-5)
     # The assignments of every class come from the restart that won that class.
@@ -151,15 +153,15 @@ def test_restarts_keep_the_best_restart_of_every_class():
         members = y == label
         np.testing.assert_array_equal(
             np.asarray(best.assignments)[members],
-            np.asarray(singles[winner[label]].assignments)[members])
+            np.asarray(singles[winner[label]].assignments)[members],
+        )
 
 
 def test_zero_tolerance_converges_to_means_of_the_assignments():
     x, y = _mixture()
     result = kmeans_per_class(x, y, K, key=jax.random.key(0), tolerance=0.0)
     assert bool(result.converged)
-    centroids, counts = centroids_from_assignments(x, y, result.assignments,
-                                                   num_classes=5, k=K)
+    centroids, counts = centroids_from_assignments(x, y, result.assignments, num_classes=5, k=K)
     np.testing.assert_array_equal(counts, result.counts)
     np.testing.assert_allclose(centroids, result.centroids, rtol=1e-5, atol=1e-5)
 
@@ -183,16 +185,20 @@ def _brute_force_inertia_k2(points):
 
 def _partition_inertia(points, slots):
     points = points.astype(np.float64)
-    return sum(((points[slots == j] - points[slots == j].mean(0)) ** 2).sum()
-               for j in np.unique(slots))
+    return sum(
+        ((points[slots == j] - points[slots == j].mean(0)) ** 2).sum() for j in np.unique(slots)
+    )
 
 
 def _tiny_classes(rng, dim, repeats=2, max_points=12):
     """Classes of every size 2..max_points (``repeats`` each), plus duplicates: a class
     of 2 distinct points (7 examples), one of 3 distinct points (9), one of a single
     point repeated (5), and n == k = 2 with both points equal."""
-    classes = [rng.normal(size=(size, dim)) * rng.uniform(0.1, 10)
-               for size in range(2, max_points + 1) for _ in range(repeats)]
+    classes = [
+        rng.normal(size=(size, dim)) * rng.uniform(0.1, 10)
+        for size in range(2, max_points + 1)
+        for _ in range(repeats)
+    ]
     classes.append(rng.normal(size=(2, dim))[rng.integers(0, 2, 7)])
     classes.append(rng.normal(size=(3, dim))[rng.integers(0, 3, 9)])
     classes.append(np.repeat(rng.normal(size=(1, dim)), 5, axis=0))
@@ -214,8 +220,9 @@ def test_exact_two_means_equals_numpy_brute_force(dim):
     order = rng.permutation(y.size)  # classes interleaved
     x, y = x[order], y[order]
     num_classes = len(classes) + 1  # plus an absent class
-    exact_fn = jax.jit(kmeans_module._exact_two_means,
-                       static_argnames=("num_classes", "max_points"))
+    exact_fn = jax.jit(
+        kmeans_module._exact_two_means, static_argnames=("num_classes", "max_points")
+    )
     slots, exact = exact_fn(x, y, num_classes=num_classes, max_points=12)
     slots = np.asarray(slots)
     assert np.asarray(exact).tolist() == [True] * len(classes) + [False]
@@ -227,9 +234,13 @@ def test_exact_two_means_equals_numpy_brute_force(dim):
         scatter = ((points - points.mean(0)) ** 2).sum()
         assert slots[members][0] == 0  # the class's first example is in slot 0
         assert (slots[members] == 1).any()  # two non-empty parts
-        np.testing.assert_allclose(_partition_inertia(points, slots[members]), optimum,
-                                   rtol=1e-5, atol=1e-6 * scatter + 1e-7,
-                                   err_msg=f"class {label}, n={members.sum()}")
+        np.testing.assert_allclose(
+            _partition_inertia(points, slots[members]),
+            optimum,
+            rtol=1e-5,
+            atol=1e-6 * scatter + 1e-7,
+            err_msg=f"class {label}, n={members.sum()}",
+        )
 
 
 def test_exact_two_means_skips_larger_classes_and_respects_max_points():
@@ -237,13 +248,15 @@ def test_exact_two_means_skips_larger_classes_and_respects_max_points():
     sizes = [1, 2, 5, 6, 13]
     y = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
     x = rng.normal(size=(y.size, 3)).astype(np.float32)
-    slots, exact = kmeans_module._exact_two_means(jnp.asarray(x), jnp.asarray(y),
-                                                  num_classes=5, max_points=5)
+    slots, exact = kmeans_module._exact_two_means(
+        jnp.asarray(x), jnp.asarray(y), num_classes=5, max_points=5
+    )
     assert np.asarray(exact).tolist() == [False, True, True, False, False]
     slots = np.asarray(slots)
     np.testing.assert_array_equal(slots[(y == 0) | (y >= 3)], 0)
-    np.testing.assert_allclose(_partition_inertia(x[y == 2], slots[y == 2]),
-                               _brute_force_inertia_k2(x[y == 2]), rtol=1e-5)
+    np.testing.assert_allclose(
+        _partition_inertia(x[y == 2], slots[y == 2]), _brute_force_inertia_k2(x[y == 2]), rtol=1e-5
+    )
 
 
 @functools.cache
@@ -253,8 +266,10 @@ def _mixed_tiny_and_large():
     class; both with the exhaustive step (default) and without it."""
     rng = np.random.default_rng(11)
     classes = _tiny_classes(rng, 6, repeats=3)
-    large = [rng.normal(scale=3.0, size=(4, 6))[rng.integers(0, 4, size)]
-             + rng.normal(size=(size, 6)) for size in (300, 150, 40, 13)]
+    large = [
+        rng.normal(scale=3.0, size=(4, 6))[rng.integers(0, 4, size)] + rng.normal(size=(size, 6))
+        for size in (300, 150, 40, 13)
+    ]
     classes += large + [rng.normal(size=(1, 6))]
     x, y = _flatten_classes(rng, classes)
     order = rng.permutation(y.size)
@@ -263,8 +278,7 @@ def _mixed_tiny_and_large():
     tiny = np.arange(num_classes) < len(classes) - len(large) - 1
     key = jax.random.key(5)
     new = kmeans_per_class(x, y, 2, key=key, num_classes=num_classes)
-    old = kmeans_per_class(x, y, 2, key=key, num_classes=num_classes,
-                           exhaustive_max_points=0)
+    old = kmeans_per_class(x, y, 2, key=key, num_classes=num_classes, exhaustive_max_points=0)
     return x, y, num_classes, tiny, new, old
 
 
@@ -288,21 +302,27 @@ def test_exhaustive_step_makes_tiny_classes_exact_and_leaves_large_ones_alone():
     # Everything else (large classes, the class of 13, size 1, absent): unchanged, up
     # to float rounding (the larger program is fused differently by XLA).
     members = ~tiny[y]
-    np.testing.assert_array_equal(np.asarray(new.assignments)[members],
-                                  np.asarray(old.assignments)[members])
+    np.testing.assert_array_equal(
+        np.asarray(new.assignments)[members], np.asarray(old.assignments)[members]
+    )
     np.testing.assert_array_equal(counts[~tiny], np.asarray(old.counts)[~tiny])
     for field in ("centroids", "inertia"):
-        np.testing.assert_allclose(np.asarray(getattr(new, field))[~tiny],
-                                   np.asarray(getattr(old, field))[~tiny],
-                                   rtol=1e-5, atol=1e-6, err_msg=field)
+        np.testing.assert_allclose(
+            np.asarray(getattr(new, field))[~tiny],
+            np.asarray(getattr(old, field))[~tiny],
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=field,
+        )
     assert int(new.iterations) == int(old.iterations)
     assert bool(new.converged) == bool(old.converged)
 
 
 def test_exhaustive_step_under_jit_matches_eager():
     x, y, num_classes, _, eager, _ = _mixed_tiny_and_large()
-    jitted = jax.jit(functools.partial(kmeans_per_class, k=2, num_classes=num_classes,
-                                       exhaustive_max_points=12))
+    jitted = jax.jit(
+        functools.partial(kmeans_per_class, k=2, num_classes=num_classes, exhaustive_max_points=12)
+    )
     result = jitted(x, y, key=jax.random.key(5))
     assert jax.tree.structure(result) == jax.tree.structure(eager)
     np.testing.assert_array_equal(result.assignments, eager.assignments)
@@ -322,11 +342,12 @@ def test_hartigan_refinement_leaves_a_poor_lloyd_fixed_point():
     y = jnp.array([0, 0, 0, 0, 1, 1, 1, 1], jnp.int32)
     start = jnp.array([0, 0, 0, 1, 0, 0, 1, 1], jnp.int32)
     lloyd, _ = assign_to_centroids(
-        x, y, centroids_from_assignments(x, y, start, num_classes=2, k=2)[0],
-        jnp.ones((2, 2), bool))
+        x, y, centroids_from_assignments(x, y, start, num_classes=2, k=2)[0], jnp.ones((2, 2), bool)
+    )
     np.testing.assert_array_equal(lloyd, start)  # a Lloyd fixed point
     refined, steps, finished = kmeans_module._hartigan_refine(
-        x, y, start, num_classes=2, k=2, max_steps=10)
+        x, y, start, num_classes=2, k=2, max_steps=10
+    )
     assert bool(finished) and int(steps) >= 2
     np.testing.assert_array_equal(refined, [0, 1, 1, 1, 0, 0, 1, 1])
     centroids, counts = centroids_from_assignments(x, y, refined, num_classes=2, k=2)
@@ -352,8 +373,7 @@ def test_tiny_high_dimensional_classes_reach_the_brute_force_optimum():
     assert (inertia <= 1.15 * optimum).all()
     exact = kmeans_per_class(x, y, 2, key=jax.random.key(0))
     _check_invariants(exact, x, y, 80, 2)
-    np.testing.assert_allclose(np.asarray(exact.inertia, np.float64), optimum,
-                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(exact.inertia, np.float64), optimum, rtol=1e-5)
 
 
 def test_large_offset_gives_the_same_clustering():
@@ -407,7 +427,8 @@ def test_empty_cluster_during_lloyd_is_reseeded_or_reported_empty():
     sums, counts = kmeans_module._class_sums(x, y, assignments, 2, 2)
     active = jnp.array([[True, True], [True, True]])
     sums, counts, active = kmeans_module._relocate_empty(
-        x, y, assignments, sq, sums, counts, active, num_classes=2, k=2)
+        x, y, assignments, sq, sums, counts, active, num_classes=2, k=2
+    )
     np.testing.assert_array_equal(counts, [[3, 1], [1, 0]])
     np.testing.assert_allclose(sums[0, 1], [11.0])
     np.testing.assert_allclose(sums[0, 0], [11.0])
@@ -424,8 +445,7 @@ def test_jit_matches_eager_and_is_deterministic():
     under_jit = jitted(x, y, key=jax.random.key(0))
     np.testing.assert_array_equal(under_jit.assignments, result.assignments)
     np.testing.assert_array_equal(under_jit.counts, result.counts)
-    np.testing.assert_allclose(under_jit.centroids, result.centroids, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(under_jit.centroids, result.centroids, rtol=1e-5, atol=1e-5)
     again = kmeans_per_class(x, y, K, key=jax.random.key(0), num_classes=6)
     for field, a, b in zip(KMeansResult._fields, again, result):
         np.testing.assert_array_equal(a, b, err_msg=field)
@@ -439,8 +459,13 @@ def test_disable_jit_matches_jit():
     with jax.disable_jit():
         eager = kmeans_per_class(x, y, 2, key=jax.random.key(4))
     for field, a, b in zip(KMeansResult._fields, eager, jitted):
-        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                                   rtol=1e-5, atol=1e-6, err_msg=field)
+        np.testing.assert_allclose(
+            np.asarray(a, np.float64),
+            np.asarray(b, np.float64),
+            rtol=1e-5,
+            atol=1e-6,
+            err_msg=field,
+        )
 
 
 def test_no_recompilation_for_new_label_values_or_tolerance():
@@ -448,8 +473,7 @@ def test_no_recompilation_for_new_label_values_or_tolerance():
     size = kmeans_module._kmeans_per_class_jit._cache_size()
     rng = np.random.default_rng(0)
     kmeans_per_class(x, rng.permutation(y), K, key=jax.random.key(1), num_classes=6)
-    kmeans_per_class(x, (y + 1) % 6, K, key=jax.random.key(2), num_classes=6,
-                     tolerance=1e-3)
+    kmeans_per_class(x, (y + 1) % 6, K, key=jax.random.key(2), num_classes=6, tolerance=1e-3)
     assert kmeans_module._kmeans_per_class_jit._cache_size() == size
 
 
@@ -461,16 +485,15 @@ def test_assign_to_centroids_and_centroids_from_assignments():
     x = rng.normal(size=(40, 3)).astype(np.float32)
     y = rng.integers(0, 3, 40).astype(np.int32)
     centroids = rng.normal(size=(3, 4, 3)).astype(np.float32)
-    valid = np.array([[True, False, True, True], [False, True, False, False],
-                      [False] * 4])
+    valid = np.array([[True, False, True, True], [False, True, False, False], [False] * 4])
     assignments, sq = assign_to_centroids(x, y, centroids, valid)
     distances = ((x[:, None] - centroids[y]) ** 2).sum(-1)
     distances = np.where(valid[y], distances, np.inf)
     has_valid = valid[y].any(1)
-    np.testing.assert_array_equal(np.asarray(assignments)[has_valid],
-                                  distances.argmin(1)[has_valid])
-    np.testing.assert_allclose(np.asarray(sq)[has_valid], distances.min(1)[has_valid],
-                               rtol=1e-5)
+    np.testing.assert_array_equal(
+        np.asarray(assignments)[has_valid], distances.argmin(1)[has_valid]
+    )
+    np.testing.assert_allclose(np.asarray(sq)[has_valid], distances.min(1)[has_valid], rtol=1e-5)
     assert np.isinf(np.asarray(sq)[~has_valid]).all()
 
     slots = rng.integers(0, 4, 40).astype(np.int32)
@@ -481,36 +504,39 @@ def test_assign_to_centroids_and_centroids_from_assignments():
             members = (y == label) & (slots == slot)
             assert counts[label, slot] == members.sum()
             expected = x[members].mean(0) if members.any() else np.zeros(3)
-            np.testing.assert_allclose(means[label, slot], expected, rtol=1e-5,
-                                       atol=1e-6)
+            np.testing.assert_allclose(means[label, slot], expected, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(embeddings=np.zeros((4,), np.float32)), "embeddings must have rank 2"),
-    (dict(labels=np.zeros((4, 1), np.int32)), "labels must have rank 1"),
-    (dict(labels=np.zeros((5,), np.int32)), "disagree on the number of examples"),
-    (dict(labels=np.zeros((4,), np.float32)), "labels must be integers"),
-    (dict(labels=np.array([0, -1, 0, 0])), "labels must be >= 0"),
-    (dict(labels=np.array([0, 3, 0, 0]), num_classes=3), "labels must be < num_classes"),
-    (dict(k=0), "k must be an integer >= 1"),
-    (dict(max_iterations=0), "max_iterations must be an integer >= 1"),
-    (dict(num_restarts=0), "num_restarts must be an integer >= 1"),
-    (dict(num_classes=0), "num_classes must be an integer >= 1"),
-    (dict(tolerance=-1.0), "tolerance must be >= 0"),
-    (dict(num_local_trials=0), "num_local_trials must be an integer >= 1"),
-    (dict(refine_steps=-1), "refine_steps must be an integer >= 0"),
-    (dict(exhaustive_max_points=-1), "exhaustive_max_points must be an integer in"),
-    (dict(exhaustive_max_points=21), "exhaustive_max_points must be an integer in"),
-    (dict(embeddings=np.zeros((4, 2), np.int32)), "embeddings must be floating"),
-    (dict(embeddings=np.zeros((0, 2), np.float32), labels=np.zeros((0,), np.int32)),
-     "no examples"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(embeddings=np.zeros((4,), np.float32)), "embeddings must have rank 2"),
+        (dict(labels=np.zeros((4, 1), np.int32)), "labels must have rank 1"),
+        (dict(labels=np.zeros((5,), np.int32)), "disagree on the number of examples"),
+        (dict(labels=np.zeros((4,), np.float32)), "labels must be integers"),
+        (dict(labels=np.array([0, -1, 0, 0])), "labels must be >= 0"),
+        (dict(labels=np.array([0, 3, 0, 0]), num_classes=3), "labels must be < num_classes"),
+        (dict(k=0), "k must be an integer >= 1"),
+        (dict(max_iterations=0), "max_iterations must be an integer >= 1"),
+        (dict(num_restarts=0), "num_restarts must be an integer >= 1"),
+        (dict(num_classes=0), "num_classes must be an integer >= 1"),
+        (dict(tolerance=-1.0), "tolerance must be >= 0"),
+        (dict(num_local_trials=0), "num_local_trials must be an integer >= 1"),
+        (dict(refine_steps=-1), "refine_steps must be an integer >= 0"),
+        (dict(exhaustive_max_points=-1), "exhaustive_max_points must be an integer in"),
+        (dict(exhaustive_max_points=21), "exhaustive_max_points must be an integer in"),
+        (dict(embeddings=np.zeros((4, 2), np.int32)), "embeddings must be floating"),
+        (
+            dict(embeddings=np.zeros((0, 2), np.float32), labels=np.zeros((0,), np.int32)),
+            "no examples",
+        ),
+    ],
+)
 def test_invalid_arguments_raise(kwargs, match):
-    arguments = dict(embeddings=np.zeros((4, 2), np.float32),
-                     labels=np.zeros((4,), np.int32), k=2)
+    arguments = dict(embeddings=np.zeros((4, 2), np.float32), labels=np.zeros((4,), np.int32), k=2)
     arguments.update(kwargs)
     embeddings, labels, k = (arguments.pop(name) for name in ("embeddings", "labels", "k"))
     with pytest.raises(ValueError, match=match):
@@ -543,8 +569,9 @@ def test_embeddings_sharded_over_devices_match_single_device():
     single = kmeans_per_class(x, y, K, key=jax.random.key(0))
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     rows = NamedSharding(mesh, PartitionSpec("data"))
-    sharded = kmeans_per_class(jax.device_put(x, rows), jax.device_put(y, rows), K,
-                               key=jax.random.key(0), num_classes=5)
+    sharded = kmeans_per_class(
+        jax.device_put(x, rows), jax.device_put(y, rows), K, key=jax.random.key(0), num_classes=5
+    )
     np.testing.assert_array_equal(sharded.assignments, single.assignments)
     np.testing.assert_array_equal(sharded.counts, single.counts)
     np.testing.assert_allclose(sharded.centroids, single.centroids, rtol=1e-4, atol=1e-4)

@@ -65,7 +65,9 @@ def reference_magnet_terms(embeddings, labels, cluster_ids, alpha=1.0):
     return np.array(losses), variance
 
 
-def reference_full_objective(embeddings, labels, assignments, centroids, valid, variance, alpha=1.0):
+def reference_full_objective(
+    embeddings, labels, assignments, centroids, valid, variance, alpha=1.0
+):
     """Per-example losses of paper eq. 4, by loops in float64; invalid slots never read."""
     embeddings = np.asarray(embeddings, np.float64)
     num_classes, clusters_per_class, _ = centroids.shape
@@ -134,14 +136,18 @@ full_objective_and_grad = jax.jit(
 def test_regression_values(float64, cluster_classes, alpha, expected):
     embeddings, cluster_ids = pumpikano_batch()
     labels = np.asarray(cluster_classes, np.int32)[cluster_ids]
-    reference_losses, reference_variance = reference_magnet_terms(embeddings, labels, cluster_ids, alpha)
+    reference_losses, reference_variance = reference_magnet_terms(
+        embeddings, labels, cluster_ids, alpha
+    )
     np.testing.assert_allclose(reference_losses.mean(), expected, atol=1e-6)
 
     terms = magnet_terms(embeddings, labels, cluster_ids, alpha=alpha)
     assert terms.losses.dtype == jnp.float64
     np.testing.assert_allclose(terms.variance, 0.54973, atol=1e-5)
     np.testing.assert_allclose(terms.variance, reference_variance, rtol=1e-12)
-    np.testing.assert_allclose(magnet_loss(embeddings, labels, cluster_ids, alpha=alpha), expected, atol=1e-6)
+    np.testing.assert_allclose(
+        magnet_loss(embeddings, labels, cluster_ids, alpha=alpha), expected, atol=1e-6
+    )
     np.testing.assert_allclose(terms.losses, reference_losses, rtol=1e-12, atol=1e-12)
 
 
@@ -150,21 +156,28 @@ def test_matches_reference_on_random_batches(float64, num_clusters):
     rng = np.random.default_rng(num_clusters)
     embeddings, labels, cluster_ids = random_batch(rng, num_clusters)
     alpha = float(rng.uniform(0, 3))
-    reference_losses, reference_variance = reference_magnet_terms(embeddings, labels, cluster_ids, alpha)
+    reference_losses, reference_variance = reference_magnet_terms(
+        embeddings, labels, cluster_ids, alpha
+    )
 
     terms = magnet_terms(embeddings, labels, cluster_ids, alpha=alpha)
     np.testing.assert_allclose(terms.variance, reference_variance, rtol=1e-12)
     np.testing.assert_allclose(terms.losses, reference_losses, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(
         magnet_loss(embeddings, labels, cluster_ids, alpha=alpha, reduction="none"),
-        reference_losses, rtol=1e-10, atol=1e-12,
+        reference_losses,
+        rtol=1e-10,
+        atol=1e-12,
     )
     np.testing.assert_allclose(
-        magnet_loss(embeddings, labels, cluster_ids, alpha=alpha), reference_losses.mean(), rtol=1e-10
+        magnet_loss(embeddings, labels, cluster_ids, alpha=alpha),
+        reference_losses.mean(),
+        rtol=1e-10,
     )
     np.testing.assert_allclose(
         magnet_loss(embeddings, labels, cluster_ids, alpha=alpha, reduction="sum"),
-        reference_losses.sum(), rtol=1e-10,
+        reference_losses.sum(),
+        rtol=1e-10,
     )
 
 
@@ -176,7 +189,9 @@ def test_invariant_to_batch_order_and_id_values(float64):
     permuted = magnet_loss(embeddings[order], labels[order], cluster_ids[order], reduction="none")
     np.testing.assert_allclose(permuted, np.asarray(losses)[order], rtol=1e-12)
     _, contiguous_ids = np.unique(cluster_ids, return_inverse=True)
-    relabelled = magnet_loss(embeddings, labels, (contiguous_ids * 7 - 3).astype(np.int32), reduction="none")
+    relabelled = magnet_loss(
+        embeddings, labels, (contiguous_ids * 7 - 3).astype(np.int32), reduction="none"
+    )
     np.testing.assert_allclose(relabelled, losses, rtol=1e-12)
 
 
@@ -193,11 +208,17 @@ def test_same_class_clusters_never_in_denominator(float64):
     for shift in ([0.0, 0.0, 0.0], [100.0, -50.0, 3.0], None):
         moved = embeddings.copy()
         # Translating B keeps σ̂² unchanged; moving it onto A is the strongest test.
-        offset = embeddings[in_cluster_a].mean(0) - embeddings[in_cluster_b].mean(0) if shift is None else shift
+        offset = (
+            embeddings[in_cluster_a].mean(0) - embeddings[in_cluster_b].mean(0)
+            if shift is None
+            else shift
+        )
         moved[in_cluster_b] += offset
         after = np.asarray(magnet_loss(moved, labels, cluster_ids, alpha=alpha, reduction="none"))
         np.testing.assert_allclose(after[in_cluster_a], before[in_cluster_a], rtol=1e-12)
-        np.testing.assert_allclose(after, reference_magnet_terms(moved, labels, cluster_ids, alpha)[0], rtol=1e-10)
+        np.testing.assert_allclose(
+            after, reference_magnet_terms(moved, labels, cluster_ids, alpha)[0], rtol=1e-10
+        )
     # Sanity check that the test is sensitive: if B were of another class, A's losses would move.
     other_labels = np.where(in_cluster_b, 3, labels).astype(np.int32)
     with_b_as_impostor = np.asarray(
@@ -247,7 +268,9 @@ def test_vmap_over_batches_equals_loop():
     embeddings, labels, cluster_ids = (np.stack(parts) for parts in zip(*batches))
     embeddings = embeddings.astype(np.float32)
 
-    vmapped = jax.jit(jax.vmap(lambda x, y, c: magnet_terms(x, y, c, alpha=0.5)))(embeddings, labels, cluster_ids)
+    vmapped = jax.jit(jax.vmap(lambda x, y, c: magnet_terms(x, y, c, alpha=0.5)))(
+        embeddings, labels, cluster_ids
+    )
     for b in range(3):
         single = magnet_terms(embeddings[b], labels[b], cluster_ids[b], alpha=0.5)
         np.testing.assert_allclose(vmapped.losses[b], single.losses, rtol=1e-6, atol=1e-7)
@@ -255,8 +278,10 @@ def test_vmap_over_batches_equals_loop():
     vmapped_grads = jax.jit(jax.vmap(jax.grad(magnet_loss)))(embeddings, labels, cluster_ids)
     for b in range(3):
         np.testing.assert_allclose(
-            vmapped_grads[b], loss_and_grad(embeddings[b], labels[b], cluster_ids[b])[1],
-            rtol=1e-5, atol=1e-7,
+            vmapped_grads[b],
+            loss_and_grad(embeddings[b], labels[b], cluster_ids[b])[1],
+            rtol=1e-5,
+            atol=1e-7,
         )
 
 
@@ -380,7 +405,9 @@ def test_pairwise_squared_distances_both_paths(use_differences, scale):
     centres = (rng.normal(size=(7, 5)) + 3) * scale
     expected = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
     computed = magnet_module._pairwise_squared_distances(
-        jnp.asarray(points, jnp.float32), jnp.asarray(centres, jnp.float32), use_differences=use_differences
+        jnp.asarray(points, jnp.float32),
+        jnp.asarray(centres, jnp.float32),
+        use_differences=use_differences,
     )
     assert np.all(np.asarray(computed) >= 0)
     np.testing.assert_allclose(computed, expected, rtol=1e-4 if use_differences else 1e-3)
@@ -410,7 +437,9 @@ def test_bfloat16_input():
     assert loss.dtype == jnp.float32 and np.isfinite(loss)
     rounded = np.asarray(embeddings_bf16.astype(jnp.float32))
     np.testing.assert_allclose(loss, magnet_loss(rounded, labels, cluster_ids), rtol=1e-6)
-    np.testing.assert_allclose(loss, magnet_loss(embeddings.astype(np.float32), labels, cluster_ids), rtol=5e-2)
+    np.testing.assert_allclose(
+        loss, magnet_loss(embeddings.astype(np.float32), labels, cluster_ids), rtol=5e-2
+    )
     grad = loss_and_grad(embeddings_bf16, labels, cluster_ids)[1]
     assert grad.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(grad, np.float32)))
 
@@ -435,14 +464,19 @@ def test_full_objective_matches_reference_and_ignores_invalid_slots(float64):
     embeddings, labels, assignments, centroids, valid = random_index(rng)
     assert not valid.all()
     variance = 1.7
-    expected = reference_full_objective(embeddings, labels, assignments, centroids, valid, variance, alpha=0.7)
+    expected = reference_full_objective(
+        embeddings, labels, assignments, centroids, valid, variance, alpha=0.7
+    )
     computed = magnet_full_objective(
         embeddings, labels, assignments, centroids, valid, variance, alpha=0.7, reduction="none"
     )
     np.testing.assert_allclose(computed, expected, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(
-        magnet_full_objective(embeddings, labels, assignments, centroids, valid, variance, alpha=0.7),
-        expected.mean(), rtol=1e-10,
+        magnet_full_objective(
+            embeddings, labels, assignments, centroids, valid, variance, alpha=0.7
+        ),
+        expected.mean(),
+        rtol=1e-10,
     )
 
     garbage = centroids.copy()
@@ -461,10 +495,14 @@ def test_full_objective_example_without_impostor_is_zero(float64):
     assignments = np.zeros(20, np.int32)
     valid[1] = False  # class 0 sees no valid slot of another class
     valid[1, 0] = False
-    losses = magnet_full_objective(embeddings, labels, assignments, centroids, valid, 1.0, reduction="none")
+    losses = magnet_full_objective(
+        embeddings, labels, assignments, centroids, valid, 1.0, reduction="none"
+    )
     np.testing.assert_array_equal(losses[:10], 0.0)
     np.testing.assert_allclose(
-        losses, reference_full_objective(embeddings, labels, assignments, centroids, valid, 1.0), rtol=1e-10
+        losses,
+        reference_full_objective(embeddings, labels, assignments, centroids, valid, 1.0),
+        rtol=1e-10,
     )
     _, grad = full_objective_and_grad(embeddings, labels, assignments, centroids, valid, 1.0)
     assert np.all(np.isfinite(grad))
@@ -478,7 +516,14 @@ def test_full_objective_with_batch_means_equals_magnet_loss(float64):
     centroids = np.where(valid[:, :, None], centroids, np.nan)
     terms = magnet_terms(embeddings, labels, cluster_ids, alpha=1.3)
     full = magnet_full_objective(
-        embeddings, labels, assignments, centroids, valid, terms.variance, alpha=1.3, reduction="none"
+        embeddings,
+        labels,
+        assignments,
+        centroids,
+        valid,
+        terms.variance,
+        alpha=1.3,
+        reduction="none",
     )
     np.testing.assert_allclose(full, terms.losses, rtol=1e-10, atol=1e-12)
 
@@ -492,25 +537,53 @@ def test_magnet_terms_returns_named_tuple():
     embeddings, cluster_ids = pumpikano_batch()
     terms = magnet_terms(embeddings.astype(np.float32), cluster_ids, cluster_ids)
     assert isinstance(terms, MagnetTerms)
-    assert terms.losses.shape == (24,) and terms.variance.shape == () and terms.has_impostor.shape == (24,)
+    assert (
+        terms.losses.shape == (24,)
+        and terms.variance.shape == ()
+        and terms.has_impostor.shape == (24,)
+    )
     assert magnet_loss(embeddings, cluster_ids, cluster_ids, reduction="none").shape == (24,)
 
 
 @pytest.mark.parametrize(
     "embeddings_shape, labels, cluster_ids, kwargs, match",
     [
-        ((4, 2, 1), [0, 0, 1, 1], [0, 0, 1, 1], {}, r"embeddings must have shape \[batch, dim\].*\(4, 2, 1\)"),
+        (
+            (4, 2, 1),
+            [0, 0, 1, 1],
+            [0, 0, 1, 1],
+            {},
+            r"embeddings must have shape \[batch, dim\].*\(4, 2, 1\)",
+        ),
         ((4,), [0, 0, 1, 1], [0, 0, 1, 1], {}, r"\(4,\)"),
         ((4, 2), [[0, 0, 1, 1]], [0, 0, 1, 1], {}, r"labels must have shape \[batch\].*\(1, 4\)"),
         ((4, 2), [0, 0, 1], [0, 0, 1, 1], {}, r"labels.*\(3,\)"),
         ((4, 2), [0, 0, 1, 1], [0, 0, 1], {}, r"cluster_ids.*\(3,\)"),
-        ((4, 2), [0.0, 0.0, 1.0, 1.0], [0, 0, 1, 1], {}, r"labels must have an integer dtype.*float32"),
+        (
+            (4, 2),
+            [0.0, 0.0, 1.0, 1.0],
+            [0, 0, 1, 1],
+            {},
+            r"labels must have an integer dtype.*float32",
+        ),
         ((4, 2), [0, 0, 1, 1], [0.0, 0, 1, 1], {}, r"cluster_ids must have an integer dtype"),
-        ((4, 2), [0, 0, 1, 1], [True, True, False, False], {}, r"cluster_ids must have an integer dtype.*bool"),
+        (
+            (4, 2),
+            [0, 0, 1, 1],
+            [True, True, False, False],
+            {},
+            r"cluster_ids must have an integer dtype.*bool",
+        ),
         ((1, 2), [0], [0], {}, r"at least 2 examples.*\(1, 2\)"),
         ((4, 2), [0, 0, 1, 1], [0, 0, 1, 1], {"alpha": -0.5}, r"alpha must be >= 0, got -0.5"),
         ((4, 2), [0, 0, 1, 1], [0, 0, 1, 1], {"alpha": float("nan")}, r"alpha must be >= 0"),
-        ((4, 2), [0, 0, 1, 1], [0, 0, 1, 1], {"reduction": "max"}, r"reduction must be one of.*'max'"),
+        (
+            (4, 2),
+            [0, 0, 1, 1],
+            [0, 0, 1, 1],
+            {"reduction": "max"},
+            r"reduction must be one of.*'max'",
+        ),
     ],
 )
 def test_magnet_loss_validation(embeddings_shape, labels, cluster_ids, kwargs, match):
@@ -534,12 +607,21 @@ def test_full_objective_validation():
     assignments = np.zeros(4, np.int32)
     centroids = np.zeros((2, 2, 3), np.float32)
     valid = np.ones((2, 2), bool)
-    ok = dict(embeddings=embeddings, labels=labels, assignments=assignments, centroids=centroids, valid=valid,
-              variance=1.0)
+    ok = dict(
+        embeddings=embeddings,
+        labels=labels,
+        assignments=assignments,
+        centroids=centroids,
+        valid=valid,
+        variance=1.0,
+    )
     cases = [
         ({"embeddings": np.ones((4,), np.float32)}, r"embeddings must have shape"),
         ({"labels": labels[:3]}, r"labels.*\(3,\)"),
-        ({"assignments": assignments.astype(np.float32)}, r"assignments must have an integer dtype"),
+        (
+            {"assignments": assignments.astype(np.float32)},
+            r"assignments must have an integer dtype",
+        ),
         ({"centroids": np.zeros((4, 3), np.float32)}, r"centroids must have shape.*\(4, 3\)"),
         ({"centroids": np.zeros((2, 2, 5), np.float32)}, r"centroids.*dim = 3.*\(2, 2, 5\)"),
         ({"valid": np.ones((2, 3), bool)}, r"valid must have shape \(2, 2\).*\(2, 3\)"),

@@ -19,7 +19,9 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _convergence():
-    spec = importlib.util.spec_from_file_location("convergence_under_test", BENCHMARKS / "convergence.py")
+    spec = importlib.util.spec_from_file_location(
+        "convergence_under_test", BENCHMARKS / "convergence.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -32,8 +34,18 @@ def _fake_images(name="tfds:fake", classes=10, per_class=12, size=16) -> Dataset
     return Dataset(name, x, y, x[::2].copy(), y[::2].copy(), tuple(f"c{i}" for i in range(classes)))
 
 
-_SMALL = dict(steps=2, clusters_per_class=2, clusters_per_batch=4, examples_per_cluster=2, eval_every=1,
-              checkpoint_every=1, log_every=1, kmeans_iterations=5, num_devices=1, embedding_dim=8)
+_SMALL = dict(
+    steps=2,
+    clusters_per_class=2,
+    clusters_per_batch=4,
+    examples_per_cluster=2,
+    eval_every=1,
+    checkpoint_every=1,
+    log_every=1,
+    kmeans_iterations=5,
+    num_devices=1,
+    embedding_dim=8,
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -59,17 +71,26 @@ def test_config_rejects_bad_tfds_options(changes, field):
 
 
 def test_config_accepts_and_converts_tfds_options():
-    config = TrainConfig(dataset="tfds:oxford_flowers102", image_size=128, tfds_splits="train+validation, test",
-                         manual_dir="/data/manual")
+    config = TrainConfig(
+        dataset="tfds:oxford_flowers102",
+        image_size=128,
+        tfds_splits="train+validation, test",
+        manual_dir="/data/manual",
+    )
     config.validate()
     assert config.tfds_split_pair == ("train+validation", "test")
-    assert config.load_options() == {"image_size": (128, 128), "splits": ("train+validation", "test"),
-                                     "manual_dir": "/data/manual"}
+    assert config.load_options() == {
+        "image_size": (128, 128),
+        "splits": ("train+validation", "test"),
+        "manual_dir": "/data/manual",
+    }
     assert TrainConfig().load_options() == {}
     assert TrainConfig.from_dict(config.to_dict()) == config  # round trip through config.json
 
 
-@pytest.mark.parametrize("field, value", [("image_size", 64), ("tfds_splits", "train,test"), ("manual_dir", "/x")])
+@pytest.mark.parametrize(
+    "field, value", [("image_size", 64), ("tfds_splits", "train,test"), ("manual_dir", "/x")]
+)
 def test_tfds_options_with_other_dataset_fail_in_prepare(field, value, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("load_dataset must not be reached")
@@ -82,17 +103,43 @@ def test_tfds_options_with_other_dataset_fail_in_prepare(field, value, monkeypat
 
 def test_cli_parses_tfds_flags():
     args = cli.build_parser().parse_args(
-        ["train", "--dataset", "tfds:oxford_iiit_pet", "--image-size", "96", "--tfds-splits", "train,test",
-         "--manual-dir", "/data/manual"]
+        [
+            "train",
+            "--dataset",
+            "tfds:oxford_iiit_pet",
+            "--image-size",
+            "96",
+            "--tfds-splits",
+            "train,test",
+            "--manual-dir",
+            "/data/manual",
+        ]
     )
     config = cli._config_from_args(args)
-    assert (config.image_size, config.tfds_splits, config.manual_dir) == (96, "train,test", "/data/manual")
+    assert (config.image_size, config.tfds_splits, config.manual_dir) == (
+        96,
+        "train,test",
+        "/data/manual",
+    )
     defaults = cli._config_from_args(cli.build_parser().parse_args(["train"]))
     assert (defaults.image_size, defaults.tfds_splits, defaults.manual_dir) == (None, None, None)
 
 
 def test_cli_reports_bad_tfds_option(capsys):
-    assert cli.main(["train", "--dataset", "digits", "--image-size", "32", "--workdir", "/nonexistent-unused"]) == 2
+    assert (
+        cli.main(
+            [
+                "train",
+                "--dataset",
+                "digits",
+                "--image-size",
+                "32",
+                "--workdir",
+                "/nonexistent-unused",
+            ]
+        )
+        == 2
+    )
     assert "image_size" in capsys.readouterr().err
 
 
@@ -104,11 +151,21 @@ def test_prepare_and_load_for_evaluation_pass_tfds_options(tmp_path, monkeypatch
         return _fake_images(name)
 
     monkeypatch.setattr(training, "load_dataset", fake_load)
-    config = TrainConfig(dataset="tfds:stanford_dogs", data_dir="/tfds", image_size=16, tfds_splits="train,test",
-                         manual_dir="/manual", workdir=str(tmp_path / "run"), **_SMALL)
+    config = TrainConfig(
+        dataset="tfds:stanford_dogs",
+        data_dir="/tfds",
+        image_size=16,
+        tfds_splits="train,test",
+        manual_dir="/manual",
+        workdir=str(tmp_path / "run"),
+        **_SMALL,
+    )
     run = training.prepare(config)
-    expected = ("tfds:stanford_dogs", "/tfds",
-                {"image_size": (16, 16), "splits": ("train", "test"), "manual_dir": "/manual"})
+    expected = (
+        "tfds:stanford_dogs",
+        "/tfds",
+        {"image_size": (16, 16), "splits": ("train", "test"), "manual_dir": "/manual"},
+    )
     assert calls == [expected]
     assert run.dataset.x_train.shape[1:] == (16, 16, 3)
 
@@ -140,7 +197,10 @@ def test_convergence_paper_regimes():
         assert regime["steps"] == -(-3 * num_train // convergence.BATCH)
         m = regime["magnet"]
         assert m["clusters_per_batch"] * m["examples_per_cluster"] == convergence.BATCH
-        assert regime["classes_per_batch"] * (convergence.BATCH // regime["classes_per_batch"]) == convergence.BATCH
+        assert (
+            regime["classes_per_batch"] * (convergence.BATCH // regime["classes_per_batch"])
+            == convergence.BATCH
+        )
         # K clusters of at least D examples in the smallest class of the sweep's 90% split.
         per_class = {"stanford_dogs": 100, "oxford_flowers102": 20, "oxford_iiit_pet": 93}[name]
         assert m["clusters_per_class"] * m["examples_per_cluster"] <= 0.9 * per_class
@@ -154,8 +214,12 @@ def test_convergence_paper_configs_are_valid(monkeypatch):
     convergence = _convergence()
     regime = convergence.REGIMES["oxford_flowers102"]
     dataset = _fake_images("tfds:oxford_flowers102", classes=12, per_class=20, size=16)
-    base = dict(dataset=dataset.name, embedding_dim=regime["embedding_dim"], architecture=regime["architecture"],
-                num_devices=1)
+    base = dict(
+        dataset=dataset.name,
+        embedding_dim=regime["embedding_dim"],
+        architecture=regime["architecture"],
+        num_devices=1,
+    )
     from _common import make_config  # noqa: E402  (convergence put benchmarks/ on sys.path)
 
     for method in convergence.methods_for(regime, regime["lrs"]):
@@ -167,8 +231,12 @@ def test_convergence_paper_configs_are_valid(monkeypatch):
 
 def test_load_init_trunk_reads_a_run(tmp_path):
     convergence = _convergence()
-    config = TrainConfig(loss="softmax", dataset="digits", workdir=str(tmp_path / "source"),
-                         **{**_SMALL, "clusters_per_batch": 4})
+    config = TrainConfig(
+        loss="softmax",
+        dataset="digits",
+        workdir=str(tmp_path / "source"),
+        **{**_SMALL, "clusters_per_batch": 4},
+    )
     training.train(config, progress=False)
     trunk, info = convergence.load_init_trunk(config.workdir)
     assert info["step"] == config.steps
@@ -181,11 +249,17 @@ def test_load_init_trunk_reads_a_run(tmp_path):
 
 def test_convergence_without_tfds_fails_clearly(tmp_path):
     if importlib.util.find_spec("tensorflow_datasets") is not None:
-        pytest.skip("tensorflow-datasets is installed: the missing-package message cannot be tested")
+        pytest.skip(
+            "tensorflow-datasets is installed: the missing-package message cannot be tested"
+        )
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "MAGNET_JAX_RESULTS": str(tmp_path)}
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "convergence.py"), "--regime", "stanford_dogs"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "tensorflow-datasets" in done.stderr
@@ -193,8 +267,14 @@ def test_convergence_without_tfds_fails_clearly(tmp_path):
     assert not list(tmp_path.glob("*.json"))
 
 
-@pytest.mark.parametrize("flags", [["--regime", "quick", "--manual-dir", "/x"], ["--regime", "mnist", "--image-size", "64"],
-                                   ["--regime", "oxford_iiit_pet", "--image-size", "4"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--regime", "quick", "--manual-dir", "/x"],
+        ["--regime", "mnist", "--image-size", "64"],
+        ["--regime", "oxford_iiit_pet", "--image-size", "4"],
+    ],
+)
 def test_convergence_tfds_flags_refused_where_they_do_not_apply(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _convergence().main(flags)
@@ -216,5 +296,14 @@ def test_convergence_load_passes_tfds_options(monkeypatch):
     regime = {**convergence.REGIMES["oxford_flowers102"], "image_size": 64}
     dataset, source = convergence.load("oxford_flowers102", "/tfds", "/manual", regime)
     assert source is None and dataset.name == "tfds:oxford_flowers102"
-    assert calls == [("tfds:oxford_flowers102", "/tfds",
-                      {"manual_dir": "/manual", "splits": ("train+validation", "test"), "image_size": (64, 64)})]
+    assert calls == [
+        (
+            "tfds:oxford_flowers102",
+            "/tfds",
+            {
+                "manual_dir": "/manual",
+                "splits": ("train+validation", "test"),
+                "image_size": (64, 64),
+            },
+        )
+    ]

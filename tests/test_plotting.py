@@ -16,7 +16,9 @@ def test_embedding_maps_side_by_side(tmp_path):
     labels = np.repeat(np.arange(3), 20)
     before = rng.normal(size=(60, 8))
     after = before + 5 * labels[:, None]
-    path = plotting.plot_embedding_maps({"before": before, "after": after}, labels, tmp_path / "map.png")
+    path = plotting.plot_embedding_maps(
+        {"before": before, "after": after}, labels, tmp_path / "map.png"
+    )
     assert _is_png(path)
 
 
@@ -51,7 +53,12 @@ def test_plot_command_on_a_trained_run(tmp_path):
     from magnet_jax import cli
 
     workdir = str(tmp_path / "run")
-    assert cli.main(["train", "--steps", "40", "--eval-every", "20", "--workdir", workdir, "--no-progress"]) == 0
+    assert (
+        cli.main(
+            ["train", "--steps", "40", "--eval-every", "20", "--workdir", workdir, "--no-progress"]
+        )
+        == 0
+    )
     assert cli.main(["plot", "--workdir", workdir]) == 0
     for name in ("curves_knc_error.png", "curves_knn_error.png", "embeddings.png"):
         assert _is_png(tmp_path / "run" / name)

@@ -50,11 +50,15 @@ def test_group_table_matches_numpy(group_ids, table):
     assert isinstance(table, GroupTable)
     assert table.members.shape == (group_ids.size,) and table.members.dtype == jnp.int32
     np.testing.assert_array_equal(table.counts, np.bincount(group_ids[group_ids >= 0], minlength=5))
-    np.testing.assert_array_equal(table.offsets, np.concatenate([[0], np.cumsum(table.counts)[:-1]]))
+    np.testing.assert_array_equal(
+        table.offsets, np.concatenate([[0], np.cumsum(table.counts)[:-1]])
+    )
     members = np.asarray(table.members)
     for group in range(5):
         start, count = int(table.offsets[group]), int(table.counts[group])
-        np.testing.assert_array_equal(members[start : start + count], np.flatnonzero(group_ids == group))
+        np.testing.assert_array_equal(
+            members[start : start + count], np.flatnonzero(group_ids == group)
+        )
     # Unassigned examples come last.
     np.testing.assert_array_equal(np.sort(members[-2:]), np.flatnonzero(group_ids == -1))
 
@@ -112,7 +116,9 @@ def test_sample_from_groups_membership_and_replacement(group_ids, table, group_d
     assert (group_draws[:, 4] != group_draws[:, 5]).any()
     # Eager calls agree with the jitted, vmapped ones.
     np.testing.assert_array_equal(
-        sample_from_groups(table, jnp.array(GROUPS, jnp.int32), _keys(NUM_DRAWS, 1)[0], per_group=PER_GROUP),
+        sample_from_groups(
+            table, jnp.array(GROUPS, jnp.int32), _keys(NUM_DRAWS, 1)[0], per_group=PER_GROUP
+        ),
         group_draws[0],
     )
 
@@ -123,7 +129,9 @@ def test_sample_from_groups_uniform_subsets_and_slots(group_ids, group_draws):
     samples = group_draws[:, 0]
     members = np.flatnonzero(group_ids == 0)
     subsets = {subset: i for i, subset in enumerate(itertools.combinations(members, PER_GROUP))}
-    subset_counts = np.bincount([subsets[tuple(sorted(draw))] for draw in samples], minlength=len(subsets))
+    subset_counts = np.bincount(
+        [subsets[tuple(sorted(draw))] for draw in samples], minlength=len(subsets)
+    )
     assert stats.chisquare(subset_counts).pvalue > P_VALUE_FLOOR
     position = np.zeros(group_ids.size, np.int64)
     position[members] = np.arange(members.size)
@@ -186,12 +194,38 @@ def test_uniform_batch():
         (lambda t: group_table(np.zeros(4, np.float32), num_groups=3), "integer dtype"),
         (lambda t: group_table(np.array([0, 3]), num_groups=3), "num_groups=3"),
         (lambda t: group_table(np.array([0]), num_groups=0), "num_groups must be >= 1"),
-        (lambda t: sample_from_groups(t, jnp.array([0]), jax.random.key(0), per_group=0), "per_group"),
-        (lambda t: sample_from_groups(t, jnp.array([0.0]), jax.random.key(0), per_group=2), "integer dtype"),
-        (lambda t: class_balanced_batch(t, jax.random.key(0), classes_per_batch=0, examples_per_class=2), "classes_per_batch"),
-        (lambda t: class_balanced_batch(t, jax.random.key(0), classes_per_batch=2, examples_per_class=0), "examples_per_class"),
-        (lambda t: class_balanced_batch(t, jax.random.key(0), classes_per_batch=6, examples_per_class=2), "number of classes 5"),
-        (lambda t: class_balanced_batch(t, jax.random.key(0), classes_per_batch=5, examples_per_class=2), "non-empty classes 4"),
+        (
+            lambda t: sample_from_groups(t, jnp.array([0]), jax.random.key(0), per_group=0),
+            "per_group",
+        ),
+        (
+            lambda t: sample_from_groups(t, jnp.array([0.0]), jax.random.key(0), per_group=2),
+            "integer dtype",
+        ),
+        (
+            lambda t: class_balanced_batch(
+                t, jax.random.key(0), classes_per_batch=0, examples_per_class=2
+            ),
+            "classes_per_batch",
+        ),
+        (
+            lambda t: class_balanced_batch(
+                t, jax.random.key(0), classes_per_batch=2, examples_per_class=0
+            ),
+            "examples_per_class",
+        ),
+        (
+            lambda t: class_balanced_batch(
+                t, jax.random.key(0), classes_per_batch=6, examples_per_class=2
+            ),
+            "number of classes 5",
+        ),
+        (
+            lambda t: class_balanced_batch(
+                t, jax.random.key(0), classes_per_batch=5, examples_per_class=2
+            ),
+            "non-empty classes 4",
+        ),
         (lambda t: uniform_batch(jax.random.key(0), 10, batch_size=0), "batch_size"),
         (lambda t: uniform_batch(jax.random.key(0), 0, batch_size=2), "num_examples"),
     ],

@@ -43,25 +43,41 @@ def _leaves_close(a, b, atol):
 # divides that noise by its own magnitude and takes a ±lr step, so Adam runs on 1 and 4
 # devices drift apart in those null directions even though every step computes the same
 # function. SGD (momentum 0.9) shows that the step itself agrees.
-@pytest.mark.parametrize("loss, optimizer", [("magnet", "sgd"), ("triplet", "sgd"), ("softmax", "sgd")])
+@pytest.mark.parametrize(
+    "loss, optimizer", [("magnet", "sgd"), ("triplet", "sgd"), ("softmax", "sgd")]
+)
 def test_sharded_step_equals_single_device(loss, optimizer):
     assert jax.device_count() >= 4, "conftest fakes 4 CPU devices"
     base = TrainConfig(
-        loss=loss, optimizer=optimizer, lr=0.01, steps=5, clusters_per_batch=4, examples_per_cluster=4, kmeans_iterations=10
+        loss=loss,
+        optimizer=optimizer,
+        lr=0.01,
+        steps=5,
+        clusters_per_batch=4,
+        examples_per_cluster=4,
+        kmeans_iterations=10,
     )
     single = training.prepare(TrainConfig(**{**base.to_dict(), "num_devices": 1}))
     sharded = training.prepare(TrainConfig(**{**base.to_dict(), "num_devices": 4}))
     assert sharded.mesh.devices.size == 4
 
-    index_single = training.refresh(single, single.initial_state, None, 0) if single.objective.uses_index else None
+    index_single = (
+        training.refresh(single, single.initial_state, None, 0)
+        if single.objective.uses_index
+        else None
+    )
     # The same index on both meshes, so both sample the same batches. Copied through host
     # memory: the steps donate their index, so the two runs must not share buffers.
     replicated = jax.sharding.NamedSharding(sharded.mesh, jax.sharding.PartitionSpec())
     index_sharded = jax.device_put(jax.tree.map(np.asarray, index_single), replicated)
     state_single, state_sharded = single.initial_state, sharded.initial_state
     for _ in range(5):
-        state_single, index_single, loss_single = single.steps.train_step(state_single, index_single, single.data)
-        state_sharded, index_sharded, loss_sharded = sharded.steps.train_step(state_sharded, index_sharded, sharded.data)
+        state_single, index_single, loss_single = single.steps.train_step(
+            state_single, index_single, single.data
+        )
+        state_sharded, index_sharded, loss_sharded = sharded.steps.train_step(
+            state_sharded, index_sharded, sharded.data
+        )
         np.testing.assert_allclose(float(loss_single), float(loss_sharded), atol=1e-5, rtol=0)
     _leaves_close(state_single.params, state_sharded.params, atol=1e-5)
     if index_single is not None:
@@ -78,7 +94,12 @@ def test_multi_step_loop_equals_single_steps():
     for _ in range(6):
         state_a, index_a, _ = run.steps.train_step(state_a, index_a, run.data)
     run_b = training.prepare(TrainConfig(steps=6, kmeans_iterations=10, num_devices=1))
-    state_b, index_b, _ = run_b.steps.run_steps(run_b.initial_state, training.refresh(run_b, run_b.initial_state, None, 0), run_b.data, jnp.asarray(6))
+    state_b, index_b, _ = run_b.steps.run_steps(
+        run_b.initial_state,
+        training.refresh(run_b, run_b.initial_state, None, 0),
+        run_b.data,
+        jnp.asarray(6),
+    )
     _leaves_close(state_a.params, state_b.params, atol=1e-6)
     _leaves_close(index_a, index_b, atol=1e-6)
 
@@ -95,7 +116,13 @@ def test_embed_matches_direct_model_call():
 
 @pytest.mark.slow
 def test_end_to_end_digits_beats_chance(tmp_path):
-    config = TrainConfig(steps=300, eval_every=300, checkpoint_every=300, workdir=str(tmp_path / "run"), num_devices=1)
+    config = TrainConfig(
+        steps=300,
+        eval_every=300,
+        checkpoint_every=300,
+        workdir=str(tmp_path / "run"),
+        num_devices=1,
+    )
     metrics = training.train(config, progress=False)
     # chance is 90% error on 10 balanced classes
     assert metrics["knc_error"] < 0.15
@@ -103,7 +130,9 @@ def test_end_to_end_digits_beats_chance(tmp_path):
     assert metrics["steps"] == 300
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["knc_error"] == metrics["knc_error"]
-    lines = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()
+    ]
     assert {line["kind"] for line in lines} == {"train", "eval", "refresh"}
 
 
@@ -120,8 +149,24 @@ def _final_params(workdir: Path):
 
 @pytest.mark.slow
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
-    flags = ["train", "--steps", "120", "--checkpoint-every", "20", "--eval-every", "60", "--log-every", "10",
-             "--refresh-every", "30", "--kmeans-iterations", "10", "--num-devices", "1", "--no-progress"]
+    flags = [
+        "train",
+        "--steps",
+        "120",
+        "--checkpoint-every",
+        "20",
+        "--eval-every",
+        "60",
+        "--log-every",
+        "10",
+        "--refresh-every",
+        "30",
+        "--kmeans-iterations",
+        "10",
+        "--num-devices",
+        "1",
+        "--no-progress",
+    ]
     straight = _run_cli(*flags, "--workdir", str(tmp_path / "straight"), cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
 
@@ -130,11 +175,18 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(
         [sys.executable, "-m", "magnet_jax.cli", *flags, "--workdir", str(killed_dir)],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        steps = [p.name for p in (killed_dir / "checkpoints").glob("[0-9]*")] if (killed_dir / "checkpoints").exists() else []
+        steps = (
+            [p.name for p in (killed_dir / "checkpoints").glob("[0-9]*")]
+            if (killed_dir / "checkpoints").exists()
+            else []
+        )
         if any(int(s) >= 40 for s in steps if s.isdigit()):
             break
         time.sleep(0.05)
@@ -161,9 +213,13 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     assert step_a == step_b == 120
     _leaves_close(params_a, params_b, atol=1e-6)
     _leaves_close(index_a, index_b, atol=1e-6)
-    history_a = [json.loads(x) for x in (tmp_path / "straight" / "history.jsonl").read_text().splitlines()]
+    history_a = [
+        json.loads(x) for x in (tmp_path / "straight" / "history.jsonl").read_text().splitlines()
+    ]
     history_b = [json.loads(x) for x in (killed_dir / "history.jsonl").read_text().splitlines()]
-    assert [(h["kind"], h["step"]) for h in history_a] == [(h["kind"], h["step"]) for h in history_b]
+    assert [(h["kind"], h["step"]) for h in history_a] == [
+        (h["kind"], h["step"]) for h in history_b
+    ]
 
 
 def test_partial_checkpoint_is_never_loaded(tmp_path):
@@ -183,7 +239,10 @@ def test_partial_checkpoint_is_never_loaded(tmp_path):
     [
         (["--dataset", "nope"], "nope"),
         (["--loss", "nope"], "unknown loss"),
-        (["--clusters-per-batch", "3", "--examples-per-cluster", "3", "--num-devices", "4"], "multiple of 4"),
+        (
+            ["--clusters-per-batch", "3", "--examples-per-cluster", "3", "--num-devices", "4"],
+            "multiple of 4",
+        ),
         (["--clusters-per-class", "1000"], "larger than class"),
         (["--dataset", "mnist", "--data-dir", "/does/not/exist"], "/does/not/exist"),
         (["--clusters-per-batch", "50", "--clusters-per-class", "1"], "impostor"),
@@ -225,4 +284,6 @@ def test_max_pool_2x2_equals_nnx_max_pool():
 
     for shape in [(2, 28, 28, 3), (1, 7, 9, 2)]:
         x = jax.random.normal(jax.random.PRNGKey(0), shape)
-        np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(nnx.max_pool(x, (2, 2), (2, 2))))
+        np.testing.assert_array_equal(
+            np.asarray(max_pool_2x2(x)), np.asarray(nnx.max_pool(x, (2, 2), (2, 2)))
+        )

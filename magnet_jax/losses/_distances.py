@@ -106,9 +106,7 @@ def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 
 def cosine_similarity(a: jax.Array, b: jax.Array) -> jax.Array:
     """Cosine similarities ``[n, m]`` between rows of ``a [n, d]`` and ``b [m, d]``."""
-    return jnp.matmul(
-        l2_normalize(a), l2_normalize(b).T, precision=jax.lax.Precision.HIGHEST
-    )
+    return jnp.matmul(l2_normalize(a), l2_normalize(b).T, precision=jax.lax.Precision.HIGHEST)
 
 
 def label_masks(labels: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -139,8 +137,7 @@ def check_embeddings_and_labels(
         )
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise ValueError(
-            f"{fn_name}: labels must be integers; got dtype {labels.dtype} "
-            f"(shape {labels.shape})."
+            f"{fn_name}: labels must be integers; got dtype {labels.dtype} (shape {labels.shape})."
         )
     if embeddings.shape[0] == 0:
         raise ValueError(f"{fn_name}: empty batch, embeddings.shape={embeddings.shape}.")
@@ -207,9 +204,7 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 def check_reduction(fn_name: str, reduction: str) -> None:
     if reduction not in _REDUCTIONS:
-        raise ValueError(
-            f"{fn_name}: reduction must be one of {_REDUCTIONS}; got {reduction!r}."
-        )
+        raise ValueError(f"{fn_name}: reduction must be one of {_REDUCTIONS}; got {reduction!r}.")
 
 
 def reduce_losses(losses: jax.Array, valid: jax.Array, reduction: str) -> jax.Array:

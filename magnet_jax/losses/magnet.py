@@ -86,9 +86,7 @@ def _check_floating(name: str, array: jax.Array) -> None:
 
 def _check_embeddings(embeddings: jax.Array) -> None:
     if embeddings.ndim != 2:
-        raise ValueError(
-            f"embeddings must have shape [batch, dim], got shape {embeddings.shape}."
-        )
+        raise ValueError(f"embeddings must have shape [batch, dim], got shape {embeddings.shape}.")
     _check_floating("embeddings", embeddings)
 
 
@@ -551,6 +549,5 @@ def validate_cluster_labels(
         cluster_labels = np.unique(labels[cluster_ids == cluster_id])
         if cluster_labels.size > 1:
             raise ValueError(
-                f"cluster {cluster_id} holds examples of several labels: "
-                f"{cluster_labels.tolist()}."
+                f"cluster {cluster_id} holds examples of several labels: {cluster_labels.tolist()}."
             )

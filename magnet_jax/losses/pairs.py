@@ -138,9 +138,7 @@ def multi_similarity_miner(
       Wang, Han, Huang, Dong, Scott, "Multi-Similarity Loss with General Pair Weighting for
       Deep Metric Learning", CVPR 2019, arXiv:1904.06627.
     """
-    embeddings, labels = check_embeddings_and_labels(
-        "multi_similarity_miner", embeddings, labels
-    )
+    embeddings, labels = check_embeddings_and_labels("multi_similarity_miner", embeddings, labels)
     similarities = jax.lax.stop_gradient(cosine_similarity(embeddings, embeddings))
     return _mine_pairs(similarities, labels, epsilon)
 
@@ -217,15 +215,11 @@ def multi_similarity_loss(
       Wang, Han, Huang, Dong, Scott, "Multi-Similarity Loss with General Pair Weighting for
       Deep Metric Learning", CVPR 2019, arXiv:1904.06627.
     """
-    embeddings, labels = check_embeddings_and_labels(
-        "multi_similarity_loss", embeddings, labels
-    )
+    embeddings, labels = check_embeddings_and_labels("multi_similarity_loss", embeddings, labels)
     check_reduction("multi_similarity_loss", reduction)
     similarities = cosine_similarity(embeddings, embeddings)
     if mine:
-        positive, negative = _mine_pairs(
-            jax.lax.stop_gradient(similarities), labels, epsilon
-        )
+        positive, negative = _mine_pairs(jax.lax.stop_gradient(similarities), labels, epsilon)
     else:
         positive, negative = label_masks(labels)
     pos_term = masked_logsumexp(-alpha * (similarities - base), positive, axis=1, add_one=True)

@@ -27,9 +27,7 @@ __all__ = ["proxy_nca_loss", "normalized_softmax_loss", "arcface_loss"]
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array, reduction: str) -> jax.Array:
-    losses = -jnp.take_along_axis(
-        jax.nn.log_softmax(logits, axis=1), labels[:, None], axis=1
-    )[:, 0]
+    losses = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=1), labels[:, None], axis=1)[:, 0]
     return reduce_losses(losses, jnp.ones_like(losses, dtype=bool), reduction)
 
 
@@ -168,9 +166,7 @@ def normalized_softmax_loss(
       Zhai, Wu, "Classification is a Strong Baseline for Deep Metric Learning", BMVC 2019,
       arXiv:1811.12649.
     """
-    embeddings, labels = check_embeddings_and_labels(
-        "normalized_softmax_loss", embeddings, labels
-    )
+    embeddings, labels = check_embeddings_and_labels("normalized_softmax_loss", embeddings, labels)
     weights = check_class_weights("normalized_softmax_loss", "weights", weights, embeddings)
     check_reduction("normalized_softmax_loss", reduction)
     return _cross_entropy(_cosines(embeddings, weights) / temperature, labels, reduction)
