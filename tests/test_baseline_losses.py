@@ -705,8 +705,9 @@ def test_proxy_losses_gradients_jit_vmap(name):
     np.testing.assert_allclose(jax.jit(g)(x, y, proxies), g(x, y, proxies), rtol=1e-6)
     xs, ys = np.stack([x, -x, x[::-1]]), np.stack([y, y, y[::-1]])
     batched = jax.vmap(g, in_axes=(0, 0, None))(xs, ys, proxies)
+    # float32: vmap may reorder the reductions, so allow a few ulps of the loss's magnitude.
     np.testing.assert_allclose(
-        batched, [jax.jit(g)(a, b, proxies) for a, b in zip(xs, ys)], rtol=1e-6
+        batched, [jax.jit(g)(a, b, proxies) for a, b in zip(xs, ys)], rtol=1e-5
     )
 
 
