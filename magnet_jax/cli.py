@@ -20,10 +20,19 @@ import types
 import typing
 
 from magnet_jax.config import LOSSES, TrainConfig
+from magnet_jax.data import SPLITS, dataset_help
 
 _HELP = {
-    "dataset": "digits (default, bundled), mnist, fashion_mnist, cifar10, cifar100, tfds:<name>, npz:<path>",
-    "data_dir": "folder with the dataset's files (mnist/fashion_mnist/cifar)",
+    "dataset": dataset_help(),
+    "data_dir": "folder with the dataset's files, or its parent",
+    "split": f"one of {', '.join(SPLITS)}: default = in-class split (the dataset's own when it is "
+    "in-class), given = the dataset's own split, classes = train on the first half of the "
+    "classes and test retrieval on the unseen rest (Recall@k, MAP@R, NMI; no kNN/kNC)",
+    "label_level": "emoji: emoji (default), subcategory or category; a coarse level keeps the "
+    "emoji as fine labels",
+    "drop_duplicates": "emoji: leave out the images flagged duplicate",
+    "skip_bad_images": "image files: leave out missing or unreadable images (says how many) "
+    "instead of stopping",
     "loss": f"one of: {', '.join(LOSSES)}",
     "architecture": "mlp, convnet or resnet (default: mlp for flat inputs, convnet for images)",
     "steps": "training steps",
@@ -45,7 +54,8 @@ _HELP = {
     "freshly initialised; ignored when --workdir resumes its own checkpoint",
     "normalize": "L2-normalise the embeddings",
     "augment_shift": "images: translate every training image by a random offset of up to N pixels (zero fill)",
-    "image_size": "tfds: resize every image to N x N (needed when the images differ in size)",
+    "image_size": "tfds, emoji and image files: resize every image to N x N (image files: shorter "
+    "side to N, centre crop; needed when the images differ in size)",
     "tfds_splits": "tfds: 'train_split,test_split', e.g. 'train+validation,test' (default: the builder's train and test)",
     "manual_dir": "tfds: folder with manually downloaded files",
     "clustering": "how the index clusters each class: kmeans, or agglomerative (at most K clusters, the number may differ per class)",
@@ -110,6 +120,10 @@ def _print_metrics(metrics: dict) -> None:
         "steps",
         "seconds",
     ]
+    recall = sorted(
+        (k for k in metrics if k.startswith("recall_at_")), key=lambda k: int(k.split("_")[-1])
+    )
+    keys = keys[:4] + recall + keys[4:]
     width = max(len(k) for k in keys)
     for key in keys:
         if key in metrics:

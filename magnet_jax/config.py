@@ -40,9 +40,13 @@ class TrainConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
-    image_size: int | None = None  # tfds only: resize every image to image_size x image_size
+    image_size: int | None = None  # tfds and image files: resize to image_size x image_size
     tfds_splits: str | None = None  # tfds only: "train_split,test_split"; None: "train,test"
     manual_dir: str | None = None  # tfds only: TFDS manual download dir
+    split: str = "default"  # default (in-class), given (the dataset's own), classes (unseen)
+    label_level: str | None = None  # emoji: emoji, subcategory or category
+    drop_duplicates: bool = False  # emoji: leave out the images flagged duplicate
+    skip_bad_images: bool = False  # image files: leave out missing/unreadable ones
     loss: str = "magnet"
     architecture: str | None = None  # None: mlp for flat inputs, convnet for images
     embedding_dim: int = 32
@@ -92,7 +96,7 @@ class TrainConfig:
 
     def load_options(self) -> dict[str, Any]:
         """The keyword arguments of :func:`magnet_jax.data.load_dataset` that this config
-        sets beyond ``data_dir`` (empty when none of the tfds options is given)."""
+        sets beyond ``data_dir`` (empty when every data option has its default)."""
         options: dict[str, Any] = {}
         if self.image_size is not None:
             options["image_size"] = (self.image_size, self.image_size)
@@ -100,6 +104,15 @@ class TrainConfig:
             options["splits"] = self.tfds_split_pair
         if self.manual_dir is not None:
             options["manual_dir"] = self.manual_dir
+        # Only what differs from the default, so older runs reload with the same call.
+        if self.split != "default":
+            options["split"] = self.split
+        if self.label_level is not None:
+            options["label_level"] = self.label_level
+        if self.drop_duplicates:
+            options["drop_duplicates"] = True
+        if self.skip_bad_images:
+            options["skip_bad_images"] = True
         return options
 
     def to_dict(self) -> dict[str, Any]:
@@ -203,14 +216,46 @@ class TrainConfig:
         ):
             raise ValueError(f"manual_dir must name a directory, got {self.manual_dir!r}")
         tfds_only = [
-            name
-            for name in ("image_size", "tfds_splits", "manual_dir")
-            if getattr(self, name) is not None
+            name for name in ("tfds_splits", "manual_dir") if getattr(self, name) is not None
         ]
         if tfds_only and not self.dataset.startswith("tfds:"):
             raise ValueError(
                 f"{', '.join(tfds_only)} apply to tfds:<name> datasets only, not to dataset {self.dataset!r} "
                 f"(its images are used at their stored size)"
             )
+        self._validate_data_options()
         if self.num_devices is not None and self.num_devices < 1:
             raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")
+
+    def _validate_data_options(self) -> None:
+        from magnet_jax import data
+
+        if self.split not in data.SPLITS:
+            raise ValueError(
+                f"unknown split {self.split!r}; choose one of {', '.join(data.SPLITS)}"
+            )
+        levels = data.emoji.LABEL_LEVELS
+        if self.label_level is not None and self.label_level not in levels:
+            raise ValueError(
+                f"unknown label_level {self.label_level!r}; choose one of {', '.join(levels)}"
+            )
+        if self.image_size is not None and not data.takes_option(self.dataset, "image_size"):
+            image_files = [
+                n for n in data.registry.sources_taking("image_size") if n != "tfds:<name>"
+            ]
+            raise ValueError(
+                f"image_size applies to tfds:<name> datasets only and to images read from files "
+                f"({', '.join(image_files)}), not to dataset {self.dataset!r} (its images are "
+                "used at their stored size)"
+            )
+        given = {
+            "label_level": self.label_level is not None,
+            "drop_duplicates": self.drop_duplicates,
+            "skip_bad_images": self.skip_bad_images,
+        }
+        for option, is_set in given.items():
+            if is_set and not data.takes_option(self.dataset, option):
+                takers = ", ".join(data.registry.sources_taking(option))
+                raise ValueError(
+                    f"{option} applies to {takers} only, not to dataset {self.dataset!r}"
+                )

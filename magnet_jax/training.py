@@ -408,13 +408,26 @@ def evaluate(run: Run, params, index) -> dict[str, float]:
 
     kNN: test queries against the training set. kNC (Magnet Loss only): against centroids
     recomputed from the current embeddings with the index's stored assignments (stale
-    centroids err more, DESIGN.md §1). Retrieval metrics: the test set as its own gallery.
+    centroids err more, DESIGN.md §1). Retrieval metrics (Recall@k for the dataset's
+    ``recall_ks``, MAP@R, R-precision, NMI): the test set as its own gallery. When the
+    test classes were not seen in training (``--split classes``) only the retrieval
+    metrics are reported: classifying by the training set cannot name an unseen class.
     """
     config = run.config
-    train_embeddings = run.steps.embed(params, run.data.x)
     test_embeddings = run.steps.embed(params, run.x_test)
     y_test = np.asarray(run.dataset.y_test)
+    seen = run.dataset.test_classes_seen
     metrics: dict[str, float] = {}
+    retrieval = evaluation.retrieval_metrics(
+        test_embeddings,
+        jnp.asarray(y_test),
+        ks=run.dataset.recall_ks,
+        num_classes=run.dataset.num_classes if seen else None,
+    )
+    metrics.update({name: float(value) for name, value in retrieval.items()})
+    if not seen:
+        return metrics
+    train_embeddings = run.steps.embed(params, run.data.x)
     predicted = evaluation.knn_predict(
         test_embeddings,
         train_embeddings,
@@ -433,10 +446,6 @@ def evaluate(run: Run, params, index) -> dict[str, float]:
         model = nnx.merge(run.graphdef, nnx.State(params))
         logits = jax.jit(model.logits)(test_embeddings)
         metrics["classifier_error"] = float(np.mean(np.asarray(jnp.argmax(logits, -1)) != y_test))
-    retrieval = evaluation.retrieval_metrics(
-        test_embeddings, jnp.asarray(y_test), num_classes=run.dataset.num_classes
-    )
-    metrics.update({name: float(value) for name, value in retrieval.items()})
     if run.dataset.fine_test is not None:
         metrics.update(
             fine_label_errors(

@@ -88,7 +88,7 @@ class Source:
 _ARGUMENT_NAMES = {"tfds": "<name>", "npz": "<path>", "folder": "<dir>", "csv": "<file>"}
 
 SOURCES: tuple[Source, ...] = (
-    Source("digits", digits.load, "scikit-learn's 8x8 digits, bundled (no files)"),
+    Source("digits", digits.load, "scikit-learn's 8x8 digits, bundled, no files needed"),
     Source("mnist", idx.load, "idx files", options=("verify",)),
     Source("fashion_mnist", idx.load, "idx files", options=("verify",)),
     Source("cifar10", cifar.load, "python-pickle archive"),
