@@ -54,6 +54,9 @@ _HELP = {
     "freshly initialised; ignored when --workdir resumes its own checkpoint",
     "normalize": "L2-normalise the embeddings",
     "augment_shift": "images: translate every training image by a random offset of up to N pixels (zero fill)",
+    "augment_crop": "images: train on a random resized crop (8-100%% of the area, aspect 3/4-4/3) "
+    "flipped left-right half the time; embed for evaluation and clustering the centre 87.5%% "
+    "resized back",
     "image_size": "tfds, emoji and image files: resize every image to N x N (image files: shorter "
     "side to N, centre crop; needed when the images differ in size)",
     "tfds_splits": "tfds: 'train_split,test_split', e.g. 'train+validation,test' (default: the builder's train and test)",

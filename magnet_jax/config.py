@@ -63,6 +63,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine: decay to 0 over `steps`; or constant
     weight_decay: float = 0.0
     augment_shift: int = 0  # images: random translations of up to this many pixels
+    augment_crop: bool = False  # images: random resized crop + flip; evaluation: centre crop
     refresh_every: int | None = None  # None: once per epoch of M·D-example batches
     eval_every: int = 500
     checkpoint_every: int = 500

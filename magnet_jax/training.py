@@ -47,6 +47,7 @@ from magnet_jax.objectives import Objective, TrainingData, get_objective
 from magnet_jax.warm_start import WarmStart, find_init_checkpoint, warm_start_params
 
 _AUGMENT_STREAM = 0x617567  # folded into a step's key for its augmentations
+_CROP_STREAM = 0x63726F70  # folded into a step's key for its random resized crops
 
 
 @struct.dataclass
@@ -132,6 +133,8 @@ def build_step_functions(
             inputs = augment.random_shift(
                 jax.random.fold_in(key, _AUGMENT_STREAM), inputs, config.augment_shift
             )
+        if config.augment_crop:
+            inputs = augment.random_resized_crop_flip(jax.random.fold_in(key, _CROP_STREAM), inputs)
         inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
 
         def loss_of(params):
@@ -177,6 +180,8 @@ def build_step_functions(
     @functools.partial(jax.jit, static_argnames="chunk")
     def embed_chunk(params, x: jax.Array, start: jax.Array, chunk: int) -> jax.Array:
         rows = jax.lax.dynamic_slice_in_dim(x, start, chunk)
+        if config.augment_crop:  # the evaluation view of what training crops at random
+            rows = augment.center_crop(rows)
         sharding = batch_sharding if chunk % num_devices == 0 else replicated
         rows = jax.lax.with_sharding_constraint(rows, sharding)
         embeddings = nnx.merge(graphdef, nnx.State(params))(rows)
@@ -252,6 +257,11 @@ def _check_against_data(
         raise ValueError(
             f"--augment-shift {config.augment_shift} translates images [N, H, W, C], but "
             f"{dataset.name} has examples of shape {dataset.x_train.shape[1:]}"
+        )
+    if config.augment_crop and dataset.x_train.ndim != 4:
+        raise ValueError(
+            f"--augment-crop crops images [N, H, W, C], but {dataset.name} has examples of "
+            f"shape {dataset.x_train.shape[1:]}"
         )
     if objective.uses_index:
         smallest = int(np.argmin(np.where(class_sizes > 0, class_sizes, np.iinfo(np.int64).max)))
