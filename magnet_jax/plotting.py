@@ -6,6 +6,8 @@
   with mean ± std bands when a run has several seeds.
 - :func:`plot_clustering_diagnostics`: cluster purity (against fine labels) and valid
   clusters per class at every refresh, for one or several runs.
+- :func:`plot_retrievals`: a few test queries, each followed by its top-k retrieved
+  images framed green (same class) or red (another class).
 - :func:`plot_runs`: all of them, for work directories written by ``magnet-jax train``.
 """
 
@@ -164,6 +166,103 @@ def plot_clustering_diagnostics(
     return os.fspath(path)
 
 
+CORRECT_COLOUR = (0.0, 0.6, 0.0)
+WRONG_COLOUR = (0.85, 0.0, 0.0)
+QUERY_COLOUR = (0.2, 0.2, 0.8)
+
+
+def top_k_retrievals(embeddings: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """``[Q, k]`` gallery indices nearest (squared Euclidean) to each query, itself excluded.
+
+    The gallery is every row of ``embeddings [N, d]``; ties go to the lower index.
+    """
+    embeddings = np.asarray(embeddings, np.float64)
+    distances = ((embeddings[queries][:, None, :] - embeddings[None]) ** 2).sum(-1)
+    distances[np.arange(len(queries)), queries] = np.inf
+    return np.argsort(distances, axis=1, kind="stable")[:, :k]
+
+
+def framed(image: np.ndarray, colour: Sequence[float], width: int) -> np.ndarray:
+    """``[H, W, C]`` image in [0, 1] -> ``[H + 2w, W + 2w, 3]`` RGB inside a coloured frame."""
+    image = np.asarray(image, np.float64)
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    out = np.empty((image.shape[0] + 2 * width, image.shape[1] + 2 * width, 3))
+    out[:] = np.asarray(colour, np.float64)
+    out[width : width + image.shape[0], width : width + image.shape[1]] = np.clip(image, 0, 1)
+    return out
+
+
+def plot_retrievals(
+    images: np.ndarray,
+    labels: np.ndarray,
+    embeddings: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    num_queries: int = 6,
+    k: int = 5,
+    class_names: Sequence[str] | None = None,
+    seed: int = 0,
+) -> str:
+    """For a few random queries, the query and its ``k`` nearest other images.
+
+    Each row starts with the query (blue frame) followed by its top-``k`` retrievals from
+    the same set, nearest first, framed green when of the query's class and red when not.
+    Queries are drawn among the examples whose class has another example.
+
+    Args:
+      images: ``[N, H, W, C]`` in [0, 1] (C = 1 or 3).
+      labels: ``[N]`` class ids.
+      embeddings: ``[N, d]``.
+      path: the PNG to write.
+      num_queries: rows (fewer when fewer examples qualify).
+      k: retrievals per row.
+      class_names: names of the class ids, for the titles.
+      seed: which queries.
+
+    Returns:
+      The PNG's path.
+    """
+    images, labels = np.asarray(images), np.asarray(labels)
+    if images.ndim != 4 or len(images) != len(labels) or len(embeddings) != len(labels):
+        raise ValueError(
+            f"plot_retrievals needs images [N, H, W, C], labels [N], embeddings [N, d]; got "
+            f"{images.shape}, {labels.shape}, {np.shape(embeddings)}"
+        )
+    _, class_of, class_sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    eligible = np.flatnonzero(class_sizes[class_of] > 1)
+    if not len(eligible):
+        raise ValueError("plot_retrievals needs a class with at least two examples")
+    rng = np.random.default_rng(seed)
+    queries = np.sort(rng.choice(eligible, min(num_queries, len(eligible)), replace=False))
+    k = min(k, len(labels) - 1)
+    neighbours = top_k_retrievals(embeddings, queries, k)
+    width = max(1, images.shape[1] // 12)
+
+    def name(label):
+        return class_names[label] if class_names is not None else str(label)
+
+    figure, axes = plt.subplots(
+        len(queries), k + 1, figsize=(1.4 * (k + 1), 1.5 * len(queries)), squeeze=False
+    )
+    for row, (query, found) in enumerate(zip(queries, neighbours)):
+        axes[row, 0].imshow(framed(images[query], QUERY_COLOUR, width))
+        axes[row, 0].set_title(f"query: {name(labels[query])}"[:24], fontsize=6)
+        for column, item in enumerate(found, start=1):
+            correct = labels[item] == labels[query]
+            colour = CORRECT_COLOUR if correct else WRONG_COLOUR
+            axes[row, column].imshow(framed(images[item], colour, width))
+            axes[row, column].set_title(name(labels[item])[:20], fontsize=6, color=colour)
+    for axis in axes.ravel():
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return os.fspath(path)
+
+
 def read_history(workdir: str | os.PathLike) -> list[dict]:
     path = os.path.join(workdir, "history.jsonl")
     if not os.path.exists(path):
@@ -174,7 +273,8 @@ def read_history(workdir: str | os.PathLike) -> list[dict]:
 
 def plot_runs(workdirs: Sequence[str], *, output_dir: str | None = None) -> list[str]:
     """Learning curves of every run in ``workdirs`` and, for the first one, embedding maps
-    of the test set before and after training. Returns the PNG paths written."""
+    of the test set before and after training and (for images) the top retrievals of a
+    few test queries. Returns the PNG paths written."""
     from magnet_jax import training  # heavy import, only when plotting runs
 
     output_dir = output_dir or workdirs[0]
@@ -211,4 +311,14 @@ def plot_runs(workdirs: Sequence[str], *, output_dir: str | None = None) -> list
             class_names=run.dataset.class_names,
         )
     )
+    if run.dataset.x_test.ndim == 4:
+        written.append(
+            plot_retrievals(
+                run.dataset.x_test,
+                run.dataset.y_test,
+                after,
+                os.path.join(output_dir, "retrievals.png"),
+                class_names=run.dataset.class_names,
+            )
+        )
     return written

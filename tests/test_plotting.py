@@ -60,7 +60,34 @@ def test_plot_command_on_a_trained_run(tmp_path):
         == 0
     )
     assert cli.main(["plot", "--workdir", workdir]) == 0
-    for name in ("curves_knc_error.png", "curves_knn_error.png", "embeddings.png"):
+    for name in (
+        "curves_knc_error.png",
+        "curves_knn_error.png",
+        "embeddings.png",
+        "retrievals.png",
+    ):
         assert _is_png(tmp_path / "run" / name)
     assert cli.main(["evaluate", "--workdir", workdir]) == 0
     assert (tmp_path / "run" / "evaluation.json").exists()
+
+
+def test_top_k_retrievals_excludes_the_query_and_sorts_by_distance():
+    embeddings = np.array([[0.0], [0.1], [5.0], [0.3], [4.0]])
+    neighbours = plotting.top_k_retrievals(embeddings, np.array([0, 2]), 3)
+    np.testing.assert_array_equal(neighbours, [[1, 3, 4], [4, 3, 1]])
+
+
+def test_retrieval_pictures_frame_correct_green_and_wrong_red(tmp_path):
+    tile = plotting.framed(np.full((4, 4, 1), 0.5), plotting.WRONG_COLOUR, 2)
+    assert tile.shape == (8, 8, 3)
+    np.testing.assert_allclose(tile[0, 0], plotting.WRONG_COLOUR)
+    np.testing.assert_allclose(tile[4, 4], [0.5, 0.5, 0.5])
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 3)
+    images = rng.random((12, 8, 8, 3))
+    path = plotting.plot_retrievals(
+        images, labels, rng.normal(size=(12, 2)), tmp_path / "r.png", num_queries=3, k=4
+    )
+    assert _is_png(path)
+    with pytest.raises(ValueError, match="needs images"):
+        plotting.plot_retrievals(images[:, 0], labels, images[:, 0, 0], tmp_path / "x.png")
