@@ -317,7 +317,7 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         embedding_dim=config.embedding_dim,
         seed=config.seed,
         normalize=config.normalize,
-        num_classes=dataset.num_classes,
+        num_classes=dataset.num_train_classes,  # no head or proxy for an unseen class
         classifier=objective.classifier,
         proxies=objective.proxies,
     )

@@ -100,6 +100,12 @@ class Dataset:
         return None if self.fine_class_names is None else len(self.fine_class_names)
 
     @property
+    def num_train_classes(self) -> int:
+        """``1 +`` the largest training label: the classes a classifier head or proxies need
+        (``C`` except under ``split="classes"``, where the test classes come last)."""
+        return int(self.y_train.max()) + 1 if len(self.y_train) else 0
+
+    @property
     def test_classes_seen(self) -> bool:
         """Whether every test class has training examples.
 
