@@ -493,3 +493,19 @@ def test_non_finite_rows_are_named(tmp_path):
              y_test=[0, 1, 0, 1, 0])  # fmt: skip
     with pytest.raises(ValueError, match=r"x_test has NaN or inf in 2 of 5 rows \(rows 1, 4\)"):
         load_dataset(f"npz:{tmp_path / 'f.npz'}")
+
+
+def test_bad_csv_stops_the_command_before_the_work_directory_is_touched(tmp_path, capsys):
+    from magnet_jax import cli
+
+    write_image(tmp_path / "ds" / "a.png", 0)
+    path = write_csv(tmp_path, [("a.png", "train")], header="path,split")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "keep.txt").write_text("earlier work")
+    code = cli.main(
+        ["train", "--dataset", f"csv:{path}", "--workdir", str(workdir), "--no-progress"]
+    )
+    assert code == 2
+    assert "has no column label (header: path, split)" in capsys.readouterr().err
+    assert sorted(p.name for p in workdir.iterdir()) == ["keep.txt"]
