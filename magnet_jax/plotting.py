@@ -280,7 +280,7 @@ def plot_runs(workdirs: Sequence[str], *, output_dir: str | None = None) -> list
     output_dir = output_dir or workdirs[0]
     os.makedirs(output_dir, exist_ok=True)
     written = []
-    for metric in ("knc_error", "knn_error"):
+    for metric in ("knc_error", "knn_error", "recall_at_1"):
         curves = {}
         for workdir in workdirs:
             evals = [h for h in read_history(workdir) if h["kind"] == "eval" and metric in h]
