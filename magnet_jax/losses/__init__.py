@@ -9,11 +9,22 @@ from magnet_jax.losses.magnet import (
     validate_cluster_labels,
 )
 from magnet_jax.losses.pairs import contrastive_loss, multi_similarity_loss, multi_similarity_miner
+from magnet_jax.losses.plm import (
+    PLMTargets,
+    PLMTerms,
+    plm_loss,
+    plm_neighbourhood_loss,
+    plm_point_loss,
+    plm_proxy_loss,
+    plm_targets,
+)
 from magnet_jax.losses.proxies import arcface_loss, normalized_softmax_loss, proxy_nca_loss
 from magnet_jax.losses.triplet import triplet_loss
 
 __all__ = [
     "MagnetTerms",
+    "PLMTargets",
+    "PLMTerms",
     "arcface_loss",
     "contrastive_loss",
     "magnet_full_objective",
@@ -23,6 +34,11 @@ __all__ = [
     "multi_similarity_miner",
     "normalized_softmax_loss",
     "pairwise_distances",
+    "plm_loss",
+    "plm_neighbourhood_loss",
+    "plm_point_loss",
+    "plm_proxy_loss",
+    "plm_targets",
     "proxy_nca_loss",
     "triplet_loss",
     "validate_cluster_labels",
