@@ -88,12 +88,15 @@ def neighbour_table(
       chunk_size: points per chunk.
 
     Returns:
-      ``[N, k]`` int32 indices into ``embeddings``; ties go to the lower index.
+      ``[N, k]`` int32 indices into ``embeddings``, on the first local device; ties go to
+      the lower index.
     """
     _, indices = nearest_neighbours(
         embeddings, embeddings, k=num_neighbours, chunk_size=chunk_size, exclude_self=True
     )
-    return indices
+    # The search shards its chunks over the local devices; the table is small and is
+    # indexed inside jitted steps, so it is handed back whole on one device.
+    return jax.device_put(indices, jax.local_devices()[0])
 
 
 def _check_fit_arguments(embeddings, neighbours, max_rank, error_threshold, min_size):
@@ -245,7 +248,8 @@ def fit_linear_pieces(
 
     Not differentiable (eigen- and singular-value decompositions of possibly degenerate
     matrices): the inputs are wrapped in ``stop_gradient``. The paper fits pieces on the
-    momentum encoder's embeddings, which carry no gradient anyway.
+    momentum encoder's embeddings, which carry no gradient anyway. Called outside
+    ``jit``, it runs on the first local device whatever the inputs' sharding.
 
     Args:
       embeddings: ``[N, d]`` embeddings of the (unlabelled) data.
@@ -280,9 +284,17 @@ def fit_linear_pieces(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}.")
     dtype = jnp.result_type(embeddings.dtype, jnp.float32)
+    embeddings, neighbours = embeddings.astype(dtype), neighbours.astype(jnp.int32)
+    if not any(isinstance(a, jax.core.Tracer) for a in (embeddings, neighbours)):
+        # Arrays sharded over several devices (the neighbour table comes back sharded
+        # from the chunked search) would make XLA partition the chunk loop, with a
+        # collective in every iteration; on CPU that was seen to hang. The fit is a
+        # refresh, not a step: one device does it.
+        device = jax.local_devices()[0]
+        embeddings, neighbours = jax.device_put((embeddings, neighbours), device)
     return _fit_all(
-        embeddings.astype(dtype),
-        neighbours.astype(jnp.int32),
+        embeddings,
+        neighbours,
         max_rank=max_rank,
         error_threshold=float(error_threshold),
         min_size=min_size,
