@@ -391,7 +391,7 @@ def test_loss_gradients():
 
     args = (d["embeddings"], d["proxies"], d["neighbour_embeddings"])
     check_grads(
-        lambda e, p: total(e, p, args[2]),
+        jax.jit(lambda e, p: total(e, p, args[2])),
         args[:2],
         order=1,
         modes=("rev",),
