@@ -279,11 +279,15 @@ QUICKSTART = [
                     marker="o" if position == 0 else "s",
                     color=colours(batch_labels[position * D]),
                     edgecolors="black" if position == 0 else "none",
-                    label="seed cluster" if position == 0 else ("impostor clusters" if position == 1 else None),
                 )
+            legend = [
+                plt.Line2D([], [], marker="o", ls="", color="grey", markeredgecolor="black", label="seed cluster"),
+                plt.Line2D([], [], marker="s", ls="", color="grey", label="impostor clusters"),
+                plt.Line2D([], [], marker="x", ls="", color="grey", label="centroids"),
+            ]
+            axis.legend(handles=legend, loc="upper left", fontsize=8)
             axis.set_title(title)
             axis.set_aspect("equal")
-            axis.legend(loc="lower left", fontsize=8)
 
 
         figure, axis = plt.subplots(figsize=(6, 6))
@@ -341,7 +345,7 @@ QUICKSTART = [
         Between epochs the host re-embeds the training set and refreshes the index
         (k-means inside every class again). A `TrainConfig` holds every setting; its field
         names are the flags of the `magnet-jax train` command, and the defaults are the
-        command's defaults. We shorten the run to 1,000 steps and evaluate every 250.
+        command's defaults. We shorten the run to 600 steps and evaluate every 200.
         """
     ),
     code(
@@ -350,7 +354,7 @@ QUICKSTART = [
         from magnet_jax.config import TrainConfig
 
         workdir = tempfile.mkdtemp(prefix="magnet-digits-")
-        config = TrainConfig(dataset="digits", steps=1000, eval_every=250, checkpoint_every=1000, workdir=workdir)
+        config = TrainConfig(dataset="digits", steps=600, eval_every=200, checkpoint_every=600, workdir=workdir)
         print(
             f"K={config.clusters_per_class} clusters per class; batches of M={config.clusters_per_batch} "
             f"clusters x D={config.examples_per_cluster} examples; Adam, lr {config.lr}, {config.lr_schedule} decay"
@@ -367,7 +371,7 @@ QUICKSTART = [
     ),
     md(
         """
-        This is what `magnet-jax train --steps 1000 --eval-every 250 --workdir DIR` does.
+        This is what `magnet-jax train --steps 600 --eval-every 200 --workdir DIR` does.
         The work directory holds `config.json`, `metrics.json`, the checkpoints, and
         `history.jsonl`, one JSON record per log line, refresh and evaluation:
         """
@@ -694,7 +698,7 @@ CUSTOM_LOOP = [
         wait_for_each_step = jax.default_backend() == "cpu" and len(devices) > 1
         num_epochs, evaluate_every = 20, 5
         steps_per_epoch = -(-len(dataset.y_train) // (M * D))
-        history = []
+        epoch_losses, history = [], []
 
         started = time.perf_counter()
         for epoch in range(1, num_epochs + 1):
@@ -705,6 +709,7 @@ CUSTOM_LOOP = [
                 if wait_for_each_step:
                     loss.block_until_ready()
                 epoch_loss += loss / steps_per_epoch
+            epoch_losses.append(float(epoch_loss))
 
             train_embeddings = embed(model, x_train)
             index = refresh_index(index, train_embeddings, key=jax.random.fold_in(refresh_key, epoch))
@@ -715,7 +720,7 @@ CUSTOM_LOOP = [
                 centred = recompute_centroids(index, train_embeddings)
                 record = {
                     "epoch": epoch,
-                    "loss": float(epoch_loss),
+                    "loss": epoch_losses[-1],
                     "knc_error": knc_error(test_embeddings, y_test, centred),
                     "knn_error": knn_error(test_embeddings, y_test, train_embeddings, y_train),
                 }
@@ -729,11 +734,13 @@ CUSTOM_LOOP = [
     code(
         """
         figure, (loss_axis, error_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
-        epochs = [record["epoch"] for record in history]
-        loss_axis.plot(epochs, [record["loss"] for record in history], marker=".")
-        loss_axis.set_title("mean training loss of the epoch")
+        loss_axis.plot(range(1, num_epochs + 1), epoch_losses, marker=".")
+        loss_axis.set_yscale("log")
+        loss_axis.set_title("mean training loss of each epoch")
         for metric in ("knc_error", "knn_error"):
-            error_axis.plot(epochs, [record[metric] for record in history], marker=".", label=metric)
+            error_axis.plot(
+                [record["epoch"] for record in history], [record[metric] for record in history], marker=".", label=metric
+            )
         error_axis.set_title("test error")
         error_axis.legend()
         for axis in (loss_axis, error_axis):
