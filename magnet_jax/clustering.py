@@ -52,6 +52,7 @@ Results are deterministic functions of the inputs and the key (exact resume).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -59,17 +60,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magnet_jax.names import CLUSTERINGS, LINKAGES
+
 __all__ = [
     "METHODS",
     "LINKAGES",
     "ClusteringResult",
+    "Clusterer",
+    "KMeans",
+    "Agglomerative",
+    "CLUSTERERS",
+    "clusterer_from_options",
     "agglomerative_per_class",
     "cluster_per_class",
     "clustering_diagnostics",
 ]
 
-METHODS = ("kmeans", "agglomerative")
-LINKAGES = ("ward", "average", "single")
+METHODS = CLUSTERINGS  # the names of magnet_jax.names, one list
 ASSIGNMENTS = ("neighbour", "centroid")
 
 
@@ -366,6 +373,143 @@ def cluster_per_class(
             min_clusters=min_clusters,
         )
     raise ValueError(f"unknown clustering method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeans:
+    """k-means (k-means++ initialisation) inside every class, as a value.
+
+    Calling it clusters every class into ``min(K, distinct points)`` clusters; see
+    :func:`magnet_jax.kmeans.kmeans_per_class`.
+
+    Attributes:
+        max_iterations: Lloyd iterations at most.
+        tolerance: stop when no centroid moves more than this (relative).
+        num_restarts: keep the best of n k-means++ runs by inertia, per class.
+    """
+
+    max_iterations: int = 100
+    tolerance: float = 1e-4
+    num_restarts: int = 1
+
+    name = "kmeans"
+
+    def __call__(
+        self,
+        embeddings: jax.typing.ArrayLike,
+        labels: jax.typing.ArrayLike,
+        *,
+        clusters_per_class: int,
+        key: jax.Array,
+        num_classes: int | None = None,
+        min_clusters: int = 1,
+    ) -> ClusteringResult:
+        """Clusters ``embeddings`` [N, d] inside each class of ``labels`` [N] into K slots.
+
+        ``min_clusters`` is accepted for the common signature; k-means always fills
+        ``min(K, distinct points)`` slots.
+        """
+        return cluster_per_class(
+            embeddings,
+            labels,
+            clusters_per_class=clusters_per_class,
+            key=key,
+            method="kmeans",
+            num_classes=num_classes,
+            max_iterations=self.max_iterations,
+            tolerance=self.tolerance,
+            num_restarts=self.num_restarts,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Agglomerative:
+    """Agglomerative clustering inside every class, as a value.
+
+    Calling it gives at most K clusters per class; see :func:`agglomerative_per_class`
+    for the relative ``distance_threshold`` and the subsample.
+
+    Attributes:
+        linkage: one of :data:`magnet_jax.names.LINKAGES`.
+        distance_threshold: the relative cut τ; None cuts at K clusters per class.
+        max_points_per_class: the subsample clustered per class.
+        min_cluster_size: smaller clusters are merged into their nearest.
+        assignment: ``"neighbour"`` or ``"centroid"``, how the rest join a cluster.
+    """
+
+    linkage: str = "ward"
+    distance_threshold: float | None = None
+    max_points_per_class: int = 1000
+    min_cluster_size: int = 1
+    assignment: str = "neighbour"
+
+    name = "agglomerative"
+
+    def __post_init__(self):
+        if self.linkage not in LINKAGES:
+            raise ValueError(
+                f"unknown linkage {self.linkage!r}; choose one of {', '.join(LINKAGES)}"
+            )
+
+    def __call__(
+        self,
+        embeddings: jax.typing.ArrayLike,
+        labels: jax.typing.ArrayLike,
+        *,
+        clusters_per_class: int,
+        key: jax.Array,
+        num_classes: int | None = None,
+        min_clusters: int = 1,
+    ) -> ClusteringResult:
+        """Clusters ``embeddings`` [N, d] inside each class of ``labels`` [N] into at most
+        K slots, at least ``min_clusters`` where the class has that many points."""
+        return cluster_per_class(
+            embeddings,
+            labels,
+            clusters_per_class=clusters_per_class,
+            key=key,
+            method="agglomerative",
+            num_classes=num_classes,
+            linkage=self.linkage,
+            distance_threshold=self.distance_threshold,
+            max_points_per_class=self.max_points_per_class,
+            min_cluster_size=self.min_cluster_size,
+            assignment=self.assignment,
+            min_clusters=min_clusters,
+        )
+
+
+# A clusterer: called as clusterer(embeddings, labels, *, clusters_per_class, key,
+# num_classes, min_clusters) -> ClusteringResult.
+Clusterer = KMeans | Agglomerative
+
+# Name (magnet_jax.names.CLUSTERINGS) -> clusterer class.
+CLUSTERERS = {cls.name: cls for cls in (KMeans, Agglomerative)}
+assert tuple(CLUSTERERS) == CLUSTERINGS, "magnet_jax.names.CLUSTERINGS and CLUSTERERS differ"
+
+
+def clusterer_from_options(
+    clustering: str = "kmeans",
+    *,
+    max_iterations: int = 100,
+    tolerance: float = 1e-4,
+    num_restarts: int = 1,
+    linkage: str = "ward",
+    distance_threshold: float | None = None,
+    max_points_per_class: int = 1000,
+) -> Clusterer:
+    """The clusterer that the flat keyword options of :func:`cluster_per_class` name."""
+    if clustering == "kmeans":
+        return KMeans(max_iterations=max_iterations, tolerance=tolerance, num_restarts=num_restarts)
+    if clustering == "agglomerative":
+        return Agglomerative(
+            linkage=linkage,
+            distance_threshold=distance_threshold,
+            max_points_per_class=max_points_per_class,
+        )
+    raise ValueError(
+        f"unknown clustering method {clustering!r}; choose one of {', '.join(CLUSTERINGS)}"
+    )
 
 
 def clustering_diagnostics(
