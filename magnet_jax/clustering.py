@@ -74,6 +74,7 @@ __all__ = [
     "agglomerative_per_class",
     "cluster_per_class",
     "clustering_diagnostics",
+    "cluster_purity",
 ]
 
 METHODS = CLUSTERINGS  # the names of magnet_jax.names, one list
@@ -557,10 +558,23 @@ def clustering_diagnostics(
         "inertia": float(np.sum(residuals * residuals) / points.shape[0]),
     }
     if fine_labels is not None:
-        fine = np.asarray(fine_labels, np.int64)
-        num_fine = int(fine.max()) + 1
-        table = np.bincount(flat * num_fine + fine, minlength=num_clusters * num_fine)
-        diagnostics["purity"] = float(
-            table.reshape(num_clusters, num_fine).max(axis=1).sum() / fine.size
-        )
+        diagnostics["purity"] = cluster_purity(flat, fine_labels, num_clusters=num_clusters)
     return diagnostics
+
+
+def cluster_purity(
+    cluster_ids: np.ndarray, fine_labels: np.ndarray, *, num_clusters: int | None = None
+) -> float:
+    """Share of examples whose cluster's majority fine label is their own.
+
+    Args:
+        cluster_ids: [N] int, the (flat) cluster of every example.
+        fine_labels: [N] int, the second labelling.
+        num_clusters: the number of cluster ids (default: ``max(cluster_ids) + 1``).
+    """
+    clusters = np.asarray(cluster_ids, np.int64)
+    fine = np.asarray(fine_labels, np.int64)
+    num_fine = int(fine.max()) + 1
+    num_clusters = int(clusters.max()) + 1 if num_clusters is None else num_clusters
+    table = np.bincount(clusters * num_fine + fine, minlength=num_clusters * num_fine)
+    return float(table.reshape(num_clusters, num_fine).max(axis=1).sum() / fine.size)

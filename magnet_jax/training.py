@@ -440,6 +440,79 @@ def _next_event(step: int, run: Run) -> int:
     return min(min(candidates), config.steps)
 
 
+def _refresh_due(run: Run, step: int, total_steps: int) -> bool:
+    """Whether the method refreshes before ``step``: at step 0 and every ``refresh_every``
+    steps after, never after the last step."""
+    return run.method.has_refresh and step < total_steps and step % run.refresh_every == 0
+
+
+def learning_curve(
+    run: Run,
+    eval_steps,
+    *,
+    state: TrainState | None = None,
+    evaluators=None,
+) -> dict[str, Any]:
+    """Trains ``run`` in memory (no work directory) and evaluates at ``eval_steps``.
+
+    The refreshes, steps and evaluations are those of :func:`train`; only the events
+    differ (evaluation at the given steps, 0 allowed; no logging, no checkpoints).
+
+    Args:
+        run: from :func:`prepare`.
+        eval_steps: the steps after which to evaluate; training stops at the last.
+        state: the state to start from (default: ``run.initial_state``).
+        evaluators: as in :func:`evaluate`.
+
+    Returns:
+        ``{"iterations": [steps], "metrics": {name: [value per iteration]}, "final_loss":
+        the mean loss of the last stretch of steps, "state", "method_state"}``.
+
+    Raises:
+        FloatingPointError: when the loss becomes non-finite.
+    """
+    state = run.initial_state if state is None else state
+    method_state = run.method.init_state(run.info)
+    eval_steps = sorted({int(s) for s in eval_steps})
+    total_steps = eval_steps[-1]
+    iterations, records = [], []
+    step, loss, refreshed = 0, float("nan"), False
+    while True:
+        # An evaluation at step 0 of a run with no steps still needs a refreshed state.
+        if _refresh_due(run, step, total_steps) or (
+            run.method.has_refresh and not refreshed and step in eval_steps
+        ):
+            method_state = refresh(run, state, method_state, step)
+            refreshed = True
+        if step in eval_steps:
+            iterations.append(step)
+            records.append(evaluate(run, state.params, method_state, evaluators))
+        if step >= total_steps:
+            break
+        events = [s for s in eval_steps if s > step]
+        if run.method.has_refresh:
+            events.append((step // run.refresh_every + 1) * run.refresh_every)
+        target = min(min(events), total_steps)
+        state, method_state, mean_loss = run.steps.run_steps(
+            state, method_state, run.data, jnp.asarray(target - step, jnp.int32)
+        )
+        loss = float(mean_loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"{run.config.loss}: loss {loss} between steps {step} and {target} "
+                f"(lr {run.config.lr})"
+            )
+        step = target
+    names = list(dict.fromkeys(name for record in records for name in record))
+    return {
+        "iterations": iterations,
+        "metrics": {name: [record.get(name) for record in records] for name in names},
+        "final_loss": loss,
+        "state": state,
+        "method_state": method_state,
+    }
+
+
 class _Workdir:
     """The run's files: config.json, history.jsonl, metrics.json, checkpoints/."""
 
@@ -566,7 +639,7 @@ def train(
     )
     try:
         while True:
-            if run.method.has_refresh and step < config.steps and step % run.refresh_every == 0:
+            if _refresh_due(run, step, config.steps):
                 method_state, diagnostics = refresh(
                     run, state, method_state, step, with_diagnostics=True
                 )

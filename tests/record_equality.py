@@ -51,9 +51,7 @@ def record(loss: str) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         final = training.train(equality_config(loss, workdir), progress=False)
         with open(f"{workdir}/history.jsonl") as f:
-            losses = [
-                json.loads(line)["loss"] for line in f if json.loads(line)["kind"] == "train"
-            ]
+            losses = [json.loads(line)["loss"] for line in f if json.loads(line)["kind"] == "train"]
     metrics = {k: v for k, v in final.items() if isinstance(v, float) and k != "seconds"}
     return {"train_losses": losses, "metrics": metrics}
 

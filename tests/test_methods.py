@@ -122,9 +122,28 @@ def test_clusterer_refuses_unknown_names():
 # --------------------------------------------------------------------------------------
 
 
+def _tiny_dataset(num_classes=3, per_class=12, dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+    x = (rng.normal(size=(len(y), dim)) + y[:, None]).astype(np.float32)
+    names_ = tuple(str(c) for c in range(num_classes))
+    return Dataset(
+        name="tiny", x_train=x, y_train=y, x_test=x[::3], y_test=y[::3], class_names=names_
+    )
+
+
 def test_magnet_abstract_state_matches_a_built_and_a_refreshed_index():
     run = training.prepare(
-        TrainConfig(loss="magnet", kmeans_iterations=3, clusters_per_class=2, num_devices=1)
+        TrainConfig(
+            loss="magnet",
+            kmeans_iterations=3,
+            clusters_per_class=2,
+            clusters_per_batch=3,
+            examples_per_cluster=2,
+            embedding_dim=5,
+            num_devices=1,
+        ),
+        _tiny_dataset(),
     )
     built = training.refresh(run, run.initial_state, None, 0)
     refreshed = training.refresh(run, run.initial_state, built, 1)
@@ -269,6 +288,7 @@ def _digits_permuted(seed):
     return dataclasses.replace(dataset, y_train=rng.permutation(dataset.y_train))
 
 
+@pytest.mark.slow
 def test_label_free_method_trains_resumes_and_never_reads_labels(spread_registered, tmp_path):
     base = dict(
         loss="spread",
@@ -317,9 +337,11 @@ def test_label_free_method_trains_resumes_and_never_reads_labels(spread_register
 
 
 def test_checkpoint_of_another_method_is_refused(tmp_path):
-    softmax = training.prepare(TrainConfig(loss="softmax", steps=1, num_devices=1))
+    small = dict(steps=1, clusters_per_batch=3, examples_per_cluster=2, num_devices=1)
+    softmax = training.prepare(TrainConfig(loss="softmax", **small), _tiny_dataset())
     magnet = training.prepare(
-        TrainConfig(loss="magnet", steps=1, kmeans_iterations=2, num_devices=1)
+        TrainConfig(loss="magnet", kmeans_iterations=2, clusters_per_class=2, **small),
+        _tiny_dataset(),
     )
     checkpointer = Checkpointer(tmp_path / "ckpt")
     checkpointer.save(5, softmax.initial_state, None, {"history_lines": 0, "seconds": 0.0})

@@ -20,7 +20,7 @@ import numpy as np
 
 from magnet_jax import evaluation
 from magnet_jax import index as index_lib
-from magnet_jax.clustering import Agglomerative, KMeans, clustering_diagnostics
+from magnet_jax.clustering import Agglomerative, KMeans, cluster_purity, clustering_diagnostics
 from magnet_jax.evaluators import EvalContext, Metric
 from magnet_jax.losses import magnet as magnet_losses
 from magnet_jax.methods.base import DataInfo, Embed, Method, TrainingData
@@ -77,11 +77,7 @@ class ClusterFinePurity:
         fine = context.dataset.fine_train
         if context.method_state is None or fine is None:
             return
-        cluster_ids = np.asarray(context.method_state.cluster_ids)
-        fine = np.asarray(fine)
-        table = np.zeros((int(cluster_ids.max()) + 1, int(fine.max()) + 1), np.int64)
-        np.add.at(table, (cluster_ids, fine), 1)
-        yield "cluster_fine_purity", float(table.max(axis=1).sum() / len(fine))
+        yield "cluster_fine_purity", cluster_purity(context.method_state.cluster_ids, fine)
 
 
 @dataclasses.dataclass(frozen=True)
