@@ -112,28 +112,17 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _print_metrics(metrics: dict) -> None:
-    keys = [
-        "knc_error",
-        "knn_error",
-        "classifier_error",
-        "precision_at_1",
-        "r_precision",
-        "mean_average_precision_at_r",
-        "nmi",
-        "ami",
-        "steps",
-        "seconds",
-    ]
-    recall = sorted(
-        (k for k in metrics if k.startswith("recall_at_")), key=lambda k: int(k.split("_")[-1])
-    )
-    keys = keys[:4] + recall + keys[4:]
+    """Every number the run's evaluators yielded, in their order, then steps and seconds."""
+    last = ("steps", "seconds")
+    keys = [k for k, v in metrics.items() if isinstance(v, int | float) and k not in last]
+    keys += [k for k in last if k in metrics]
+    if not keys:
+        return
     width = max(len(k) for k in keys)
     for key in keys:
-        if key in metrics:
-            value = metrics[key]
-            text = f"{value:.4f}" if isinstance(value, float) else str(value)
-            print(f"{key:<{width}}  {text}")
+        value = metrics[key]
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"{key:<{width}}  {text}")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -151,8 +140,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from magnet_jax.training import evaluate, load_for_evaluation
 
-    run, state, index = load_for_evaluation(args.workdir)
-    metrics = evaluate(run, state.params, index)
+    run, state, method_state = load_for_evaluation(args.workdir)
+    metrics = evaluate(run, state.params, method_state)
     metrics["steps"] = int(state.step)
     path = os.path.join(args.workdir, "evaluation.json")
     with open(path, "w") as f:

@@ -229,6 +229,30 @@ def test_run_evaluators_keeps_order_and_refuses_duplicates():
         evaluators.run_evaluators([constant, constant], context)
 
 
+def test_cli_prints_every_metric_yielded(capsys):
+    from magnet_jax import cli
+
+    cli._print_metrics(
+        {
+            "knn_error": 0.125,
+            "recall_at_1": 0.875,
+            "fine_error_at_5": 0.25,
+            "loss": "magnet",
+            "seconds": 2.5,
+            "steps": 3,
+        }
+    )
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [
+        "knn_error",
+        "recall_at_1",
+        "fine_error_at_5",
+        "steps",
+        "seconds",
+    ]
+    assert lines[1].split()[1] == "0.8750"
+
+
 # --------------------------------------------------------------------------------------
 # A label-free method with parameters and state of its own plugs in unchanged.
 # --------------------------------------------------------------------------------------
