@@ -1,18 +1,15 @@
 """Shared machinery of benchmarks/convergence.py and benchmarks/hierarchy.py.
 
-A run here is a learning curve: the library's own prepared run
-(:func:`magnet_jax.training.prepare`: model, sharded jitted steps, cluster refresh) driven
-by a small host loop that evaluates at fixed iterations and writes nothing to disk (no
-checkpoints), so a benchmark of dozens of runs stays cheap. The loop mirrors
-:func:`magnet_jax.training.train` (refresh once per ``refresh_every`` steps before the
-step, evaluate, then run the steps up to the next event as one jitted call); two things
-differ, both because a benchmark needs them:
+A run here is a learning curve: the library's own prepared run and loop
+(:func:`magnet_jax.training.prepare` and :func:`magnet_jax.training.learning_curve`: the
+refreshes, steps and evaluations of ``train``), evaluated at fixed iterations and writing
+nothing to disk (no checkpoints), so a benchmark of dozens of runs stays cheap. Two things
+are the benchmarks' own:
 
-- every evaluation scores kNN at several k from one nearest-neighbour search (DESIGN §1:
-  compare each method with its best evaluator, k chosen on validation), plus kNC (magnet,
-  centroids recomputed from the current embeddings with the stored assignments, as
-  ``training.evaluate`` does), the softmax classifier's own error, and the fine-label
-  Error@k when the dataset has fine labels;
+- the evaluators (:func:`evaluators`): kNN at several k (compare each method with its
+  best evaluator, k chosen on validation), the method's own (kNC for magnet, the softmax
+  classifier's error), σ² and cluster purity for magnet, and the fine-label Error@k when
+  the dataset has fine labels;
 - a run can start from given trunk parameters (warm start, the paper's regime).
 
 Hyperparameters are chosen on a validation split of the training set

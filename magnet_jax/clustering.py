@@ -4,6 +4,8 @@ The Magnet Loss is only as good as the clusters it pulls examples towards (DESIG
 from scratch, k-means clusters of an embedding match the true modes of a class poorly,
 and the loss then destroys those modes). This module makes the clustering a choice:
 
+- :class:`KMeans` and :class:`Agglomerative` are the clusterings as frozen values, which
+  the index and the Magnet method take (``clusterer=``); calling one clusters every class.
 - :func:`cluster_per_class` dispatches to k-means (:func:`magnet_jax.kmeans.kmeans_per_class`,
   on device, optionally best of n restarts by inertia) or to
   :func:`agglomerative_per_class`.
