@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from record_equality import STEPS, equality_config  # noqa: E402
 
 EXPECTED = json.loads((REPO / "tests" / "data" / "equality.json").read_text())
-# The commit whose trainer recorded tests/data/equality.json (the last before the method
-# interface); its checkpoints must still resume.
-BEFORE_INTERFACE = "4c47dd1"
+# The trainer as it was before the method interface (the code that recorded
+# tests/data/equality.json): its checkpoints must still resume.
+BEFORE_INTERFACE = "60006e3c2266cc34da81e1b58cdfb68a3fa2d48a"
 
 
 # --------------------------------------------------------------------------------------
@@ -421,7 +421,7 @@ def test_checkpoint_written_before_the_interface_resumes(tmp_path):
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     workdir = tmp_path / "run"
     script = (
-        "import sys; sys.path.insert(0, 'tests');"
+        f"import sys; sys.path[:0] = [{str(old)!r}, {str(REPO / 'tests')!r}];"
         "from record_equality import equality_config;"
         "from magnet_jax import training;"
         f"training.train(equality_config('magnet', {str(workdir)!r}), progress=False)"
