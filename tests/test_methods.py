@@ -211,10 +211,9 @@ def test_classification_evaluators_skip_unseen_test_classes():
     assert list(methods.magnet.KncError()(unseen)) == []
     retrieval = dict(evaluators.Retrieval()(unseen))
     assert "recall_at_1" in retrieval and "mean_average_precision_at_r" in retrieval
-    flagged = _context([0, 0, 1, 1] * 4, [0, 1, 0, 1])
-    flagged.dataset = dataclasses.replace(flagged.dataset)
-    object.__setattr__(flagged.dataset, "test_classes_unseen", True)
-    assert list(evaluators.KnnError()(flagged)) == []
+    assert list(evaluators.FineLabelErrors()(unseen)) == []
+    seen = _context([0, 0, 1, 1] * 4, [0, 1, 0, 1])
+    assert seen.test_classes_seen and len(list(evaluators.KnnError()(seen))) == 1
 
 
 def test_run_evaluators_keeps_order_and_refuses_duplicates():
