@@ -1,18 +1,15 @@
 """Shared machinery of benchmarks/convergence.py and benchmarks/hierarchy.py.
 
-A run here is a learning curve: the library's own prepared run
-(:func:`magnet_jax.training.prepare`: model, sharded jitted steps, cluster refresh) driven
-by a small host loop that evaluates at fixed iterations and writes nothing to disk (no
-checkpoints), so a benchmark of dozens of runs stays cheap. The loop mirrors
-:func:`magnet_jax.training.train` (refresh once per ``refresh_every`` steps before the
-step, evaluate, then run the steps up to the next event as one jitted call); two things
-differ, both because a benchmark needs them:
+A run here is a learning curve: the library's own prepared run and loop
+(:func:`magnet_jax.training.prepare` and :func:`magnet_jax.training.learning_curve`: the
+refreshes, steps and evaluations of ``train``), evaluated at fixed iterations and writing
+nothing to disk (no checkpoints), so a benchmark of dozens of runs stays cheap. Two things
+are the benchmarks' own:
 
-- every evaluation scores kNN at several k from one nearest-neighbour search (DESIGN §1:
-  compare each method with its best evaluator, k chosen on validation), plus kNC (magnet,
-  centroids recomputed from the current embeddings with the stored assignments, as
-  ``training.evaluate`` does), the softmax classifier's own error, and the fine-label
-  Error@k when the dataset has fine labels;
+- the evaluators (:func:`evaluators`): kNN at several k (compare each method with its
+  best evaluator, k chosen on validation), the method's own (kNC for magnet, the softmax
+  classifier's error), σ² and cluster purity for magnet, and the fine-label Error@k when
+  the dataset has fine labels;
 - a run can start from given trunk parameters (warm start, the paper's regime).
 
 Hyperparameters are chosen on a validation split of the training set
@@ -24,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import time
@@ -65,57 +61,28 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _vote(neighbour_labels: np.ndarray, k: int, num_classes: int) -> np.ndarray:
-    """Majority vote of the k nearest, ties to the tied class whose member ranks first
-    (the rule of ``magnet_jax.evaluation.knn_predict``)."""
-    labels = neighbour_labels[:, :k]
-    rows = np.arange(len(labels))[:, None]
-    votes = np.zeros((len(labels), num_classes), np.int64)
-    np.add.at(votes, (np.broadcast_to(rows, labels.shape), labels), 1)
-    first = np.full((len(labels), num_classes), k, np.int64)
-    for rank in range(k - 1, -1, -1):  # last write wins: the earliest rank
-        first[rows[:, 0], labels[:, rank]] = rank
-    return np.argmax(votes * (k + 1) + (k - first), axis=1)
+def evaluators(method, ks: Sequence[int] = KS) -> tuple:
+    """What every benchmark scores at each evaluation (library evaluators): the kNN error
+    for each k of ``ks`` (``knn{k}_error``), the method's own (kNC for Magnet, the
+    classifier's error for softmax), σ² and the clusters' fine-label purity (Magnet), and
+    the fine-label errors on coarse-label datasets."""
+    from magnet_jax import evaluators as ev
+    from magnet_jax.methods import magnet
+
+    extra = (magnet.RunningVariance(), magnet.ClusterFinePurity()) if method.has_refresh else ()
+    return (
+        *(ev.KnnError(k=k, name=f"knn{k}_error") for k in ks),
+        *method.evaluators(),
+        *extra,
+        ev.FineLabelErrors(ks=tuple(ks)),
+    )
 
 
-def evaluate(run, params, index, ks: Sequence[int] = KS) -> dict[str, float]:
-    """Test-set errors of the embedding ``params`` gives (see the module docstring)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+def evaluate(run, params, method_state, ks: Sequence[int] = KS) -> dict[str, float]:
+    """Test-set errors of the embedding ``params`` gives (see :func:`evaluators`)."""
+    from magnet_jax import training
 
-    from magnet_jax import evaluation
-    from magnet_jax import index as index_lib
-
-    dataset = run.dataset
-    train_emb = run.steps.embed(params, run.data.x)
-    test_emb = run.steps.embed(params, run.x_test)
-    y_train, y_test = np.asarray(dataset.y_train), np.asarray(dataset.y_test)
-    _, neighbours = evaluation.nearest_neighbours(test_emb, train_emb, k=max(ks))
-    neighbours = np.asarray(neighbours)
-    out: dict[str, float] = {}
-    for k in ks:
-        predicted = _vote(y_train[neighbours], k, dataset.num_classes)
-        out[f"knn{k}_error"] = float(np.mean(predicted != y_test))
-    if index is not None:
-        fresh = index_lib.recompute_centroids(index, train_emb)
-        predicted = evaluation.knc_predict(
-            test_emb, fresh, num_nearest_clusters=run.config.num_nearest_clusters
-        )
-        out["knc_error"] = float(np.mean(np.asarray(predicted) != y_test))
-        out["sigma2"] = float(index.variance)
-    if run.objective.classifier:
-        model = nnx.merge(run.graphdef, nnx.State(params))
-        logits = jax.jit(model.logits)(test_emb)
-        out["classifier_error"] = float(np.mean(np.asarray(jnp.argmax(logits, -1)) != y_test))
-    if dataset.fine_test is not None:
-        fine_train, fine_test = np.asarray(dataset.fine_train), np.asarray(dataset.fine_test)
-        hits = fine_train[neighbours] == fine_test[:, None]
-        for k in ks:
-            out[f"fine_error_at_{k}"] = float(1.0 - np.mean(np.any(hits[:, :k], axis=1)))
-        if index is not None:
-            out["cluster_fine_purity"] = cluster_purity(np.asarray(index.cluster_ids), fine_train)
-    return out
+    return training.evaluate(run, params, method_state, evaluators(run.method, ks))
 
 
 def subsample_train(dataset, size: int | None, seed: int = 1):
@@ -139,14 +106,6 @@ def subsample_train(dataset, size: int | None, seed: int = 1):
         fine_test=dataset.fine_test,
         fine_class_names=dataset.fine_class_names,
     )
-
-
-def cluster_purity(cluster_ids: np.ndarray, fine_labels: np.ndarray) -> float:
-    """Share of training examples whose cluster's majority fine label is their own."""
-    num_fine = int(fine_labels.max()) + 1
-    table = np.zeros((int(cluster_ids.max()) + 1, num_fine), np.int64)
-    np.add.at(table, (cluster_ids, fine_labels), 1)
-    return float(table.max(axis=1).sum() / len(fine_labels))
 
 
 def trunk_params(params: dict) -> dict:
@@ -194,53 +153,17 @@ def learning_curve(
             rng=state.rng,
         )
         state = jax.device_put(state, NamedSharding(run.mesh, P()))
-    eval_steps = sorted(set(int(s) for s in eval_steps))
-    steps_total = max(eval_steps)
-    refresh_every = run.refresh_every if run.objective.uses_index else None
-    index = None
-    iterations, records = [], []
     started = time.perf_counter()
-    step, loss = 0, float("nan")
-    while True:
-        if refresh_every and step < steps_total and step % refresh_every == 0:
-            index = training.refresh(run, state, index, step)
-        if step in eval_steps:
-            if index is None and run.objective.uses_index:  # eval at the very end only
-                index = training.refresh(run, state, index, step)
-            iterations.append(step)
-            records.append(evaluate(run, state.params, index, ks))
-        if step >= steps_total:
-            break
-        events = [s for s in eval_steps if s > step]
-        if refresh_every:
-            events.append((step // refresh_every + 1) * refresh_every)
-        target = min(min(events), steps_total)
-        if run.dataset.x_train.ndim > 2:
-            # One jitted step per call for image models: on the CPU, run_steps' fori_loop
-            # is ~13x slower per step than single train_step calls with the convnet
-            # (measured at 528625a, Fashion-MNIST, batch 48: 640-750 vs 45-57 ms/step,
-            # whatever the training-set size); the same steps, the same numbers.
-            for _ in range(target - step):
-                state, index, step_loss = run.steps.train_step(state, index, run.data)
-            mean_loss = step_loss
-        else:
-            state, index, mean_loss = run.steps.run_steps(
-                state, index, run.data, jnp.asarray(target - step, jnp.int32)
-            )
-        loss = float(mean_loss)
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"{config.loss}: loss {loss} between steps {step} and {target} (lr {config.lr})"
-            )
-        step = target
-    metrics = {name: [r.get(name) for r in records] for name in records[-1]}
+    curve = training.learning_curve(
+        run, eval_steps, state=state, evaluators=evaluators(run.method, ks)
+    )
     return {
-        "iterations": iterations,
-        "metrics": metrics,
+        "iterations": curve["iterations"],
+        "metrics": curve["metrics"],
         "seconds": time.perf_counter() - started,
-        "final_loss": loss,
+        "final_loss": curve["final_loss"],
         "init": init_note,
-        "params": state.params,
+        "params": curve["state"].params,
     }
 
 

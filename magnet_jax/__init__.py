@@ -4,7 +4,8 @@ The numerical core is pure, jittable functions of explicit pytrees:
 
 - losses: :func:`magnet_loss` (paper eq. 5), :func:`magnet_full_objective` (eq. 4) and the
   baselines (:func:`triplet_loss`, ...), in :mod:`magnet_jax.losses`;
-- clustering: :func:`kmeans_per_class`, k-means inside every class in one call;
+- clustering: :func:`kmeans_per_class`, k-means inside every class in one call, and the
+  clusterer values :class:`KMeans` and :class:`Agglomerative` that the index takes;
 - the cluster index: :class:`ClusterIndex`, :func:`build_index`, :func:`refresh_index`,
   :func:`record_batch`, :func:`sample_neighbourhood`;
 - evaluation: :func:`knc_predict`, :func:`knn_predict`, :func:`retrieval_metrics`.
@@ -13,6 +14,7 @@ The trainer (:mod:`magnet_jax.training`) and the ``magnet-jax`` command are buil
 """
 
 from magnet_jax.augment import random_shift
+from magnet_jax.clustering import Agglomerative, KMeans
 from magnet_jax.evaluation import (
     knc_error,
     knc_predict,
@@ -63,8 +65,10 @@ from magnet_jax.warm_start import graft_params
 __version__ = "0.1.0"
 
 __all__ = [
+    "Agglomerative",
     "ClusterIndex",
     "GroupTable",
+    "KMeans",
     "KMeansResult",
     "MagnetTerms",
     "NeighbourhoodBatch",

@@ -4,7 +4,10 @@ A checkpoint holds three items:
 
 - ``state``: the :class:`~magnet_jax.training.TrainState` pytree (params, optimizer state,
   step, RNG key);
-- ``index``: the :class:`~magnet_jax.index.ClusterIndex` pytree (Magnet Loss only);
+- ``index``: the training method's state (:mod:`magnet_jax.methods`), only when it holds
+  arrays: the :class:`~magnet_jax.index.ClusterIndex` of the Magnet loss. The item keeps
+  the name it had when the index was the only such state, so checkpoints of earlier
+  versions resume;
 - ``meta``: JSON with host-side loop bookkeeping (lines of ``history.jsonl`` written so
   far, seconds trained, the config that produced the run).
 
@@ -31,8 +34,11 @@ from etils import epath
 class Restored(NamedTuple):
     step: int
     state: Any
-    index: Any
+    index: Any  # the method state (None when the checkpoint has none)
     meta: dict
+
+
+_METHOD_ITEM = "index"
 
 
 def _abstract(tree: Any) -> Any:
@@ -41,7 +47,7 @@ def _abstract(tree: Any) -> Any:
 
 
 class Checkpointer:
-    """Saves and restores ``(state, index, meta)`` under ``directory/<step>``.
+    """Saves and restores ``(state, method state, meta)`` under ``directory/<step>``.
 
     Args:
         directory: where the step folders go (created on the first save).
@@ -62,31 +68,55 @@ class Checkpointer:
         """The newest complete checkpoint's step, or ``None`` when there is none."""
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, index: Any, meta: dict) -> None:
+    def save(self, step: int, state: Any, method_state: Any, meta: dict) -> None:
+        """Saves ``step``; ``method_state`` None for a method without arrays of state."""
         items = {
             "state": ocp.args.StandardSave(state),
             "meta": ocp.args.JsonSave(meta),
         }
-        if index is not None:
-            items["index"] = ocp.args.StandardSave(index)
+        if method_state is not None:
+            items[_METHOD_ITEM] = ocp.args.StandardSave(method_state)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
         self._manager.wait_until_finished()
 
-    def restore(self, step: int, state_template: Any, index_template: Any) -> Restored:
+    def restore(self, step: int, state_template: Any, method_template: Any) -> Restored:
         """Restores ``step`` into the structure, dtypes and shardings of the templates.
 
         The templates may be concrete pytrees or ``jax.ShapeDtypeStruct`` trees; pass
-        ``index_template=None`` for losses without a cluster index.
+        ``method_template=None`` for a method without arrays of state.
+
+        Raises:
+            ValueError: the checkpoint has a method state and the method none, or the
+                other way round, or a method state of another structure (a checkpoint of
+                another loss, or of an incompatible version).
         """
+        step_dir = os.path.join(self.directory, str(step))
+        saved = os.path.isdir(os.path.join(step_dir, _METHOD_ITEM))
+        if saved != (method_template is not None):
+            raise ValueError(
+                f"checkpoint {step_dir} {'has' if saved else 'has no'} method state "
+                f"('{_METHOD_ITEM}'), but this run's loss {'keeps none' if saved else 'needs one'}: "
+                f"it was written by a run of another --loss or an incompatible version; "
+                f"choose another --workdir"
+            )
         items = {
             "state": ocp.args.StandardRestore(_abstract(state_template)),
             "meta": ocp.args.JsonRestore(),
         }
-        if index_template is not None:
-            items["index"] = ocp.args.StandardRestore(_abstract(index_template))
-        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-        index = restored["index"] if index_template is not None else None
-        return Restored(step, restored["state"], index, dict(restored["meta"]))
+        if method_template is not None:
+            items[_METHOD_ITEM] = ocp.args.StandardRestore(_abstract(method_template))
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError) as error:
+            if method_template is None:
+                raise
+            raise ValueError(
+                f"checkpoint {step_dir} does not match this run's parameters or method state "
+                f"({type(method_template).__name__}): it was written by an incompatible "
+                f"version or configuration; choose another --workdir ({error})"
+            ) from error
+        method_state = restored[_METHOD_ITEM] if method_template is not None else None
+        return Restored(step, restored["state"], method_state, dict(restored["meta"]))
 
     def close(self) -> None:
         self._manager.close()

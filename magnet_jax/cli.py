@@ -19,8 +19,9 @@ import sys
 import types
 import typing
 
-from magnet_jax.config import LOSSES, TrainConfig
+from magnet_jax.config import TrainConfig
 from magnet_jax.data import SPLITS, dataset_help
+from magnet_jax.names import CLUSTERINGS, LINKAGES, LOSSES, MININGS
 
 _HELP = {
     "dataset": dataset_help(),
@@ -41,7 +42,7 @@ _HELP = {
     "examples_per_cluster": "D: examples per cluster (or per class); batch size is M·D",
     "alpha": "Magnet Loss margin α",
     "margin": "triplet/contrastive margin",
-    "mining": "triplet mining: batch_all, batch_hard or semi_hard",
+    "mining": f"triplet mining: {', '.join(MININGS)}",
     "lr": "Adam learning rate",
     "refresh_every": "re-cluster every N steps (default: once per epoch)",
     "eval_every": "evaluate every N steps",
@@ -61,9 +62,9 @@ _HELP = {
     "side to N, centre crop; needed when the images differ in size)",
     "tfds_splits": "tfds: 'train_split,test_split', e.g. 'train+validation,test' (default: the builder's train and test)",
     "manual_dir": "tfds: folder with manually downloaded files",
-    "clustering": "how the index clusters each class: kmeans, or agglomerative (at most K clusters, the number may differ per class)",
+    "clustering": f"how the index clusters each class: one of {', '.join(CLUSTERINGS)} (agglomerative: at most K clusters, the number may differ per class)",
     "kmeans_restarts": "k-means: keep the best of N k-means++ runs by inertia, per class",
-    "linkage": "agglomerative: ward, average or single",
+    "linkage": f"agglomerative: {', '.join(LINKAGES)}",
     "distance_threshold": "agglomerative relative cut τ: ward refuses a merge adding more than τ of the class's sum of squares; average/single cut at τ × the class's median merge height (default: K clusters per class)",
     "cluster_subsample": "agglomerative: cluster at most N random points per class, assign the rest to the nearest",
 }
@@ -111,28 +112,17 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _print_metrics(metrics: dict) -> None:
-    keys = [
-        "knc_error",
-        "knn_error",
-        "classifier_error",
-        "precision_at_1",
-        "r_precision",
-        "mean_average_precision_at_r",
-        "nmi",
-        "ami",
-        "steps",
-        "seconds",
-    ]
-    recall = sorted(
-        (k for k in metrics if k.startswith("recall_at_")), key=lambda k: int(k.split("_")[-1])
-    )
-    keys = keys[:4] + recall + keys[4:]
+    """Every number the run's evaluators yielded, in their order, then steps and seconds."""
+    last = ("steps", "seconds")
+    keys = [k for k, v in metrics.items() if isinstance(v, int | float) and k not in last]
+    keys += [k for k in last if k in metrics]
+    if not keys:
+        return
     width = max(len(k) for k in keys)
     for key in keys:
-        if key in metrics:
-            value = metrics[key]
-            text = f"{value:.4f}" if isinstance(value, float) else str(value)
-            print(f"{key:<{width}}  {text}")
+        value = metrics[key]
+        text = f"{value:.4f}" if isinstance(value, float) else str(value)
+        print(f"{key:<{width}}  {text}")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -150,8 +140,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from magnet_jax.training import evaluate, load_for_evaluation
 
-    run, state, index = load_for_evaluation(args.workdir)
-    metrics = evaluate(run, state.params, index)
+    run, state, method_state = load_for_evaluation(args.workdir)
+    metrics = evaluate(run, state.params, method_state)
     metrics["steps"] = int(state.step)
     path = os.path.join(args.workdir, "evaluation.json")
     with open(path, "w") as f:

@@ -4,6 +4,8 @@ The Magnet Loss is only as good as the clusters it pulls examples towards (DESIG
 from scratch, k-means clusters of an embedding match the true modes of a class poorly,
 and the loss then destroys those modes). This module makes the clustering a choice:
 
+- :class:`KMeans` and :class:`Agglomerative` are the clusterings as frozen values, which
+  the index and the Magnet method take (``clusterer=``); calling one clusters every class.
 - :func:`cluster_per_class` dispatches to k-means (:func:`magnet_jax.kmeans.kmeans_per_class`,
   on device, optionally best of n restarts by inertia) or to
   :func:`agglomerative_per_class`.
@@ -52,6 +54,7 @@ Results are deterministic functions of the inputs and the key (exact resume).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -59,17 +62,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magnet_jax.names import CLUSTERINGS, LINKAGES
+
 __all__ = [
     "METHODS",
     "LINKAGES",
     "ClusteringResult",
+    "Clusterer",
+    "KMeans",
+    "Agglomerative",
+    "CLUSTERERS",
+    "clusterer_from_options",
     "agglomerative_per_class",
     "cluster_per_class",
     "clustering_diagnostics",
+    "cluster_purity",
 ]
 
-METHODS = ("kmeans", "agglomerative")
-LINKAGES = ("ward", "average", "single")
+METHODS = CLUSTERINGS  # the names of magnet_jax.names, one list
 ASSIGNMENTS = ("neighbour", "centroid")
 
 
@@ -368,6 +378,143 @@ def cluster_per_class(
     raise ValueError(f"unknown clustering method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class KMeans:
+    """k-means (k-means++ initialisation) inside every class, as a value.
+
+    Calling it clusters every class into ``min(K, distinct points)`` clusters; see
+    :func:`magnet_jax.kmeans.kmeans_per_class`.
+
+    Attributes:
+        max_iterations: Lloyd iterations at most.
+        tolerance: stop when no centroid moves more than this (relative).
+        num_restarts: keep the best of n k-means++ runs by inertia, per class.
+    """
+
+    max_iterations: int = 100
+    tolerance: float = 1e-4
+    num_restarts: int = 1
+
+    name = "kmeans"
+
+    def __call__(
+        self,
+        embeddings: jax.typing.ArrayLike,
+        labels: jax.typing.ArrayLike,
+        *,
+        clusters_per_class: int,
+        key: jax.Array,
+        num_classes: int | None = None,
+        min_clusters: int = 1,
+    ) -> ClusteringResult:
+        """Clusters ``embeddings`` [N, d] inside each class of ``labels`` [N] into K slots.
+
+        ``min_clusters`` is accepted for the common signature; k-means always fills
+        ``min(K, distinct points)`` slots.
+        """
+        return cluster_per_class(
+            embeddings,
+            labels,
+            clusters_per_class=clusters_per_class,
+            key=key,
+            method="kmeans",
+            num_classes=num_classes,
+            max_iterations=self.max_iterations,
+            tolerance=self.tolerance,
+            num_restarts=self.num_restarts,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Agglomerative:
+    """Agglomerative clustering inside every class, as a value.
+
+    Calling it gives at most K clusters per class; see :func:`agglomerative_per_class`
+    for the relative ``distance_threshold`` and the subsample.
+
+    Attributes:
+        linkage: one of :data:`magnet_jax.names.LINKAGES`.
+        distance_threshold: the relative cut τ; None cuts at K clusters per class.
+        max_points_per_class: the subsample clustered per class.
+        min_cluster_size: smaller clusters are merged into their nearest.
+        assignment: ``"neighbour"`` or ``"centroid"``, how the rest join a cluster.
+    """
+
+    linkage: str = "ward"
+    distance_threshold: float | None = None
+    max_points_per_class: int = 1000
+    min_cluster_size: int = 1
+    assignment: str = "neighbour"
+
+    name = "agglomerative"
+
+    def __post_init__(self):
+        if self.linkage not in LINKAGES:
+            raise ValueError(
+                f"unknown linkage {self.linkage!r}; choose one of {', '.join(LINKAGES)}"
+            )
+
+    def __call__(
+        self,
+        embeddings: jax.typing.ArrayLike,
+        labels: jax.typing.ArrayLike,
+        *,
+        clusters_per_class: int,
+        key: jax.Array,
+        num_classes: int | None = None,
+        min_clusters: int = 1,
+    ) -> ClusteringResult:
+        """Clusters ``embeddings`` [N, d] inside each class of ``labels`` [N] into at most
+        K slots, at least ``min_clusters`` where the class has that many points."""
+        return cluster_per_class(
+            embeddings,
+            labels,
+            clusters_per_class=clusters_per_class,
+            key=key,
+            method="agglomerative",
+            num_classes=num_classes,
+            linkage=self.linkage,
+            distance_threshold=self.distance_threshold,
+            max_points_per_class=self.max_points_per_class,
+            min_cluster_size=self.min_cluster_size,
+            assignment=self.assignment,
+            min_clusters=min_clusters,
+        )
+
+
+# A clusterer: called as clusterer(embeddings, labels, *, clusters_per_class, key,
+# num_classes, min_clusters) -> ClusteringResult.
+Clusterer = KMeans | Agglomerative
+
+# Name (magnet_jax.names.CLUSTERINGS) -> clusterer class.
+CLUSTERERS = {cls.name: cls for cls in (KMeans, Agglomerative)}
+assert tuple(CLUSTERERS) == CLUSTERINGS, "magnet_jax.names.CLUSTERINGS and CLUSTERERS differ"
+
+
+def clusterer_from_options(
+    clustering: str = "kmeans",
+    *,
+    max_iterations: int = 100,
+    tolerance: float = 1e-4,
+    num_restarts: int = 1,
+    linkage: str = "ward",
+    distance_threshold: float | None = None,
+    max_points_per_class: int = 1000,
+) -> Clusterer:
+    """The clusterer that the flat keyword options of :func:`cluster_per_class` name."""
+    if clustering == "kmeans":
+        return KMeans(max_iterations=max_iterations, tolerance=tolerance, num_restarts=num_restarts)
+    if clustering == "agglomerative":
+        return Agglomerative(
+            linkage=linkage,
+            distance_threshold=distance_threshold,
+            max_points_per_class=max_points_per_class,
+        )
+    raise ValueError(
+        f"unknown clustering method {clustering!r}; choose one of {', '.join(CLUSTERINGS)}"
+    )
+
+
 def clustering_diagnostics(
     embeddings: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -413,10 +560,23 @@ def clustering_diagnostics(
         "inertia": float(np.sum(residuals * residuals) / points.shape[0]),
     }
     if fine_labels is not None:
-        fine = np.asarray(fine_labels, np.int64)
-        num_fine = int(fine.max()) + 1
-        table = np.bincount(flat * num_fine + fine, minlength=num_clusters * num_fine)
-        diagnostics["purity"] = float(
-            table.reshape(num_clusters, num_fine).max(axis=1).sum() / fine.size
-        )
+        diagnostics["purity"] = cluster_purity(flat, fine_labels, num_clusters=num_clusters)
     return diagnostics
+
+
+def cluster_purity(
+    cluster_ids: np.ndarray, fine_labels: np.ndarray, *, num_clusters: int | None = None
+) -> float:
+    """Share of examples whose cluster's majority fine label is their own.
+
+    Args:
+        cluster_ids: [N] int, the (flat) cluster of every example.
+        fine_labels: [N] int, the second labelling.
+        num_clusters: the number of cluster ids (default: ``max(cluster_ids) + 1``).
+    """
+    clusters = np.asarray(cluster_ids, np.int64)
+    fine = np.asarray(fine_labels, np.int64)
+    num_fine = int(fine.max()) + 1
+    num_clusters = int(clusters.max()) + 1 if num_clusters is None else num_clusters
+    table = np.bincount(clusters * num_fine + fine, minlength=num_clusters * num_fine)
+    return float(table.reshape(num_clusters, num_fine).max(axis=1).sum() / fine.size)

@@ -12,20 +12,7 @@ import json
 import os
 from typing import Any
 
-LOSSES = (
-    "magnet",
-    "triplet",
-    "contrastive",
-    "multi_similarity",
-    "proxy_nca",
-    "normalized_softmax",
-    "arcface",
-    "softmax",
-)
-
-# The same as magnet_jax.clustering.METHODS / LINKAGES (not imported: config stays JAX-free).
-CLUSTERINGS = ("kmeans", "agglomerative")
-LINKAGES = ("ward", "average", "single")
+from magnet_jax.names import CLUSTERINGS, LINKAGES, LOSSES, LR_SCHEDULES, MININGS, OPTIMIZERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,14 +160,16 @@ class TrainConfig:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; choose cosine or constant")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adam or sgd")
-        if self.mining not in ("batch_all", "batch_hard", "semi_hard"):
+        if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(
-                f"unknown mining {self.mining!r}; choose batch_all, batch_hard or semi_hard"
+                f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
             )
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.mining not in MININGS:
+            raise ValueError(f"unknown mining {self.mining!r}; choose one of {', '.join(MININGS)}")
         if self.clustering not in CLUSTERINGS:
             raise ValueError(
                 f"unknown clustering {self.clustering!r}; choose one of {', '.join(CLUSTERINGS)}"

@@ -449,6 +449,7 @@ def build_index(
     linkage: str = "ward",
     distance_threshold: float | None = None,
     max_points_per_class: int = 1000,
+    clusterer=None,
 ) -> ClusterIndex:
     """Runs k-means (k-means++ init) inside every class and builds the index from it.
 
@@ -477,6 +478,9 @@ def build_index(
         clustering: ``"kmeans"`` (default) or ``"agglomerative"``.
         linkage, distance_threshold, max_points_per_class: agglomerative options, see
             :func:`magnet_jax.clustering.cluster_per_class`.
+        clusterer: a :class:`magnet_jax.clustering.KMeans` or
+            :class:`~magnet_jax.clustering.Agglomerative` value; when given, it replaces
+            ``clustering`` and the seven options above (which must then be left alone).
 
     Returns:
         The :class:`ClusterIndex`.
@@ -486,8 +490,18 @@ def build_index(
             for traced labels.
     """
     # Imported here so that the index (and sampling from it) does not depend on k-means.
-    from magnet_jax.clustering import cluster_per_class
+    from magnet_jax.clustering import clusterer_from_options
 
+    if clusterer is None:
+        clusterer = clusterer_from_options(
+            clustering,
+            max_iterations=max_iterations,
+            tolerance=tolerance,
+            num_restarts=num_restarts,
+            linkage=linkage,
+            distance_threshold=distance_threshold,
+            max_points_per_class=max_points_per_class,
+        )
     _check_embeddings(embeddings)
     _check_integer_vector("labels", labels, np.shape(embeddings)[0])
     if clusters_per_class < 1:
@@ -497,26 +511,21 @@ def build_index(
         if concrete_labels is None:
             raise ValueError("num_classes must be given when labels are traced")
         num_classes = int(concrete_labels.max()) + 1
+    # A clustering that may leave slots empty (agglomerative) must still give every class
+    # enough clusters for every cluster to have its impostors; k-means ignores this.
     min_clusters = 1
     concrete_labels = _concrete(labels)
-    if clustering == "agglomerative" and concrete_labels is not None:
+    if concrete_labels is not None:
         present = int(np.count_nonzero(np.bincount(concrete_labels, minlength=num_classes)))
         if present > 1:
             min_clusters = max(1, min(clusters_per_class, -(-num_impostors // (present - 1))))
-    result = cluster_per_class(
+    result = clusterer(
         embeddings,
         labels,
         clusters_per_class=clusters_per_class,
         key=key,
-        method=clustering,
         num_classes=num_classes,
-        max_iterations=max_iterations,
-        tolerance=tolerance,
-        num_restarts=num_restarts,
-        linkage=linkage,
-        distance_threshold=distance_threshold,
-        max_points_per_class=max_points_per_class,
-        **({"min_clusters": min_clusters} if clustering == "agglomerative" else {}),
+        min_clusters=min_clusters,
     )
     return index_from_assignments(
         embeddings,
@@ -546,6 +555,7 @@ def refresh_index(
     linkage: str = "ward",
     distance_threshold: float | None = None,
     max_points_per_class: int = 1000,
+    clusterer=None,
 ) -> ClusterIndex:
     """Re-clusters the training set from new embeddings (the periodic refresh).
 
@@ -571,7 +581,7 @@ def refresh_index(
         initial_loss: the starting tracked loss (> 0), or None for the old mean.
         inherit_cluster_loss: start each cluster at its members' old mean loss instead.
         impostor_chunk_size: as in :func:`index_from_assignments`.
-        clustering, linkage, distance_threshold, max_points_per_class: as in
+        clustering, linkage, distance_threshold, max_points_per_class, clusterer: as in
             :func:`build_index`.
 
     Returns:
@@ -606,6 +616,7 @@ def refresh_index(
         linkage=linkage,
         distance_threshold=distance_threshold,
         max_points_per_class=max_points_per_class,
+        clusterer=clusterer,
     )
     refreshed = refreshed.replace(num_batches=index.num_batches)
     if inherit_cluster_loss:

@@ -272,29 +272,39 @@ def read_history(workdir: str | os.PathLike) -> list[dict]:
 
 
 def plot_runs(workdirs: Sequence[str], *, output_dir: str | None = None) -> list[str]:
-    """Learning curves of every run in ``workdirs`` and, for the first one, embedding maps
-    of the test set before and after training and (for images) the top retrievals of a
-    few test queries. Returns the PNG paths written."""
+    """Learning curves of every metric the runs' evaluators logged (``curves_<metric>.png``)
+    and, for the first run, embedding maps of the test set before and after training and
+    (for images) the top retrievals of a few test queries. Returns the PNG paths written."""
     from magnet_jax import training  # heavy import, only when plotting runs
 
     output_dir = output_dir or workdirs[0]
     os.makedirs(output_dir, exist_ok=True)
     written = []
-    for metric in ("knc_error", "knn_error", "recall_at_1"):
-        curves = {}
-        for workdir in workdirs:
-            evals = [h for h in read_history(workdir) if h["kind"] == "eval" and metric in h]
-            if evals:
-                name = os.path.basename(os.path.normpath(workdir))
-                curves[name] = [([h["step"] for h in evals], [h[metric] for h in evals])]
-        if curves:
-            written.append(
-                plot_learning_curves(
-                    curves,
-                    os.path.join(output_dir, f"curves_{metric}.png"),
-                    ylabel=metric.replace("_", " "),
-                )
+    # One figure per metric that the runs' evaluators yielded, in the order first seen.
+    evals = {
+        os.path.basename(os.path.normpath(w)): [h for h in read_history(w) if h["kind"] == "eval"]
+        for w in workdirs
+    }
+    metrics = dict.fromkeys(
+        k
+        for records in evals.values()
+        for h in records
+        for k, v in h.items()
+        if k not in ("kind", "step") and isinstance(v, int | float)
+    )
+    for metric in metrics:
+        curves = {
+            name: [([h["step"] for h in points], [h[metric] for h in points])]
+            for name, records in evals.items()
+            if (points := [h for h in records if metric in h])
+        }
+        written.append(
+            plot_learning_curves(
+                curves,
+                os.path.join(output_dir, f"curves_{metric}.png"),
+                ylabel=metric.replace("_", " "),
             )
+        )
     histories = {os.path.basename(os.path.normpath(w)): read_history(w) for w in workdirs}
     if any("clusters_per_class_mean" in h for records in histories.values() for h in records):
         written.append(

@@ -1,19 +1,21 @@
 """The training program: mesh, input, sharded train step, and the host loop.
 
-Data flow (DESIGN.md §2), one direction::
+Data flow, one direction::
 
-    dataset ──indices──▶ sampler(ClusterIndex) ──batch──▶ train_step ──▶ TrainState
-                              ▲  loss stats ◀────────────────┘
-    every refresh: embed all (sharded) ──▶ k-means per class ──▶ new ClusterIndex
+    dataset ──indices──▶ method.sample(method state) ──batch──▶ train_step ──▶ TrainState
+                              ▲  method.update(stats) ◀──────────────┘
+    every refresh: method.refresh(embed all, sharded) ──▶ new method state
 
-Everything numeric is a jitted pure function of explicit pytrees (:class:`TrainState`,
-:class:`~magnet_jax.index.ClusterIndex`, :class:`~magnet_jax.objectives.TrainingData`).
+The training method (:mod:`magnet_jax.methods`: the Magnet loss with its cluster index,
+the pair, triplet and classification losses) is a value; its state is an opaque pytree
+to the trainer. Everything numeric is a jitted pure function of explicit pytrees
+(:class:`TrainState`, the method state, :class:`~magnet_jax.methods.TrainingData`).
 The host loop in :func:`train` only decides when to refresh, evaluate, log and
-checkpoint. Steps between two such events are dispatched asynchronously, one jitted call
+checkpoint, never what a refresh does. Steps between two such events are dispatched asynchronously, one jitted call
 each; the host waits only when it logs.
 
 Sharding: one ``data`` mesh axis over all devices (all hosts after
-``jax.distributed.initialize()``). Parameters, optimizer state, the cluster index and the
+``jax.distributed.initialize()``). Parameters, optimizer state, the method state and the
 training set are replicated; the sampled batch is constrained to be split along ``data``,
 so the forward and backward passes are data-parallel and XLA inserts the collectives. The
 loss is the loss of the global batch whatever the number of devices.
@@ -37,13 +39,14 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from magnet_jax import augment, evaluation, sampling
-from magnet_jax import index as index_lib
+from magnet_jax import augment, methods, sampling
 from magnet_jax.checkpoint import Checkpointer, complete_steps
 from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, load_dataset
+from magnet_jax.evaluators import EvalContext, default_evaluators, run_evaluators
+from magnet_jax.evaluators import fine_label_errors as fine_label_errors
+from magnet_jax.methods import DataInfo, Method, TrainingData
 from magnet_jax.models import create_model, default_architecture
-from magnet_jax.objectives import Objective, TrainingData, get_objective
 from magnet_jax.warm_start import WarmStart, find_init_checkpoint, warm_start_params
 
 _AUGMENT_STREAM = 0x617567  # folded into a step's key for its augmentations
@@ -71,9 +74,9 @@ class TrainState:
 class StepFunctions(NamedTuple):
     """The jitted functions of a run.
 
-    run_steps: (state, index, data, num_steps) -> (state, index, mean loss []), the jitted
-        step called ``num_steps`` times; state and index are donated.
-    train_step: one step, (state, index, data) -> (state, index, loss []).
+    run_steps: (state, method_state, data, num_steps) -> (state, method_state, mean loss []),
+        the jitted step called ``num_steps`` times; state and method state are donated.
+    train_step: one step, (state, method_state, data) -> (state, method_state, loss []).
     embed: (params, x [N, ...]) -> embeddings [N, d], in jitted chunks sharded over ``data``.
     """
 
@@ -113,8 +116,21 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     return optax.adam(lr)
 
 
+def model_params(params: dict) -> dict:
+    """The model's part of the run's parameters (without a method's own, see
+    :meth:`magnet_jax.methods.Method.init_params`)."""
+    return (
+        {k: v for k, v in params.items() if k != _METHOD_PARAMS}
+        if _METHOD_PARAMS in params
+        else params
+    )
+
+
+_METHOD_PARAMS = "method"  # the key of a method's own parameters in TrainState.params
+
+
 def build_step_functions(
-    objective: Objective,
+    method: Method,
     graphdef: Any,
     optimizer: optax.GradientTransformation,
     config: TrainConfig,
@@ -125,9 +141,9 @@ def build_step_functions(
     batch_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
 
-    def train_step(state: TrainState, index, data: TrainingData):
+    def train_step(state: TrainState, method_state, data: TrainingData):
         key = jax.random.fold_in(state.rng, state.step)
-        batch = objective.sample(key, index, data, config)
+        batch = method.sample(method_state, key, data)
         inputs = data.x[batch.indices]
         if config.augment_shift:
             inputs = augment.random_shift(
@@ -138,18 +154,14 @@ def build_step_functions(
         inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
 
         def loss_of(params):
-            model = nnx.merge(graphdef, nnx.State(params))
-            output = objective.loss(model, model(inputs), batch, config)
-            return output.loss, output
+            model = nnx.merge(graphdef, nnx.State(model_params(params)))
+            return method.loss(model, params, model(inputs), batch)
 
-        (loss, output), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        (loss, stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        if objective.uses_index:
-            index = index_lib.record_batch(
-                index, batch.cluster_ids, output.example_losses, output.variance
-            )
-        return TrainState(state.step + 1, params, opt_state, state.rng), index, loss
+        method_state = method.update(method_state, batch, stats, params)
+        return TrainState(state.step + 1, params, opt_state, state.rng), method_state, loss
 
     jitted_step = jax.jit(train_step, donate_argnums=(0, 1))
     # XLA:CPU runs the per-device parts of all dispatched programs, and the intra-op work
@@ -161,7 +173,7 @@ def build_step_functions(
     # programs per device and keep asynchronous dispatch.
     serialize = num_devices > 1 and mesh.devices.flat[0].platform == "cpu"
 
-    def run_steps(state: TrainState, index, data: TrainingData, num_steps):
+    def run_steps(state: TrainState, method_state, data: TrainingData, num_steps):
         # A host loop over the jitted step rather than one jitted fori_loop: XLA on CPU runs
         # convolutions inside a while-loop body ~10x slower (measured: the Fashion-MNIST
         # convnet at batch 48, 208 ms vs 17-21 ms per step), and asynchronous dispatch keeps
@@ -169,11 +181,11 @@ def build_step_functions(
         num_steps = int(num_steps)
         loss_sum = jnp.zeros(())
         for _ in range(num_steps):
-            state, index, loss = jitted_step(state, index, data)
+            state, method_state, loss = jitted_step(state, method_state, data)
             if serialize:
                 loss.block_until_ready()
             loss_sum = loss_sum + loss
-        return state, index, loss_sum / max(num_steps, 1)
+        return state, method_state, loss_sum / max(num_steps, 1)
 
     # The embedding output stays sharded like the input rows: a per-row model needs no
     # collective inside a chunk.
@@ -184,7 +196,7 @@ def build_step_functions(
             rows = augment.center_crop(rows)
         sharding = batch_sharding if chunk % num_devices == 0 else replicated
         rows = jax.lax.with_sharding_constraint(rows, sharding)
-        embeddings = nnx.merge(graphdef, nnx.State(params))(rows)
+        embeddings = nnx.merge(graphdef, nnx.State(model_params(params)))(rows)
         return jax.lax.with_sharding_constraint(embeddings, sharding)
 
     def embed_one(params, x, start, chunk):
@@ -224,7 +236,8 @@ class Run:
 
     config: TrainConfig
     dataset: Dataset
-    objective: Objective
+    method: Method
+    info: DataInfo
     mesh: Mesh
     graphdef: Any
     optimizer: optax.GradientTransformation
@@ -238,15 +251,16 @@ class Run:
     def refresh_every(self) -> int:
         if self.config.refresh_every is not None:
             return self.config.refresh_every
-        return max(1, math.ceil(len(self.dataset.y_train) / self.config.batch_size))
+        return max(1, math.ceil(self.info.num_examples / self.config.batch_size))
+
+    def model(self, params):
+        """The model with ``params`` (the run's, or a checkpoint's) merged in."""
+        return nnx.merge(self.graphdef, nnx.State(model_params(params)))
 
 
 def _check_against_data(
-    config: TrainConfig, dataset: Dataset, objective: Objective, num_devices: int
+    config: TrainConfig, dataset: Dataset, method: Method, info: DataInfo, num_devices: int
 ) -> None:
-    labels = np.asarray(dataset.y_train)
-    class_sizes = np.bincount(labels, minlength=dataset.num_classes)
-    num_classes = int(np.count_nonzero(class_sizes))
     if config.batch_size % num_devices:
         raise ValueError(
             f"the batch of M·D = {config.clusters_per_batch}·{config.examples_per_cluster} = "
@@ -263,27 +277,18 @@ def _check_against_data(
             f"--augment-crop crops images [N, H, W, C], but {dataset.name} has examples of "
             f"shape {dataset.x_train.shape[1:]}"
         )
-    if objective.uses_index:
-        smallest = int(np.argmin(np.where(class_sizes > 0, class_sizes, np.iinfo(np.int64).max)))
-        if config.clusters_per_class > class_sizes[smallest]:
-            raise ValueError(
-                f"--clusters-per-class K={config.clusters_per_class} is larger than class "
-                f"{smallest} ({dataset.class_names[smallest]!r}) allows: it has only "
-                f"{class_sizes[smallest]} training examples; choose K <= {class_sizes[smallest]}"
-            )
-        other_clusters = (num_classes - 1) * config.clusters_per_class
-        if config.clusters_per_batch - 1 > other_clusters:
-            raise ValueError(
-                f"--clusters-per-batch M={config.clusters_per_batch} needs M-1 = "
-                f"{config.clusters_per_batch - 1} impostor clusters of other classes, but with "
-                f"{num_classes} classes and K={config.clusters_per_class} there are only "
-                f"{other_clusters}; lower M or raise K"
-            )
-    elif objective.batch == "classes" and config.clusters_per_batch > num_classes:
-        raise ValueError(
-            f"--clusters-per-batch M={config.clusters_per_batch} classes per batch but the "
-            f"dataset has only {num_classes} classes"
-        )
+    method.check_data(info)
+
+
+def data_info(config: TrainConfig, dataset: Dataset, method_class: type[Method]) -> DataInfo:
+    """What the method may know of ``dataset`` (no labels for a label-free method)."""
+    return DataInfo(
+        num_examples=int(dataset.x_train.shape[0]),
+        num_classes=dataset.num_classes,
+        class_names=dataset.class_names,
+        labels=np.asarray(dataset.y_train) if method_class.needs_labels else None,
+        embedding_dim=config.embedding_dim,
+    )
 
 
 def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: bool = True) -> Run:
@@ -303,12 +308,16 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         if config.init_from is not None and warm_start
         else None
     )
-    objective = get_objective(config.loss)
+    method_class = methods.get_method_class(config.loss)
     if dataset is None:
         # image_size / tfds_splits / manual_dir (tfds only; validate() refused them otherwise).
         dataset = load_dataset(config.dataset, config.data_dir, **config.load_options())
     mesh = make_mesh(config.num_devices)
-    _check_against_data(config, dataset, objective, mesh.devices.size)
+    info = data_info(config, dataset, method_class)
+    method = methods.from_config(
+        config, info, fine_labels=dataset.fine_train if method_class.needs_labels else None
+    )
+    _check_against_data(config, dataset, method, info, mesh.devices.size)
 
     input_shape = dataset.x_train.shape[1:]
     model = create_model(
@@ -318,22 +327,30 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         seed=config.seed,
         normalize=config.normalize,
         num_classes=dataset.num_train_classes,  # no head or proxy for an unseen class
-        classifier=objective.classifier,
-        proxies=objective.proxies,
+        classifier=method.classifier,
+        proxies=method.proxies,
     )
     graphdef, params_state = nnx.split(model)
     params = nnx.to_pure_dict(params_state)
     warm = None
     if source is not None:
         params, warm = warm_start_params(config.init_from, *source, params)
+    own_params = method.init_params(jax.random.PRNGKey(config.seed + 2), info)
+    if own_params:
+        params = {**params, _METHOD_PARAMS: own_params}
     optimizer = make_optimizer(config)
 
     replicated = NamedSharding(mesh, P())
-    labels = jnp.asarray(dataset.y_train, jnp.int32)
+    # A label-free method gets no labels at all: the step cannot read them by mistake.
+    labels = jnp.asarray(dataset.y_train, jnp.int32) if method.needs_labels else None
     data = TrainingData(
         x=jnp.asarray(dataset.x_train),
         labels=labels,
-        class_table=sampling.group_table(labels, num_groups=dataset.num_classes),
+        class_table=(
+            sampling.group_table(labels, num_groups=dataset.num_classes)
+            if labels is not None
+            else None
+        ),
     )
     data = jax.device_put(data, replicated)
     state = TrainState(
@@ -343,10 +360,10 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         rng=jax.random.PRNGKey(config.seed),
     )
     state = jax.device_put(state, replicated)
-    steps = build_step_functions(objective, graphdef, optimizer, config, mesh)
+    steps = build_step_functions(method, graphdef, optimizer, config, mesh)
     x_test = jax.device_put(jnp.asarray(dataset.x_test), replicated)
     return Run(
-        config, dataset, objective, mesh, graphdef, optimizer, steps, data, x_test, state, warm
+        config, dataset, method, info, mesh, graphdef, optimizer, steps, data, x_test, state, warm
     )
 
 
@@ -359,122 +376,56 @@ def _refresh_key(config: TrainConfig, step: int) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(config.seed + 1), step)
 
 
-def _clustering_options(config: TrainConfig) -> dict[str, Any]:
-    return {
-        "max_iterations": config.kmeans_iterations,
-        "num_restarts": config.kmeans_restarts,
-        "clustering": config.clustering,
-        "linkage": config.linkage,
-        "distance_threshold": config.distance_threshold,
-        "max_points_per_class": config.cluster_subsample,
-    }
+def refresh(
+    run: Run, state: TrainState, method_state, step: int, *, with_diagnostics: bool = False
+):
+    """The method state rebuilt from the training set embedded with the current parameters
+    (for the Magnet loss: every class re-clustered into a new index).
 
-
-def refresh(run: Run, state: TrainState, index, step: int, *, with_diagnostics: bool = False):
-    """Embeds the training set with the current parameters and re-clusters every class.
-
-    Returns the new index; with ``with_diagnostics=True``, ``(index, diagnostics)`` where
-    diagnostics are :func:`magnet_jax.clustering.clustering_diagnostics` of the new
-    clustering (purity against the dataset's fine labels when it has them) plus
-    ``refresh_seconds``, the wall time of the embedding and the clustering.
+    Returns the new method state; with ``with_diagnostics=True``, ``(method_state,
+    diagnostics)`` where diagnostics are what the method reports of its refresh (the
+    Magnet loss: :func:`magnet_jax.clustering.clustering_diagnostics` and the number of
+    valid clusters) plus ``refresh_seconds``, the wall time of the whole refresh.
     """
     started = time.perf_counter()
-    embeddings = run.steps.embed(state.params, run.data.x)
-    key = _refresh_key(run.config, step)
-    if index is None:
-        new_index = index_lib.build_index(
-            embeddings,
-            run.data.labels,
-            clusters_per_class=run.config.clusters_per_class,
-            num_impostors=run.config.clusters_per_batch - 1,
-            key=key,
-            num_classes=run.dataset.num_classes,
-            **_clustering_options(run.config),
-        )
-    else:
-        new_index = index_lib.refresh_index(
-            index, embeddings, key=key, **_clustering_options(run.config)
-        )
-    new_index = jax.device_put(new_index, NamedSharding(run.mesh, P()))
+    new_state, diagnostics = run.method.refresh(
+        method_state,
+        embed=run.steps.embed,
+        params=state.params,
+        data=run.data,
+        key=_refresh_key(run.config, step),
+        diagnostics=with_diagnostics,
+    )
+    new_state = jax.device_put(new_state, NamedSharding(run.mesh, P()))
     if not with_diagnostics:
-        return new_index
-    from magnet_jax.clustering import clustering_diagnostics
-
-    jax.block_until_ready(new_index)
-    seconds = time.perf_counter() - started
-    diagnostics = clustering_diagnostics(
-        embeddings,
-        run.data.labels,
-        new_index.assignments,
-        num_classes=new_index.num_classes,
-        clusters_per_class=new_index.clusters_per_class,
-        fine_labels=run.dataset.fine_train,
-    )
-    return new_index, {**diagnostics, "refresh_seconds": seconds}
+        return new_state
+    jax.block_until_ready(new_state)
+    return new_state, {**diagnostics, "refresh_seconds": time.perf_counter() - started}
 
 
-def evaluate(run: Run, params, index) -> dict[str, float]:
-    """Test-set metrics of the current embedding.
+def evaluate(run: Run, params, method_state, evaluators=None) -> dict[str, float]:
+    """Test-set metrics of the current embedding: what every evaluator yields, in order.
 
-    kNN: test queries against the training set. kNC (Magnet Loss only): against centroids
-    recomputed from the current embeddings with the index's stored assignments (stale
-    centroids err more, DESIGN.md §1). Retrieval metrics (Recall@k for the dataset's
-    ``recall_ks``, MAP@R, R-precision, NMI): the test set as its own gallery. When the
-    test classes were not seen in training (``--split classes``) only the retrieval
-    metrics are reported: classifying by the training set cannot name an unseen class.
+    ``evaluators`` default to :func:`magnet_jax.evaluators.default_evaluators`: retrieval
+    metrics of the test set as its own gallery (Recall@k for the dataset's ``recall_ks``,
+    MAP@R, R-precision, NMI), the kNN error (test queries against the training set), the
+    method's own (kNC against centroids recomputed from the current embeddings for the
+    Magnet loss; the classifier's error for softmax) and, with fine labels, the hierarchy
+    errors. When the test classes were not seen in training (``--split classes``) only the
+    retrieval metrics apply: classifying by the training set cannot name an unseen class,
+    and the training set is then not even embedded.
     """
-    config = run.config
-    test_embeddings = run.steps.embed(params, run.x_test)
-    y_test = np.asarray(run.dataset.y_test)
-    seen = run.dataset.test_classes_seen
-    metrics: dict[str, float] = {}
-    retrieval = evaluation.retrieval_metrics(
-        test_embeddings,
-        jnp.asarray(y_test),
-        ks=run.dataset.recall_ks,
-        num_classes=run.dataset.num_classes if seen else None,
+    if evaluators is None:
+        evaluators = default_evaluators(run.method, knn_k=run.config.knn_k)
+    context = EvalContext(
+        params=params,
+        method_state=method_state,
+        model=run.model(params),
+        train_embeddings=lambda: run.steps.embed(params, run.data.x),
+        test_embeddings=lambda: run.steps.embed(params, run.x_test),
+        dataset=run.dataset,
     )
-    metrics.update({name: float(value) for name, value in retrieval.items()})
-    if not seen:
-        return metrics
-    train_embeddings = run.steps.embed(params, run.data.x)
-    predicted = evaluation.knn_predict(
-        test_embeddings,
-        train_embeddings,
-        run.data.labels,
-        k=config.knn_k,
-        num_classes=run.dataset.num_classes,
-    )
-    metrics["knn_error"] = float(np.mean(np.asarray(predicted) != y_test))
-    if index is not None:
-        fresh = index_lib.recompute_centroids(index, train_embeddings)
-        predicted = evaluation.knc_predict(
-            test_embeddings, fresh, num_nearest_clusters=config.num_nearest_clusters
-        )
-        metrics["knc_error"] = float(np.mean(np.asarray(predicted) != y_test))
-    if run.objective.classifier:
-        model = nnx.merge(run.graphdef, nnx.State(params))
-        logits = jax.jit(model.logits)(test_embeddings)
-        metrics["classifier_error"] = float(np.mean(np.asarray(jnp.argmax(logits, -1)) != y_test))
-    if run.dataset.fine_test is not None:
-        metrics.update(
-            fine_label_errors(
-                train_embeddings, run.dataset.fine_train, test_embeddings, run.dataset.fine_test
-            )
-        )
-    return metrics
-
-
-def fine_label_errors(
-    train_embeddings, fine_train, test_embeddings, fine_test, *, ks=(1, 5)
-) -> dict[str, float]:
-    """Hierarchy recovery: how well an embedding trained on coarse labels separates the
-    fine ones. ``fine_error_at_k`` is the share of test queries with no training example of
-    their fine class among their k nearest training examples (Error@1 is the 1-NN error)."""
-    _, neighbours = evaluation.nearest_neighbours(test_embeddings, train_embeddings, k=max(ks))
-    neighbour_labels = np.asarray(fine_train)[np.asarray(neighbours)]
-    hits = neighbour_labels == np.asarray(fine_test)[:, None]
-    return {f"fine_error_at_{k}": float(1.0 - np.mean(np.any(hits[:, :k], axis=1))) for k in ks}
+    return run_evaluators(evaluators, context)
 
 
 # --------------------------------------------------------------------------------------
@@ -487,6 +438,79 @@ def _next_event(step: int, run: Run) -> int:
     periods = (config.log_every, run.refresh_every, config.eval_every, config.checkpoint_every)
     candidates = [((step // period) + 1) * period for period in periods]
     return min(min(candidates), config.steps)
+
+
+def _refresh_due(run: Run, step: int, total_steps: int) -> bool:
+    """Whether the method refreshes before ``step``: at step 0 and every ``refresh_every``
+    steps after, never after the last step."""
+    return run.method.has_refresh and step < total_steps and step % run.refresh_every == 0
+
+
+def learning_curve(
+    run: Run,
+    eval_steps,
+    *,
+    state: TrainState | None = None,
+    evaluators=None,
+) -> dict[str, Any]:
+    """Trains ``run`` in memory (no work directory) and evaluates at ``eval_steps``.
+
+    The refreshes, steps and evaluations are those of :func:`train`; only the events
+    differ (evaluation at the given steps, 0 allowed; no logging, no checkpoints).
+
+    Args:
+        run: from :func:`prepare`.
+        eval_steps: the steps after which to evaluate; training stops at the last.
+        state: the state to start from (default: ``run.initial_state``).
+        evaluators: as in :func:`evaluate`.
+
+    Returns:
+        ``{"iterations": [steps], "metrics": {name: [value per iteration]}, "final_loss":
+        the mean loss of the last stretch of steps, "state", "method_state"}``.
+
+    Raises:
+        FloatingPointError: when the loss becomes non-finite.
+    """
+    state = run.initial_state if state is None else state
+    method_state = run.method.init_state(run.info)
+    eval_steps = sorted({int(s) for s in eval_steps})
+    total_steps = eval_steps[-1]
+    iterations, records = [], []
+    step, loss, refreshed = 0, float("nan"), False
+    while True:
+        # An evaluation at step 0 of a run with no steps still needs a refreshed state.
+        if _refresh_due(run, step, total_steps) or (
+            run.method.has_refresh and not refreshed and step in eval_steps
+        ):
+            method_state = refresh(run, state, method_state, step)
+            refreshed = True
+        if step in eval_steps:
+            iterations.append(step)
+            records.append(evaluate(run, state.params, method_state, evaluators))
+        if step >= total_steps:
+            break
+        events = [s for s in eval_steps if s > step]
+        if run.method.has_refresh:
+            events.append((step // run.refresh_every + 1) * run.refresh_every)
+        target = min(min(events), total_steps)
+        state, method_state, mean_loss = run.steps.run_steps(
+            state, method_state, run.data, jnp.asarray(target - step, jnp.int32)
+        )
+        loss = float(mean_loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"{run.config.loss}: loss {loss} between steps {step} and {target} "
+                f"(lr {run.config.lr})"
+            )
+        step = target
+    names = list(dict.fromkeys(name for record in records for name in record))
+    return {
+        "iterations": iterations,
+        "metrics": {name: [record.get(name) for record in records] for name in names},
+        "final_loss": loss,
+        "state": state,
+        "method_state": method_state,
+    }
 
 
 class _Workdir:
@@ -579,13 +603,14 @@ def train(
     workdir.write_json(workdir.config, config.to_dict())
     checkpointer = Checkpointer(workdir.checkpoints, max_to_keep=config.max_checkpoints)
 
-    state, index = run.initial_state, None
+    state, method_state = run.initial_state, run.method.init_state(run.info)
     history_lines, seconds_before = 0, 0.0
     latest = checkpointer.latest_step()
     if latest is not None:
-        index_template = _index_template(run) if run.objective.uses_index else None
-        restored = checkpointer.restore(latest, state, index_template)
-        state, index = restored.state, restored.index
+        restored = checkpointer.restore(latest, state, method_state_template(run))
+        state = restored.state
+        if restored.index is not None:
+            method_state = restored.index
         history_lines = restored.meta["history_lines"]
         seconds_before = restored.meta["seconds"]
     workdir.truncate_history(history_lines)
@@ -614,18 +639,13 @@ def train(
     )
     try:
         while True:
-            if run.objective.uses_index and step < config.steps and step % run.refresh_every == 0:
-                index, diagnostics = refresh(run, state, index, step, with_diagnostics=True)
-                log(
-                    {
-                        "kind": "refresh",
-                        "step": step,
-                        **diagnostics,
-                        "valid_clusters": int(jnp.sum(index.valid)),
-                    }
+            if _refresh_due(run, step, config.steps):
+                method_state, diagnostics = refresh(
+                    run, state, method_state, step, with_diagnostics=True
                 )
+                log({"kind": "refresh", "step": step, **diagnostics})
             if step == config.steps or (step > 0 and step % config.eval_every == 0):
-                metrics = evaluate(run, state.params, index)
+                metrics = evaluate(run, state.params, method_state)
                 log({"kind": "eval", "step": step, **metrics})
                 bar.set_postfix(
                     {k: f"{metrics[k]:.4f}" for k in ("knn_error", "knc_error") if k in metrics}
@@ -633,8 +653,8 @@ def train(
             if step == config.steps:
                 break
             target = _next_event(step, run)
-            state, index, loss = run.steps.run_steps(
-                state, index, run.data, jnp.asarray(target - step, jnp.int32)
+            state, method_state, loss = run.steps.run_steps(
+                state, method_state, run.data, jnp.asarray(target - step, jnp.int32)
             )
             loss = float(loss)
             if not math.isfinite(loss):
@@ -650,7 +670,10 @@ def train(
             if step % config.checkpoint_every == 0 or step == config.steps:
                 seconds = seconds_before + time.perf_counter() - started
                 checkpointer.save(
-                    step, state, index, {"history_lines": history_lines, "seconds": seconds}
+                    step,
+                    state,
+                    method_state if methods.has_state(method_state) else None,
+                    {"history_lines": history_lines, "seconds": seconds},
                 )
     finally:
         bar.close()
@@ -664,14 +687,21 @@ def train(
     return final
 
 
-def _index_template(run: Run):
-    """An index of the right shapes and shardings for Orbax to restore into: the one the
-    initial parameters give (cheap, and concrete, so no check inside the index is skipped)."""
-    return refresh(run, run.initial_state, None, 0)
+def method_state_template(run: Run):
+    """The method state's structure with replicated shardings, for Orbax to restore into
+    (from :meth:`~magnet_jax.methods.Method.abstract_state`, no refresh); None for a method
+    whose state holds no arrays (its checkpoints have no method state)."""
+    abstract = run.method.abstract_state(run.info)
+    if not jax.tree.leaves(abstract):
+        return None
+    replicated = NamedSharding(run.mesh, P())
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), abstract
+    )
 
 
 def load_for_evaluation(workdir: str) -> tuple[Run, TrainState, Any]:
-    """The run saved in ``workdir`` at its latest checkpoint: (run, state, index)."""
+    """The run saved in ``workdir`` at its latest checkpoint: (run, state, method state)."""
     files = _Workdir(workdir)
     saved = files.saved_config()
     if saved is None:
@@ -684,7 +714,7 @@ def load_for_evaluation(workdir: str) -> tuple[Run, TrainState, Any]:
     latest = checkpointer.latest_step()
     if latest is None:
         raise FileNotFoundError(f"no complete checkpoint in {files.checkpoints}")
-    index_template = _index_template(run) if run.objective.uses_index else None
-    restored = checkpointer.restore(latest, run.initial_state, index_template)
+    restored = checkpointer.restore(latest, run.initial_state, method_state_template(run))
     checkpointer.close()
-    return run, restored.state, restored.index
+    method_state = restored.index if restored.index is not None else run.method.init_state(run.info)
+    return run, restored.state, method_state

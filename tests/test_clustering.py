@@ -244,7 +244,7 @@ def _restored(workdir, dataset):
     run = training.prepare(config, dataset)
     checkpointer = Checkpointer(workdir / "checkpoints")
     restored = checkpointer.restore(
-        checkpointer.latest_step(), run.initial_state, training._index_template(run)
+        checkpointer.latest_step(), run.initial_state, training.method_state_template(run)
     )
     checkpointer.close()
     return restored

@@ -187,7 +187,9 @@ def test_resume_does_not_graft_again(tmp_path, source, digits):
         run = training.prepare(config, dataset, warm_start=False)
         checkpointer = Checkpointer(Path(config.workdir) / "checkpoints")
         step = checkpointer.latest_step()
-        restored = checkpointer.restore(step, run.initial_state, training._index_template(run))
+        restored = checkpointer.restore(
+            step, run.initial_state, training.method_state_template(run)
+        )
         checkpointer.close()
         return step, restored.state.params
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from magnet_jax import cli, training
+from magnet_jax import cli, methods, training
 from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset
 
@@ -226,7 +226,9 @@ def test_convergence_paper_configs_are_valid(monkeypatch):
         config = make_config(base, method, {**method.grid[0], "steps": 1}, 0)
         config.validate()
         assert config.batch_size == convergence.BATCH
-        training._check_against_data(config, dataset, training.get_objective(config.loss), 1)
+        info = training.data_info(config, dataset, methods.get_method_class(config.loss))
+        method = methods.from_config(config, info)
+        training._check_against_data(config, dataset, method, info, 1)
 
 
 def test_load_init_trunk_reads_a_run(tmp_path):

@@ -63,6 +63,8 @@ def test_plot_command_on_a_trained_run(tmp_path):
     for name in (
         "curves_knc_error.png",
         "curves_knn_error.png",
+        "curves_recall_at_1.png",
+        "curves_mean_average_precision_at_r.png",
         "embeddings.png",
         "retrievals.png",
     ):

@@ -63,8 +63,8 @@ def test_sharded_step_equals_single_device(loss, optimizer):
 
     index_single = (
         training.refresh(single, single.initial_state, None, 0)
-        if single.objective.uses_index
-        else None
+        if single.method.has_refresh
+        else single.method.init_state(single.info)
     )
     # The same index on both meshes, so both sample the same batches. Copied through host
     # memory: the steps donate their index, so the two runs must not share buffers.
@@ -80,7 +80,7 @@ def test_sharded_step_equals_single_device(loss, optimizer):
         )
         np.testing.assert_allclose(float(loss_single), float(loss_sharded), atol=1e-5, rtol=0)
     _leaves_close(state_single.params, state_sharded.params, atol=1e-5)
-    if index_single is not None:
+    if single.method.has_refresh:
         _leaves_close(index_single.cluster_loss, index_sharded.cluster_loss, atol=1e-5)
     # The parameters really live on all four devices.
     leaf = jax.tree.leaves(state_sharded.params)[0]
@@ -141,7 +141,7 @@ def _final_params(workdir: Path):
     run = training.prepare(config)
     checkpointer = Checkpointer(workdir / "checkpoints")
     step = checkpointer.latest_step()
-    template = training._index_template(run)
+    template = training.method_state_template(run)
     restored = checkpointer.restore(step, run.initial_state, template)
     checkpointer.close()
     return step, restored.state.params, restored.index

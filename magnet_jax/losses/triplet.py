@@ -23,10 +23,11 @@ from magnet_jax.losses._distances import (
     pairwise_distances,
     reduce_losses,
 )
+from magnet_jax.names import MININGS
 
 __all__ = ["triplet_loss"]
 
-_MINING = ("batch_all", "batch_hard", "semi_hard")
+_MINING = MININGS
 
 
 def triplet_loss(
