@@ -65,19 +65,6 @@ def log(message: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _vote(neighbour_labels: np.ndarray, k: int, num_classes: int) -> np.ndarray:
-    """Majority vote of the k nearest, ties to the tied class whose member ranks first
-    (the rule of ``magnet_jax.evaluation.knn_predict``)."""
-    labels = neighbour_labels[:, :k]
-    rows = np.arange(len(labels))[:, None]
-    votes = np.zeros((len(labels), num_classes), np.int64)
-    np.add.at(votes, (np.broadcast_to(rows, labels.shape), labels), 1)
-    first = np.full((len(labels), num_classes), k, np.int64)
-    for rank in range(k - 1, -1, -1):  # last write wins: the earliest rank
-        first[rows[:, 0], labels[:, rank]] = rank
-    return np.argmax(votes * (k + 1) + (k - first), axis=1)
-
-
 def evaluate(run, params, index, ks: Sequence[int] = KS) -> dict[str, float]:
     """Test-set errors of the embedding ``params`` gives (see the module docstring)."""
     import jax
@@ -86,6 +73,7 @@ def evaluate(run, params, index, ks: Sequence[int] = KS) -> dict[str, float]:
 
     from magnet_jax import evaluation
     from magnet_jax import index as index_lib
+    from magnet_jax.clustering import cluster_purity
 
     dataset = run.dataset
     train_emb = run.steps.embed(params, run.data.x)
@@ -95,7 +83,10 @@ def evaluate(run, params, index, ks: Sequence[int] = KS) -> dict[str, float]:
     neighbours = np.asarray(neighbours)
     out: dict[str, float] = {}
     for k in ks:
-        predicted = _vote(y_train[neighbours], k, dataset.num_classes)
+        # One neighbour search for every k; the library's vote on its first k columns.
+        predicted = np.asarray(
+            evaluation.knn_vote(y_train[neighbours][:, :k], num_classes=dataset.num_classes)
+        )
         out[f"knn{k}_error"] = float(np.mean(predicted != y_test))
     if index is not None:
         fresh = index_lib.recompute_centroids(index, train_emb)
@@ -139,14 +130,6 @@ def subsample_train(dataset, size: int | None, seed: int = 1):
         fine_test=dataset.fine_test,
         fine_class_names=dataset.fine_class_names,
     )
-
-
-def cluster_purity(cluster_ids: np.ndarray, fine_labels: np.ndarray) -> float:
-    """Share of training examples whose cluster's majority fine label is their own."""
-    num_fine = int(fine_labels.max()) + 1
-    table = np.zeros((int(cluster_ids.max()) + 1, num_fine), np.int64)
-    np.add.at(table, (cluster_ids, fine_labels), 1)
-    return float(table.max(axis=1).sum() / len(fine_labels))
 
 
 def trunk_params(params: dict) -> dict:
@@ -414,7 +397,9 @@ def format_speedup(s: dict) -> str:
     )
 
 
-def environment() -> dict:
+def environment(**versions: str) -> dict:
+    """What a result depends on besides the code: commit, machine, load, devices,
+    versions (``versions`` adds more, e.g. ``sklearn=sklearn.__version__``)."""
     import subprocess
 
     import jax
@@ -440,10 +425,31 @@ def environment() -> dict:
         "load_average": list(os.getloadavg()),
         "python": platform.python_version(),
         "jax": jax.__version__,
+        "numpy": np.__version__,
+        **versions,
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
         "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+# A machine is busy when its 1-minute load average exceeds this share of its cores
+# (1.5 on 2 cores): multi-threaded references (scikit-learn, faiss) then slow down far
+# more than one jitted call, and timing ratios stop meaning anything.
+BUSY_LOAD_PER_CORE = 0.75
+
+
+def busy_warning() -> str | None:
+    """A warning to print and record when the machine is busy, else None."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= BUSY_LOAD_PER_CORE * cores:
+        return None
+    return (
+        f"machine busy: load average {load:.2f} on {cores} cores (> "
+        f"{BUSY_LOAD_PER_CORE * cores:.2f}); timings and their ratios are not reliable"
+    )
 
 
 def write_json(path: Path, value: Any) -> None:
