@@ -644,3 +644,15 @@ def test_validate_cluster_labels():
         validate_cluster_labels([0, 0, 1, 2], [5, 5, 9, 9])
     with pytest.raises(ValueError, match="must both have shape"):
         validate_cluster_labels([0, 0, 1], [5, 5, 9, 9])
+
+
+def test_traced_alpha_is_not_checked_and_used_as_given():
+    # Concrete alphas are checked (above); a traced one has no value at trace time, so
+    # a negative margin goes through as documented and enters the hinge unchanged.
+    embeddings, cluster_ids = pumpikano_batch()
+    labels = (cluster_ids % 3).astype(np.int32)
+    reference_losses, _ = reference_magnet_terms(embeddings, labels, cluster_ids, alpha=-0.5)
+    traced = jax.jit(lambda alpha: magnet_terms(embeddings, labels, cluster_ids, alpha=alpha))
+    np.testing.assert_allclose(
+        traced(jnp.asarray(-0.5, jnp.float32)).losses, reference_losses, rtol=1e-5, atol=1e-6
+    )
