@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from magnet_jax._checks import check_integer_dtype, is_concrete
+from magnet_jax.losses.distances import squared_distances
 
 __all__ = [
     "MagnetTerms",
@@ -30,11 +31,6 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
-
-# Up to this many elements, pairwise squared distances are computed from the [n, m, d]
-# differences (exact to rounding, no cancellation); above it, from the expansion
-# ‖a‖² + ‖b‖² − 2a·b on centred inputs, which needs no [n, m, d] intermediate.
-_MAX_DIFFERENCE_ELEMENTS = 2**22
 
 
 class MagnetTerms(NamedTuple):
@@ -119,31 +115,6 @@ def _variance_floor(dtype) -> float:
     return float(np.sqrt(np.finfo(dtype).tiny))
 
 
-def _pairwise_squared_distances(
-    points: jax.Array, centres: jax.Array, *, use_differences: bool
-) -> jax.Array:
-    """Squared Euclidean distances [n, m] between points [n, d] and centres [m, d]."""
-    if use_differences:
-        differences = points[:, None, :] - centres[None, :, :]
-        return jnp.sum(differences * differences, axis=-1)
-    # Distances are translation invariant; centring first keeps the expansion from
-    # cancelling catastrophically when the data sit far from the origin.
-    shift = jax.lax.stop_gradient(jnp.mean(centres, axis=0))
-    points = points - shift
-    centres = centres - shift
-    cross = jnp.matmul(points, centres.T, precision=jax.lax.Precision.HIGHEST)
-    points_norms = jnp.sum(points * points, axis=-1)
-    centres_norms = jnp.sum(centres * centres, axis=-1)
-    return jnp.maximum(points_norms[:, None] + centres_norms[None, :] - 2 * cross, 0)
-
-
-def _squared_distances(points: jax.Array, centres: jax.Array) -> jax.Array:
-    size = points.shape[0] * centres.shape[0] * points.shape[1]
-    return _pairwise_squared_distances(
-        points, centres, use_differences=size <= _MAX_DIFFERENCE_ELEMENTS
-    )
-
-
 def _hinged_losses(
     own_squared_distances: jax.Array,
     impostor_squared_distances: jax.Array,
@@ -215,7 +186,7 @@ def _magnet_terms(
         variance = jax.lax.stop_gradient(variance)
 
     # Column j stands for the cluster whose first member is j; labels[j] is its class.
-    impostor_squared_distances = _squared_distances(embeddings, own_means)
+    impostor_squared_distances = squared_distances(embeddings, own_means)
     impostor_mask = is_first_member[None, :] & (labels[None, :] != labels[:, None])
     losses, has_impostor = _hinged_losses(
         own_squared_distances, impostor_squared_distances, impostor_mask, variance, alpha
@@ -243,7 +214,7 @@ def _magnet_full_objective(
     impostor_centroids = jnp.where(valid[:, :, None], centroids, 0)
     impostor_centroids = impostor_centroids.reshape(num_classes * clusters_per_class, dim)
     slot_classes = jnp.repeat(jnp.arange(num_classes, dtype=labels.dtype), clusters_per_class)
-    impostor_squared_distances = _squared_distances(embeddings, impostor_centroids)
+    impostor_squared_distances = squared_distances(embeddings, impostor_centroids)
     impostor_mask = valid.reshape(-1)[None, :] & (slot_classes[None, :] != labels[:, None])
     losses, _ = _hinged_losses(
         own_squared_distances, impostor_squared_distances, impostor_mask, variance, alpha
