@@ -195,14 +195,17 @@ def _class_blocks(
     blocks_per_class = (sizes + rows - 1) // rows
     block_end = jnp.cumsum(blocks_per_class)
     class_start = jnp.cumsum(sizes) - sizes
+    first_block = block_end - blocks_per_class
     order = jnp.argsort(labels, stable=True)
     rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    position = (block_end - blocks_per_class)[labels] * rows + rank - class_start[labels]
-    position = position.astype(jnp.int32)
-    points = jnp.zeros((num_blocks * rows, d), x.dtype).at[position].set(x)
-    points = points.reshape(num_blocks, rows, d)
+    position = (first_block[labels] * rows + rank - class_start[labels]).astype(jnp.int32)
     block_class = jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right")
     block_class = jnp.minimum(block_class, num_classes - 1).astype(jnp.int32)
+    # Rows gathered from x (a gather of rows is much cheaper than a scatter on the CPU).
+    within = (jnp.arange(num_blocks) - first_block[block_class])[:, None] * rows + jnp.arange(rows)
+    in_class = within < sizes[block_class][:, None]  # [B, rows]; False on padding
+    source = order[jnp.minimum(class_start[block_class][:, None] + within, n - 1)]
+    points = jnp.where(in_class[..., None], x[source], 0)
     return _ClassBlocks(points, jnp.sum(jnp.square(points), axis=-1), block_class, position)
 
 
@@ -428,6 +431,7 @@ def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials
     centroids = jnp.zeros((num_classes, k, d), x.dtype).at[:, 0].set(first)
     active = jnp.zeros((num_classes, k), bool).at[:, 0].set(found)
     min_sq = jnp.sum(jnp.square(x - first[labels]), axis=-1)
+    sq_norms = jnp.sum(jnp.square(x), axis=-1)
 
     def round_fn(slot, carry):
         centroids, active, min_sq = carry
@@ -447,9 +451,15 @@ def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials
         )
         index = index.reshape(num_local_trials, num_classes) % n  # [trials, C]
         candidates = jnp.swapaxes(x[index], 0, 1)  # [C, trials, d]
-        candidate_min_sq = jnp.minimum(
-            min_sq[:, None], _sq_distances_to_class_rows(blocks, candidates)
+        candidate_sq = _sq_distances_to_class_rows(blocks, candidates, expand=True)
+        # The expansion leaves rounding residue (relative to the norms) where a point
+        # sits on a candidate; k-means++ must see exactly 0 there, so that a point or a
+        # copy of it is never picked twice.
+        scale = sq_norms[:, None] + jnp.sum(jnp.square(candidates), axis=-1)[labels]
+        candidate_sq = jnp.where(
+            candidate_sq <= 64 * jnp.finfo(x.dtype).eps * scale, 0, candidate_sq
         )
+        candidate_min_sq = jnp.minimum(min_sq[:, None], candidate_sq)
         potentials = jax.ops.segment_sum(candidate_min_sq, labels, num_classes)
         best_trial = jnp.argmin(potentials, axis=1)  # [C]; ties: the earlier trial
         # Every trial sees the same weights, so whether a class can pick at all does
