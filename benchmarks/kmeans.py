@@ -115,15 +115,18 @@ def make_data(num_classes, n, dim, sizes, seed=0):
     return x.astype(np.float32), labels.astype(np.int32)
 
 
-def sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance, seed=0):
-    """The reference refresh: one scikit-learn KMeans per class."""
+def class_members(labels, num_classes):
+    """(class, example indices) of every class that has examples."""
     order = np.argsort(labels, kind="stable")
     bounds = np.cumsum(np.bincount(labels, minlength=num_classes))[:-1]
+    return [(c, m) for c, m in enumerate(np.split(order, bounds)) if m.size]
+
+
+def sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance, seed=0):
+    """The reference refresh: one scikit-learn KMeans per class."""
     inertia = np.zeros(num_classes)
     start = time.perf_counter()
-    for c, members in enumerate(np.split(order, bounds)):
-        if members.size == 0:
-            continue
+    for c, members in class_members(labels, num_classes):
         points = x[members]
         model = KMeans(
             n_clusters=min(k, members.size),
@@ -142,13 +145,9 @@ def faiss_loop(x, labels, num_classes, k, max_iterations, seed=0):
     """pytorch-metric-learning's engine: one ``faiss.Kmeans`` per class."""
     import faiss
 
-    order = np.argsort(labels, kind="stable")
-    bounds = np.cumsum(np.bincount(labels, minlength=num_classes))[:-1]
     inertia = np.zeros(num_classes)
     start = time.perf_counter()
-    for c, members in enumerate(np.split(order, bounds)):
-        if members.size == 0:
-            continue
+    for c, members in class_members(labels, num_classes):
         points = np.ascontiguousarray(x[members])
         model = faiss.Kmeans(
             points.shape[1],
