@@ -337,7 +337,9 @@ def format_speedup(s: dict) -> str:
     )
 
 
-def environment() -> dict:
+def environment(**versions: str) -> dict:
+    """What a result depends on besides the code: commit, machine, load, devices,
+    versions (``versions`` adds more, e.g. ``sklearn=sklearn.__version__``)."""
     import subprocess
 
     import jax
@@ -363,10 +365,31 @@ def environment() -> dict:
         "load_average": list(os.getloadavg()),
         "python": platform.python_version(),
         "jax": jax.__version__,
+        "numpy": np.__version__,
+        **versions,
         "devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
         "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+# A machine is busy when its 1-minute load average exceeds this share of its cores
+# (1.5 on 2 cores): multi-threaded references (scikit-learn, faiss) then slow down far
+# more than one jitted call, and timing ratios stop meaning anything.
+BUSY_LOAD_PER_CORE = 0.75
+
+
+def busy_warning() -> str | None:
+    """A warning to print and record when the machine is busy, else None."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load <= BUSY_LOAD_PER_CORE * cores:
+        return None
+    return (
+        f"machine busy: load average {load:.2f} on {cores} cores (> "
+        f"{BUSY_LOAD_PER_CORE * cores:.2f}); timings and their ratios are not reliable"
+    )
 
 
 def write_json(path: Path, value: Any) -> None:

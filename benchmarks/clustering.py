@@ -45,7 +45,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import sys
 import tempfile
 import time
@@ -57,6 +56,9 @@ from magnet_jax import plotting, training
 from magnet_jax.clustering import cluster_per_class, clustering_diagnostics
 from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, coarsen, load_dataset
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common  # noqa: E402
 
 # MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
 RESULTS = pathlib.Path(
@@ -479,12 +481,7 @@ def main(argv=None) -> int:
         common["lr_schedule"] = "constant"
     record = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "jax": jax.__version__,
-            "devices": [str(d) for d in jax.devices()][:1],
-        },
+        "environment": _common.environment(),
         "quick": quick,
         "methods": {k: v for k, v in TOY_METHODS.items()},
         "seeds": seeds,

@@ -1,16 +1,19 @@
-"""Per-class k-means: magnet_jax.kmeans_per_class against a scikit-learn loop.
+"""Per-class k-means: magnet_jax.kmeans_per_class against scikit-learn and faiss loops.
 
 The reference refresh of the Magnet Loss cluster index runs scikit-learn's ``KMeans``
-once per class. This script times that loop against ``kmeans_per_class`` (all classes in
-one jitted call) on three workloads and compares the per-class inertia:
+once per class; pytorch-metric-learning clusters with faiss. This script times a loop
+over classes of each against ``kmeans_per_class`` (all classes in one jitted call) on
+three workloads and compares the per-class inertia:
 
   (a) 10 classes, 60,000 x 64, k=8        (MNIST-like)
   (b) 1,000 classes, 100,000 x 128, k=8   (many mid-size classes)
   (c) 10,000 classes of 2-12 examples, 128-d, k=2  (Stanford-Online-Products-like)
 
-Data: a Gaussian mixture per class (1-4 modes, fixed seed). Both sides use k-means++
-initialisation, max_iter=100, tol=1e-4 (the same relative-shift criterion), one
-initialisation (plus rows with restarts for ours). Ours refines Lloyd's result with
+Data: a Gaussian mixture per class (1-4 modes, fixed seed). Ours and scikit-learn use
+k-means++ initialisation, at most ``--max-iterations`` (20) Lloyd iterations, tol=1e-4
+(the same relative-shift criterion), one initialisation (plus rows with restarts for
+ours); faiss (``faiss.Kmeans``, random initialisation, exactly that many iterations, one
+run, all threads) is the faiss column, its inertia recomputed from its final centroids. Ours refines Lloyd's result with
 Hartigan moves by default (``refine_steps=5``) and, for k=2, solves every class of at
 most 12 examples exactly by enumeration (``exhaustive_max_points=12``, the "exact"
 column). Case (c) adds a row with the refinement but without the exact step, and rows
@@ -23,7 +26,9 @@ Smoke test (seconds):
   python benchmarks/kmeans.py --quick
 Writes benchmarks/results/kmeans.json (kmeans_quick.json with --quick) and prints a
 markdown table. Timings are only comparable within one run on one machine: the ratios
-are the result.
+are the result. The load average is recorded before and after; on a busy machine
+(load above 0.75 per core) the script warns and records the warning, since the
+multi-threaded loops slow down far more than one jitted call.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import datetime
 import json
 import os
 import pathlib
-import platform
+import sys
 import time
 
 import jax
@@ -42,6 +47,9 @@ import sklearn
 from sklearn.cluster import KMeans
 
 from magnet_jax.kmeans import kmeans_per_class
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common  # noqa: E402
 
 # MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
 RESULTS = pathlib.Path(
@@ -107,15 +115,18 @@ def make_data(num_classes, n, dim, sizes, seed=0):
     return x.astype(np.float32), labels.astype(np.int32)
 
 
-def sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance, seed=0):
-    """The reference refresh: one scikit-learn KMeans per class."""
+def class_members(labels, num_classes):
+    """(class, example indices) of every class that has examples."""
     order = np.argsort(labels, kind="stable")
     bounds = np.cumsum(np.bincount(labels, minlength=num_classes))[:-1]
+    return [(c, m) for c, m in enumerate(np.split(order, bounds)) if m.size]
+
+
+def sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance, seed=0):
+    """The reference refresh: one scikit-learn KMeans per class."""
     inertia = np.zeros(num_classes)
     start = time.perf_counter()
-    for c, members in enumerate(np.split(order, bounds)):
-        if members.size == 0:
-            continue
+    for c, members in class_members(labels, num_classes):
         points = x[members]
         model = KMeans(
             n_clusters=min(k, members.size),
@@ -127,6 +138,29 @@ def sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance, seed=0):
         )
         model.fit(points)
         inertia[c] = model.inertia_
+    return time.perf_counter() - start, inertia
+
+
+def faiss_loop(x, labels, num_classes, k, max_iterations, seed=0):
+    """pytorch-metric-learning's engine: one ``faiss.Kmeans`` per class."""
+    import faiss
+
+    inertia = np.zeros(num_classes)
+    start = time.perf_counter()
+    for c, members in class_members(labels, num_classes):
+        points = np.ascontiguousarray(x[members])
+        model = faiss.Kmeans(
+            points.shape[1],
+            min(k, members.size),
+            niter=max_iterations,
+            nredo=1,
+            seed=seed + c,
+            min_points_per_centroid=1,
+            max_points_per_centroid=members.size,
+        )
+        model.train(points)
+        distances, _ = model.index.search(points, 1)
+        inertia[c] = float(distances.sum())
     return time.perf_counter() - start, inertia
 
 
@@ -203,6 +237,7 @@ def run_case(case, restarts, max_iterations, tolerance):
     scatter = np.bincount(labels, ((x - means[labels]) ** 2).sum(1), num_classes)
 
     sk_seconds, sk_inertia = sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance)
+    faiss_seconds, faiss_inertia = faiss_loop(x, labels, num_classes, k, max_iterations)
     rows = []
     # Rows without the exact step, and without the Hartigan refinement too (plain
     # Lloyd, as scikit-learn), show how much of the per-class gap is each step's and
@@ -238,6 +273,12 @@ def run_case(case, restarts, max_iterations, tolerance):
             ours_warm_seconds=warm,
             speedup_warm=sk_seconds / warm,
             speedup_incl_compile=sk_seconds / first,
+            faiss_seconds=faiss_seconds,
+            speedup_vs_faiss=faiss_seconds / warm,
+            faiss_inertia_ratio=float(faiss_inertia.sum() / sk_inertia.sum()),
+            ours_over_faiss_inertia=float(
+                np.asarray(result.inertia, np.float64).sum() / faiss_inertia.sum()
+            ),
             iterations=int(result.iterations),
             converged=bool(result.converged),
         )
@@ -246,9 +287,9 @@ def run_case(case, restarts, max_iterations, tolerance):
         print(
             f"  {case['name']}, restarts={num_restarts}, refine={refine}, "
             f"exact={row['exact']}: "
-            f"sklearn {sk_seconds:.2f}s, "
+            f"sklearn {sk_seconds:.2f}s, faiss {faiss_seconds:.2f}s, "
             f"ours {warm:.3f}s warm / {first:.2f}s first, "
-            f"inertia ratio {row['total_ratio']:.4f}, "
+            f"inertia ours/sk {row['total_ratio']:.4f}, faiss/sk {row['faiss_inertia_ratio']:.4f}, "
             f"within 2% {100 * row['fraction_within_2pct']:.2f}%",
             flush=True,
         )
@@ -257,19 +298,22 @@ def run_case(case, restarts, max_iterations, tolerance):
 
 def markdown(rows):
     lines = [
-        "| case | restarts | refine | exact (k=2) | sklearn loop (s) | ours warm (s) | "
-        "ours 1st call (s) | speed-up warm | speed-up incl. compile | "
-        "inertia ours/sk total | worst class | classes within 2% |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | restarts | refine | exact (k=2) | sklearn loop (s) | faiss loop (s) | "
+        "ours warm (s) | ours 1st call (s) | speed-up vs sklearn | speed-up vs faiss | "
+        "speed-up vs sklearn incl. compile | inertia ours/sk | inertia faiss/sk | "
+        "worst class ours/sk | classes within 2% |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['num_restarts']} | {'yes' if r['refine'] else 'no'} | "
             f"{'-' if r['k'] != 2 else 'yes' if r['exact'] else 'no'} | "
-            f"{r['sklearn_seconds']:.2f} | "
+            f"{r['sklearn_seconds']:.2f} | {r['faiss_seconds']:.2f} | "
             f"{r['ours_warm_seconds']:.3f} | {r['ours_first_call_seconds']:.2f} | "
-            f"{r['speedup_warm']:.1f}x | {r['speedup_incl_compile']:.1f}x | "
-            f"{r['total_ratio']:.4f} | {r['worst_class_ratio']:.3f} | "
+            f"{r['speedup_warm']:.1f}x | {r['speedup_vs_faiss']:.2f}x | "
+            f"{r['speedup_incl_compile']:.1f}x | "
+            f"{r['total_ratio']:.4f} | {r['faiss_inertia_ratio']:.4f} | "
+            f"{r['worst_class_ratio']:.3f} | "
             f"{100 * r['fraction_within_2pct']:.1f}% |"
         )
     return "\n".join(lines)
@@ -284,31 +328,35 @@ def main(argv=None):
         default="1,3",
         help="comma-separated num_restarts for ours (sklearn: n_init=1)",
     )
-    parser.add_argument("--max-iterations", type=int, default=100)
+    parser.add_argument("--max-iterations", type=int, default=20)
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--output", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
 
+    import faiss
+
     cases = QUICK_CASES if args.quick else CASES
     restarts = [int(r) for r in args.restarts.split(",")]
+    environment = _common.environment(sklearn=sklearn.__version__, faiss=faiss.__version__)
+    warnings = [w for w in [_common.busy_warning()] if w]
+    for warning in warnings:
+        print(f"WARNING: {warning}", flush=True)
     rows = []
     for name in args.cases:
         rows.extend(run_case(cases[name], restarts, args.max_iterations, args.tolerance))
+    after = _common.busy_warning()
+    if after:
+        print(f"WARNING (at the end): {after}", flush=True)
+        warnings.append(f"at the end: {after}")
 
-    device = jax.devices()[0]
     report = dict(
-        benchmark="kmeans_per_class vs scikit-learn KMeans looped over classes",
+        benchmark="kmeans_per_class vs scikit-learn and faiss KMeans looped over classes",
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         quick=args.quick,
-        jax=jax.__version__,
-        sklearn=sklearn.__version__,
-        numpy=np.__version__,
-        python=platform.python_version(),
-        device=f"{device.platform}: {device.device_kind}",
-        num_devices=jax.device_count(),
-        cpu_count=os.cpu_count(),
-        machine=platform.platform(),
-        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        environment=environment,
+        load_average_after=list(os.getloadavg()),
+        faiss_threads=faiss.omp_get_max_threads(),
+        busy_warnings=warnings,
         max_iterations=args.max_iterations,
         tolerance=args.tolerance,
         rows=rows,

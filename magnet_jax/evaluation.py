@@ -35,6 +35,7 @@ __all__ = [
     "knc_predict",
     "knn_error",
     "knn_predict",
+    "knn_vote",
     "nearest_neighbours",
     "retrieval_metrics",
 ]
@@ -344,8 +345,18 @@ def _concrete_labels(name: str, labels, length: int) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))
-def _vote(neighbour_labels, *, num_classes):
-    """[Q, k] labels, nearest first -> [Q] majority class, ties to the earliest member."""
+def knn_vote(neighbour_labels: jax.typing.ArrayLike, *, num_classes: int) -> jax.Array:
+    """Majority vote of the neighbours' labels, the rule of :func:`knn_predict`.
+
+    Args:
+      neighbour_labels: ``[Q, k]`` int labels in ``[0, num_classes)``, nearest first
+        (e.g. the first ``k`` columns of a larger neighbour search).
+      num_classes: number of classes (static).
+
+    Returns:
+      ``[Q]`` int32 majority class; ties go to the tied class whose member ranks first.
+    """
+    neighbour_labels = jnp.asarray(neighbour_labels)
     k = neighbour_labels.shape[1]
     ranks = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), neighbour_labels.shape)
 
@@ -424,7 +435,7 @@ def knn_predict(
         reference_labels = jax.device_put(reference_labels, indices.sharding)
     if k == 1:
         return reference_labels[indices[:, 0]].astype(jnp.int32)
-    return _vote(reference_labels[indices].astype(jnp.int32), num_classes=int(num_classes))
+    return knn_vote(reference_labels[indices].astype(jnp.int32), num_classes=int(num_classes))
 
 
 def knn_error(

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magnet_jax._checks import check_integer_dtype, check_integer_vector, concrete
 from magnet_jax.sampling import GroupTable, group_table, sample_from_groups
 
 __all__ = [
@@ -148,21 +149,6 @@ class NeighbourhoodBatch(NamedTuple):
 # Input checks (eager, on concrete values; skipped for tracers).
 
 
-def _concrete(value) -> np.ndarray | None:
-    if isinstance(value, jax.core.Tracer):
-        return None
-    return np.asarray(value)
-
-
-def _check_integer_vector(name: str, value, length: int) -> None:
-    shape = np.shape(value)
-    if shape != (length,):
-        raise ValueError(f"{name} must have shape [N] = ({length},), got {shape}")
-    dtype = jnp.result_type(value)
-    if not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(f"{name} must have an integer dtype, got {dtype}")
-
-
 def _check_embeddings(embeddings, num_examples: int | None = None) -> None:
     shape = np.shape(embeddings)
     if len(shape) != 2:
@@ -207,14 +193,14 @@ def _check_impostors_available(
 
 
 def _check_scalar(name: str, value, *, allow_zero: bool = False) -> None:
-    concrete = _concrete(value)
-    if concrete is None:
+    scalar = concrete(value)
+    if scalar is None:
         return
-    if concrete.shape != ():
-        raise ValueError(f"{name} must be a scalar, got shape {concrete.shape}")
-    if not (np.isfinite(concrete) and (concrete > 0 or (allow_zero and concrete == 0))):
+    if scalar.shape != ():
+        raise ValueError(f"{name} must be a scalar, got shape {scalar.shape}")
+    if not (np.isfinite(scalar) and (scalar > 0 or (allow_zero and scalar == 0))):
         requirement = "non-negative" if allow_zero else "positive"
-        raise ValueError(f"{name} must be {requirement} and finite, got {concrete}")
+        raise ValueError(f"{name} must be {requirement} and finite, got {scalar}")
 
 
 def _default_chunk_size(num_clusters: int, chunk_size: int | None) -> int:
@@ -394,8 +380,8 @@ def index_from_assignments(
     """
     _check_embeddings(embeddings)
     num_examples = np.shape(embeddings)[0]
-    _check_integer_vector("labels", labels, num_examples)
-    _check_integer_vector("assignments", assignments, num_examples)
+    check_integer_vector("labels", labels, num_examples)
+    check_integer_vector("assignments", assignments, num_examples)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if clusters_per_class < 1:
@@ -406,8 +392,8 @@ def index_from_assignments(
     if variance is not None:
         # σ² = 0 happens (every cluster a single point); it only needs to be a number.
         _check_scalar("variance", variance, allow_zero=True)
-    concrete_labels = _concrete(labels)
-    concrete_assignments = _concrete(assignments)
+    concrete_labels = concrete(labels)
+    concrete_assignments = concrete(assignments)
     if concrete_labels is not None:
         _check_in_range("labels", concrete_labels, num_classes, "num_classes")
     if concrete_assignments is not None:
@@ -503,18 +489,18 @@ def build_index(
             max_points_per_class=max_points_per_class,
         )
     _check_embeddings(embeddings)
-    _check_integer_vector("labels", labels, np.shape(embeddings)[0])
+    check_integer_vector("labels", labels, np.shape(embeddings)[0])
     if clusters_per_class < 1:
         raise ValueError(f"clusters_per_class must be >= 1, got {clusters_per_class}")
     if num_classes is None:
-        concrete_labels = _concrete(labels)
+        concrete_labels = concrete(labels)
         if concrete_labels is None:
             raise ValueError("num_classes must be given when labels are traced")
         num_classes = int(concrete_labels.max()) + 1
     # A clustering that may leave slots empty (agglomerative) must still give every class
     # enough clusters for every cluster to have its impostors; k-means ignores this.
     min_clusters = 1
-    concrete_labels = _concrete(labels)
+    concrete_labels = concrete(labels)
     if concrete_labels is not None:
         present = int(np.count_nonzero(np.bincount(concrete_labels, minlength=num_classes)))
         if present > 1:
@@ -721,10 +707,7 @@ def record_batch(
             f"cluster_ids and losses must be vectors of one length [B], got shapes "
             f"{id_shape} and {loss_shape}"
         )
-    if not jnp.issubdtype(jnp.result_type(cluster_ids), jnp.integer):
-        raise ValueError(
-            f"cluster_ids must have an integer dtype, got {jnp.result_type(cluster_ids)}"
-        )
+    check_integer_dtype("cluster_ids", cluster_ids)
     if np.shape(variance) != ():
         raise ValueError(f"variance must be a scalar, got shape {np.shape(variance)}")
     for name, value in (("momentum", momentum), ("variance_momentum", variance_momentum)):

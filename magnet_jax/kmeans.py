@@ -5,12 +5,17 @@ into up to ``k`` clusters with k-means. Classes have very different sizes (1 to 
 examples is the normal case), so this module never pads classes to the largest one and
 never loops over classes in Python: every class is clustered in one jitted computation on
 flat arrays, with per-class reductions done by ``jax.ops.segment_*`` over the labels.
-Memory is O(N·d + C·k·d): the ``[N, k]`` distances are computed over chunks of about
-1M floats of gathered centroids (``[chunk, k, d]``), never as one ``[N, k, d]`` gather.
+Distances to per-class centroids are computed on the examples laid out once per call in
+blocks of rows of a single class (a class padded to whole blocks of a power of two up to
+its mean size; see :class:`_ClassBlocks`), so every block needs one ``[k, d]`` table and
+a matrix product, never an ``[N, k, d]`` gather of centroids. Memory is O(N·d + C·k·d).
 
 The algorithm follows scikit-learn's ``KMeans(init="k-means++", algorithm="lloyd")``
 class by class:
 
+* **Warm start** (``initial_centroids``): Lloyd starts from given centroids (e.g. the
+  previous refresh's) instead of k-means++; slots without a valid centroid are
+  re-seeded like clusters that empty during Lloyd (below).
 * **k-means++ initialisation** with greedy local trials (``2 + log k`` candidates per
   round, keep the one that lowers the class potential most), all classes simultaneously.
   A per-class draw with probability ∝ D² uses the Gumbel-max trick with
@@ -27,22 +32,16 @@ class by class:
   the class's inertia, counting the shift of both means (see
   :func:`_hartigan_refine`). Lloyd's fixed points include many poor partitions of
   small classes in high dimension (e.g. a singleton cluster beside one holding all the
-  rest); measured on 500 classes of 2-12
-  points in 128-d with k=2 (benchmark case (c)), Lloyd from k-means++, ours and
-  scikit-learn's alike, ends >2% above the exact optimum in 29% of the classes, with the
-  refinement in 11% (10 restarts: 5% and 1.4%). On case (b) (1,000 classes of ~100
-  points, 128-d, k=8) it lowers the total inertia by 1.5% with 5 steps (2% with 10, at
-  about twice the cost); on case (c) 3 steps already give all of the gain.
-  Refinement only lowers the inertia; once no class can improve, the partition is
-  again a Lloyd fixed point.
+  rest), and k-means++ starts land in them often (benchmarks/README.md has the
+  measurements). Refinement only lowers the inertia; once no class can improve, the
+  partition is again a Lloyd fixed point.
 * **Exact tiny classes** (``k == 2``, ``exhaustive_max_points``, default 12; not in
   scikit-learn): a class of ``n <= 12`` examples has only ``2^(n−1) − 1`` two-part
   partitions, so they are all scored and the optimum taken where it is lower than the
   local search's (see :func:`_exact_two_means`). This runs once after the restarts,
   for every such class at once in the same jitted call, from sufficient statistics
-  (the per-class Gram matrix, never ``[partitions, d]`` arrays). On case (c) local
-  search with refinement still ends >2% above the optimum in ~11% of the classes
-  (see above); with this step none does.
+  (the per-class Gram matrix, never ``[partitions, d]`` arrays), so no class of that
+  size ends above its optimum.
 * A final assignment step makes assignments, counts and inertia consistent with the
   returned centroids.
 
@@ -74,6 +73,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from magnet_jax._checks import is_concrete
 
 __all__ = [
     "KMeansResult",
@@ -116,85 +117,159 @@ def _compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-# Rows of examples processed together when distances to per-class centroids are
-# computed: the gather of their centroids, [rows, m, d], stays around this many floats.
-_CHUNK_FLOATS = 1 << 20
+# Elements of the ``[chunk, rows, m, d]`` difference tensor processed together when
+# distances are computed block by block: bounds the memory of an unfused difference.
+_CHUNK_FLOATS = 1 << 22
+
+# Smallest and largest rows per block of :class:`_ClassBlocks`.
+_MIN_BLOCK_ROWS = 4
+_MAX_BLOCK_ROWS = 256
+
+# From this many rows per block, distances by the expansion ``‖x‖² − 2x·c + ‖c‖²`` (a
+# batched matmul) beat the difference form on XLA:CPU; below it the matmuls are too small.
+_EXPANSION_MIN_BLOCK_ROWS = 64
 
 
-def _sq_distances_to_class_rows(x: jax.Array, labels: jax.Array, table: jax.Array) -> jax.Array:
+class _ClassBlocks(NamedTuple):
+    """The examples laid out in blocks of rows of a single class.
+
+    Distances to per-class tables then need one ``[m, d]`` table per block, not one
+    per example: gathering ``[N, m, d]`` centroids is what per-example distances cost.
+    Classes are padded to a whole number of blocks with zero rows; unused trailing
+    blocks are zero too.
+
+    Attributes:
+      points: ``[B, rows, d]`` examples; padding rows are zero.
+      sq_norms: ``[B, rows]`` their squared norms.
+      block_class: ``[B]`` int32 class of every block.
+      position: ``[N]`` int32 row of every example in ``points.reshape(-1, d)``.
+    """
+
+    points: jax.Array
+    sq_norms: jax.Array
+    block_class: jax.Array
+    position: jax.Array
+
+
+def _block_rows(n: int, num_classes: int) -> int:
+    """Rows per block: the largest power of two up to the mean class size (between
+    :data:`_MIN_BLOCK_ROWS` and :data:`_MAX_BLOCK_ROWS`), so padding adds at most
+    ``C · rows <= N`` rows."""
+    rows = _MIN_BLOCK_ROWS
+    while rows * 2 <= min(_MAX_BLOCK_ROWS, n / num_classes):
+        rows *= 2
+    return rows
+
+
+def _max_blocks(n: int, num_classes: int) -> int:
+    """Blocks any labelling of ``n`` examples into ``num_classes`` classes can need:
+    ``Σ_c ⌈n_c / rows⌉ <= (N + C·(rows − 1)) / rows``, and no block is empty."""
+    rows = _block_rows(n, num_classes)
+    return max(1, min(n, (n + num_classes * (rows - 1)) // rows))
+
+
+def _num_blocks(labels: np.ndarray, num_classes: int) -> int:
+    """Blocks that concrete ``labels`` need, rounded up to a sixteenth of the bound so
+    that new labels with similar class sizes reuse the compiled program."""
+    n = labels.shape[0]
+    rows = _block_rows(n, num_classes)
+    needed = int(np.sum(-(-np.bincount(labels, minlength=num_classes) // rows)))
+    bound = _max_blocks(n, num_classes)
+    quantum = max(1, -(-bound // 16))
+    return min(bound, -(-needed // quantum) * quantum)
+
+
+def _class_blocks(
+    x: jax.Array, labels: jax.Array, num_classes: int, num_blocks: int | None = None
+) -> _ClassBlocks:
+    """Lays ``x`` ``[N, d]`` out as :class:`_ClassBlocks` (jittable).
+
+    ``num_blocks`` (static) must be at least what the labels need (see
+    :func:`_num_blocks`); None takes the bound for any labelling.
+    """
+    n, d = x.shape
+    rows = _block_rows(n, num_classes)
+    if num_blocks is None:
+        num_blocks = _max_blocks(n, num_classes)
+    sizes = jax.ops.segment_sum(jnp.ones_like(labels), labels, num_classes)
+    blocks_per_class = (sizes + rows - 1) // rows
+    block_end = jnp.cumsum(blocks_per_class)
+    class_start = jnp.cumsum(sizes) - sizes
+    first_block = block_end - blocks_per_class
+    order = jnp.argsort(labels, stable=True)
+    rank = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    position = (first_block[labels] * rows + rank - class_start[labels]).astype(jnp.int32)
+    block_class = jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right")
+    block_class = jnp.minimum(block_class, num_classes - 1).astype(jnp.int32)
+    # Rows gathered from x (a gather of rows is much cheaper than a scatter on the CPU).
+    within = (jnp.arange(num_blocks) - first_block[block_class])[:, None] * rows + jnp.arange(rows)
+    in_class = within < sizes[block_class][:, None]  # [B, rows]; False on padding
+    source = order[jnp.minimum(class_start[block_class][:, None] + within, n - 1)]
+    points = jnp.where(in_class[..., None], x[source], 0)
+    return _ClassBlocks(points, jnp.sum(jnp.square(points), axis=-1), block_class, position)
+
+
+def _sq_distances_to_class_rows(
+    blocks: _ClassBlocks, table: jax.Array, *, expand: bool = False
+) -> jax.Array:
     """Squared distance of every example to every row of its own class's table.
 
     Args:
-      x: ``[N, d]`` examples.
-      labels: ``[N]`` class of every example.
+      blocks: the ``N`` examples, see :class:`_ClassBlocks`.
       table: ``[C, m, d]`` points per class (centroids, or k-means++ candidates).
+      expand: use ``‖x‖² − 2x·c + ‖c‖²`` (clamped at 0) where blocks are large enough
+        for it to be faster; only for data centred per class (see
+        :func:`_kmeans_per_class_core`). It is not exactly 0 for a point on its
+        centroid, hence k-means++ and the final assignment use the difference form.
 
     Returns:
       ``[N, m]`` with ``‖x_i − table[labels_i, j]‖²``.
     """
-    n = x.shape[0]
-    m, d = table.shape[1:]
-    # Chunks of examples (`lax.map` with a batch size) keep the gathered centroids at
-    # [chunk, m, d] instead of [N, m, d], i.e. memory O(N·d + C·m·d). The difference
-    # form (not ‖x‖² − 2x·c + ‖c‖²) gives exactly 0 for a point that is its own
-    # centroid, which k-means++ relies on.
-    chunk = int(min(n, max(64, _CHUNK_FLOATS // max(1, m * d))))
+    num_blocks, rows, d = blocks.points.shape
+    m = table.shape[1]
+    per_block = table[blocks.block_class]  # [B, m, d]
+    if expand and rows >= _EXPANSION_MIN_BLOCK_ROWS:
+        cross = jnp.einsum("brd,bmd->brm", blocks.points, per_block)
+        sq = jnp.maximum(
+            blocks.sq_norms[..., None] - 2 * cross + jnp.sum(jnp.square(per_block), -1)[:, None],
+            0,
+        )
+    else:
+        # Chunks of blocks bound the [chunk, rows, m, d] difference should XLA not fuse
+        # it into the reduction.
+        chunk = int(min(num_blocks, max(1, _CHUNK_FLOATS // (rows * m * d))))
 
-    def one_example(example):
-        point, label = example
-        return jnp.sum(jnp.square(point - table[label]), axis=-1)
+        def one_block(block):
+            points, centres = block
+            return jnp.sum(jnp.square(points[:, None, :] - centres[None]), axis=-1)
 
-    return jax.lax.map(one_example, (x, labels), batch_size=chunk)
-
-
-# At most this many classes: distances by one matmul against every class's centroids.
-_DENSE_MAX_CLASSES = 32
-
-
-def _sq_distances_fast(x: jax.Array, labels: jax.Array, table: jax.Array) -> jax.Array:
-    """Like :func:`_sq_distances_to_class_rows`, faster for few classes.
-
-    With few classes (``C <= 32``) one matmul ``x @ table.reshape(C·m, d).T`` and the
-    expansion ``‖x‖² − 2x·c + ‖c‖²`` (clamped at 0) beat gathering ``[N, m, d]``
-    centroids: case (a) of the benchmark, 10 classes, spends its time here. The data
-    are centred per class (see :func:`_kmeans_per_class_core`), so the expansion does
-    not cancel catastrophically; it is not exactly 0 for a point on its centroid,
-    hence k-means++ and the empty-cluster re-seeding use the difference form.
-    """
-    num_classes, m, d = table.shape
-    if num_classes > _DENSE_MAX_CLASSES:
-        return _sq_distances_to_class_rows(x, labels, table)
-    n = x.shape[0]
-    flat = table.reshape(num_classes * m, d)
-    flat_sq = jnp.sum(jnp.square(flat), axis=-1).reshape(num_classes, m)
-    chunk = int(min(n, max(64, _CHUNK_FLOATS // max(1, num_classes * m))))
-
-    def one_example(example):
-        point, label = example
-        cross = (flat @ point).reshape(num_classes, m)[label]
-        return jnp.maximum(jnp.sum(jnp.square(point)) - 2 * cross + flat_sq[label], 0)
-
-    return jax.lax.map(one_example, (x, labels), batch_size=chunk)
+        sq = jax.lax.map(one_block, (blocks.points, per_block), batch_size=chunk)
+    return sq.reshape(num_blocks * rows, m)[blocks.position]
 
 
 def _nearest_slot(
-    x: jax.Array, labels: jax.Array, centroids: jax.Array, valid: jax.Array, fast: bool = False
+    blocks: _ClassBlocks,
+    labels: jax.Array,
+    centroids: jax.Array,
+    valid: jax.Array,
+    fast: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Nearest valid slot of every example's own class.
 
     Args:
-      x: ``[N, d]`` examples.
+      blocks: the ``N`` examples, see :class:`_ClassBlocks`.
       labels: ``[N]`` class of every example.
       centroids: ``[C, k, d]``.
       valid: ``[C, k]`` bool.
 
     Returns:
       ``(slot [N] int32, sq_distance [N])``; slot 0 and ``+inf`` when the class has no
-      valid slot. Ties go to the lowest slot. ``fast`` uses
-      :func:`_sq_distances_fast` (only for data centred per class).
+      valid slot. Ties go to the lowest slot. ``fast`` passes ``expand`` to
+      :func:`_sq_distances_to_class_rows` (only for data centred per class).
     """
-    distances = _sq_distances_fast if fast else _sq_distances_to_class_rows
-    sq_distances = jnp.where(valid[labels], distances(x, labels, centroids), jnp.inf)
+    sq_distances = jnp.where(
+        valid[labels], _sq_distances_to_class_rows(blocks, centroids, expand=fast), jnp.inf
+    )
     slot = jnp.argmin(sq_distances, axis=1).astype(jnp.int32)
     return slot, jnp.take_along_axis(sq_distances, slot[:, None], axis=1)[:, 0]
 
@@ -288,12 +363,9 @@ def assign_to_centroids(
             f"valid must be [C, k] = {tuple(centroids.shape[:2])}, got shape {tuple(valid.shape)}."
         )
     dtype = _compute_dtype(jnp.result_type(embeddings, centroids))
-    return _nearest_slot(
-        embeddings.astype(dtype),
-        labels.astype(jnp.int32),
-        centroids.astype(dtype),
-        valid.astype(bool),
-    )
+    labels = labels.astype(jnp.int32)
+    blocks = _class_blocks(embeddings.astype(dtype), labels, centroids.shape[0])
+    return _nearest_slot(blocks, labels, centroids.astype(dtype), valid.astype(bool))
 
 
 def centroids_from_assignments(
@@ -343,7 +415,7 @@ def centroids_from_assignments(
 # ------------------------------------------------------------------------ k-means++
 
 
-def _kmeans_plusplus(x, labels, key, *, num_classes, k, num_local_trials):
+def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials):
     """Greedy k-means++ in every class at once.
 
     Returns:
@@ -359,6 +431,7 @@ def _kmeans_plusplus(x, labels, key, *, num_classes, k, num_local_trials):
     centroids = jnp.zeros((num_classes, k, d), x.dtype).at[:, 0].set(first)
     active = jnp.zeros((num_classes, k), bool).at[:, 0].set(found)
     min_sq = jnp.sum(jnp.square(x - first[labels]), axis=-1)
+    sq_norms = jnp.sum(jnp.square(x), axis=-1)
 
     def round_fn(slot, carry):
         centroids, active, min_sq = carry
@@ -368,13 +441,25 @@ def _kmeans_plusplus(x, labels, key, *, num_classes, k, num_local_trials):
         # Greedy k-means++: draw `num_local_trials` candidates per class, keep the one
         # that lowers the class potential most.
         gumbel = jax.random.gumbel(round_key, (num_local_trials, n), x.dtype)
-        index, _ = jax.vmap(_segment_argmax, in_axes=(0, None, None))(
-            log_weights + gumbel, labels, num_classes
-        )  # [trials, C]
-        candidates = jnp.swapaxes(x[index], 0, 1)  # [C, trials, d]
-        candidate_min_sq = jnp.minimum(
-            min_sq[:, None], _sq_distances_to_class_rows(x, labels, candidates)
+        # One segment per (trial, class), not `vmap` over trials: a vmapped
+        # segment_max is a batched scatter, much slower on the CPU.
+        trial_ids = labels + num_classes * jnp.arange(num_local_trials)[:, None]
+        index, _ = _segment_argmax(
+            (log_weights + gumbel).reshape(-1),
+            trial_ids.reshape(-1),
+            num_local_trials * num_classes,
         )
+        index = index.reshape(num_local_trials, num_classes) % n  # [trials, C]
+        candidates = jnp.swapaxes(x[index], 0, 1)  # [C, trials, d]
+        candidate_sq = _sq_distances_to_class_rows(blocks, candidates, expand=True)
+        # The expansion leaves rounding residue (relative to the norms) where a point
+        # sits on a candidate; k-means++ must see exactly 0 there, so that a point or a
+        # copy of it is never picked twice.
+        scale = sq_norms[:, None] + jnp.sum(jnp.square(candidates), axis=-1)[labels]
+        candidate_sq = jnp.where(
+            candidate_sq <= 64 * jnp.finfo(x.dtype).eps * scale, 0, candidate_sq
+        )
+        candidate_min_sq = jnp.minimum(min_sq[:, None], candidate_sq)
         potentials = jax.ops.segment_sum(candidate_min_sq, labels, num_classes)
         best_trial = jnp.argmin(potentials, axis=1)  # [C]; ties: the earlier trial
         # Every trial sees the same weights, so whether a class can pick at all does
@@ -433,7 +518,7 @@ def _relocate_empty(x, labels, assignments, sq_distances, sums, counts, active, 
     return sums, counts, active
 
 
-def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps):
+def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, blocks=None):
     """Hartigan single-point moves after Lloyd, in every class at once.
 
     Lloyd stops at any partition where every point is nearest to its own centroid. On
@@ -453,10 +538,14 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps):
     ``1e-6``, or after ``max_steps`` steps. A partition without improving moves is also a
     Lloyd fixed point (a point nearer to another centroid always has ``Δ < 0``).
 
+    ``blocks`` is ``x`` as :class:`_ClassBlocks` (built here when None).
+
     Returns:
       ``(assignments [N] int32, steps [] int32, finished [] bool)``.
     """
     n = x.shape[0]
+    if blocks is None:
+        blocks = _class_blocks(x, labels, num_classes)
     rows = jnp.arange(n)
     class_sq_norms = jax.ops.segment_sum(jnp.sum(jnp.square(x), axis=-1), labels, num_classes)
 
@@ -470,7 +559,7 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps):
         assignments, step, _ = carry
         sums, counts = _class_sums(x, labels, assignments, num_classes, k)
         centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
-        sq = _sq_distances_fast(x, labels, centroids)  # [N, k]
+        sq = _sq_distances_to_class_rows(blocks, centroids, expand=True)  # [N, k]
         sizes = counts[labels].astype(x.dtype)  # [N, k]
         own_size = sizes[rows, assignments]
         own_sq = sq[rows, assignments]
@@ -506,6 +595,38 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps):
     return assignments, steps, ~moved
 
 
+def _warm_start(x, labels, blocks, centroids, valid, *, num_classes, k):
+    """Lloyd's first step from given centroids instead of k-means++.
+
+    Examples go to their nearest ``valid`` centroid; every slot then counts as active,
+    so the slots that got no example (the invalid ones among them) are re-seeded on
+    the farthest examples of their class by :func:`_relocate_empty`, or retired when
+    the class has no example left off its centroid. A class without a valid slot
+    starts from its mean.
+
+    Returns:
+      ``(centroids [C, k, d], active [C, k] bool)``, as :func:`_kmeans_plusplus`.
+    """
+    assignments, _ = _nearest_slot(blocks, labels, centroids, valid, fast=True)
+    sums, counts = _class_sums(x, labels, assignments, num_classes, k)
+    own = jnp.where(valid[labels, assignments][:, None], centroids[labels, assignments], 0)
+    sums, counts, active = _relocate_empty(
+        x,
+        labels,
+        assignments,
+        jnp.sum(jnp.square(x - own), axis=-1),
+        sums,
+        counts,
+        jnp.ones((num_classes, k), bool),
+        num_classes=num_classes,
+        k=k,
+    )
+    centroids = jnp.where(
+        (counts > 0)[..., None], sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype), 0
+    )
+    return centroids, active
+
+
 class _LloydState(NamedTuple):
     centroids: jax.Array  # [C, k, d]
     active: jax.Array  # [C, k] bool
@@ -515,13 +636,28 @@ class _LloydState(NamedTuple):
 
 
 def _kmeans_single(
-    x, labels, key, tolerance, *, num_classes, k, max_iterations, num_local_trials, refine_steps
+    x,
+    labels,
+    blocks,
+    key,
+    tolerance,
+    *,
+    num_classes,
+    k,
+    max_iterations,
+    num_local_trials,
+    refine_steps,
+    initial=None,
 ):
-    """One restart: k-means++ then Lloyd; returns a KMeansResult (unreduced)."""
+    """One restart: k-means++ (or ``initial``, see :func:`_warm_start`) then Lloyd;
+    returns a KMeansResult (unreduced)."""
     n, d = x.shape
-    centroids, active = _kmeans_plusplus(
-        x, labels, key, num_classes=num_classes, k=k, num_local_trials=num_local_trials
-    )
+    if initial is None:
+        centroids, active = _kmeans_plusplus(
+            x, labels, blocks, key, num_classes=num_classes, k=k, num_local_trials=num_local_trials
+        )
+    else:
+        centroids, active = _warm_start(x, labels, blocks, *initial, num_classes=num_classes, k=k)
 
     # scikit-learn scales tol by the mean per-dimension variance of the data; per class
     # here, since every class is its own k-means problem.
@@ -540,7 +676,7 @@ def _kmeans_single(
         return (state.iteration < max_iterations) & ~jnp.all(state.class_converged)
 
     def body_fn(state: _LloydState):
-        assignments, _ = _nearest_slot(x, labels, state.centroids, state.active, fast=True)
+        assignments, _ = _nearest_slot(blocks, labels, state.centroids, state.active, fast=True)
         sums, counts = _class_sums(x, labels, assignments, num_classes, k)
         any_empty = jnp.any(state.active & (counts == 0))
 
@@ -591,15 +727,21 @@ def _kmeans_single(
     converged = jnp.all(state.class_converged)
     centroids = state.centroids
     if refine_steps > 0:
-        assignments, _ = _nearest_slot(x, labels, centroids, state.active, fast=True)
+        assignments, _ = _nearest_slot(blocks, labels, centroids, state.active, fast=True)
         assignments, _, _ = _hartigan_refine(
-            x, labels, assignments, num_classes=num_classes, k=k, max_steps=refine_steps
+            x,
+            labels,
+            assignments,
+            num_classes=num_classes,
+            k=k,
+            max_steps=refine_steps,
+            blocks=blocks,
         )
         sums, counts = _class_sums(x, labels, assignments, num_classes, k)
         centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
     # Final assignment step so that assignments, counts and inertia all refer to the
     # returned centroids.
-    assignments, sq_distances = _nearest_slot(x, labels, centroids, state.active)
+    assignments, sq_distances = _nearest_slot(blocks, labels, centroids, state.active)
     _, counts = _class_sums(x, labels, assignments, num_classes, k)
     inertia = jax.ops.segment_sum(sq_distances, labels, num_classes)
     centroids = jnp.where(counts[..., None] > 0, centroids, 0)
@@ -720,7 +862,7 @@ def _exact_two_means(
 
 
 def _prefer_exact_two_means(
-    x, labels, result: KMeansResult, *, num_classes, max_points
+    x, labels, blocks, result: KMeansResult, *, num_classes, max_points
 ) -> KMeansResult:
     """Replace the k=2 result of every tiny class by its exact optimum when lower.
 
@@ -732,7 +874,7 @@ def _prefer_exact_two_means(
     candidate, exact = _exact_two_means(x, labels, num_classes=num_classes, max_points=max_points)
     sums, counts = _class_sums(x, labels, candidate, num_classes, 2)
     centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
-    assignments, sq_distances = _nearest_slot(x, labels, centroids, counts > 0)
+    assignments, sq_distances = _nearest_slot(blocks, labels, centroids, counts > 0)
     _, counts = _class_sums(x, labels, assignments, num_classes, 2)
     inertia = jax.ops.segment_sum(sq_distances, labels, num_classes)
     centroids = jnp.where(counts[..., None] > 0, centroids, 0)
@@ -755,6 +897,8 @@ def _kmeans_per_class_core(
     labels,
     key,
     tolerance,
+    initial_centroids,
+    initial_valid,
     *,
     k,
     num_classes,
@@ -763,13 +907,15 @@ def _kmeans_per_class_core(
     num_local_trials,
     refine_steps,
     exhaustive_max_points,
+    num_blocks,
 ):
     x = embeddings.astype(_compute_dtype(embeddings.dtype))
     labels = labels.astype(jnp.int32)
     tolerance = jnp.asarray(tolerance, x.dtype)
     # k-means is translation invariant: cluster every class relative to one of its own
     # examples (the first). Distances by the expansion ‖x‖² − 2x·c + ‖c‖²
-    # (`_sq_distances_fast`) then cancel only O(spread²), not O(offset²), and the
+    # (`_sq_distances_to_class_rows(expand=True)`) then cancel only O(spread²), not
+    # O(offset²), and the
     # centroid sums carry no large common offset. A data point (rather than the class
     # mean) keeps exact duplicates of it exactly at 0. It is added back to the
     # returned centroids.
@@ -777,9 +923,14 @@ def _kmeans_per_class_core(
     first = jax.ops.segment_min(jnp.arange(n, dtype=jnp.int32), labels, num_classes)
     offsets = jnp.where((first < n)[:, None], x[jnp.minimum(first, n - 1)], 0)
     x = x - offsets[labels]
+    blocks = _class_blocks(x, labels, num_classes, num_blocks)
+    initial = None
+    if initial_centroids is not None:
+        initial = (initial_centroids.astype(x.dtype) - offsets[:, None, :], initial_valid)
     result = _kmeans_restarts(
         x,
         labels,
+        blocks,
         key,
         tolerance,
         k=k,
@@ -788,10 +939,11 @@ def _kmeans_per_class_core(
         num_restarts=num_restarts,
         num_local_trials=num_local_trials,
         refine_steps=refine_steps,
+        initial=initial,
     )
     if k == 2 and exhaustive_max_points >= 2:
         result = _prefer_exact_two_means(
-            x, labels, result, num_classes=num_classes, max_points=exhaustive_max_points
+            x, labels, blocks, result, num_classes=num_classes, max_points=exhaustive_max_points
         )
     centroids = jnp.where(result.counts[..., None] > 0, result.centroids + offsets[:, None, :], 0)
     return result._replace(centroids=centroids)
@@ -800,6 +952,7 @@ def _kmeans_per_class_core(
 def _kmeans_restarts(
     x,
     labels,
+    blocks,
     key,
     tolerance,
     *,
@@ -809,17 +962,20 @@ def _kmeans_restarts(
     num_restarts,
     num_local_trials,
     refine_steps,
+    initial,
 ):
     run = functools.partial(
         _kmeans_single,
         x,
         labels,
+        blocks,
         tolerance=tolerance,
         num_classes=num_classes,
         k=k,
         max_iterations=max_iterations,
         num_local_trials=num_local_trials,
         refine_steps=refine_steps,
+        initial=initial,
     )
     if num_restarts == 1:
         return run(key)
@@ -852,12 +1008,9 @@ _kmeans_per_class_jit = jax.jit(
         "num_local_trials",
         "refine_steps",
         "exhaustive_max_points",
+        "num_blocks",
     ),
 )
-
-
-def _is_concrete(array) -> bool:
-    return not isinstance(array, jax.core.Tracer)
 
 
 def kmeans_per_class(
@@ -873,6 +1026,8 @@ def kmeans_per_class(
     num_local_trials: int | None = None,
     refine_steps: int = 5,
     exhaustive_max_points: int = 12,
+    initial_centroids: jax.typing.ArrayLike | None = None,
+    initial_valid: jax.typing.ArrayLike | None = None,
 ) -> KMeansResult:
     """k-means (k-means++ initialisation) inside every class, all classes at once.
 
@@ -893,8 +1048,11 @@ def kmeans_per_class(
       k: clusters per class (static).
       key: PRNG key for the k-means++ draws.
       num_classes: number of classes ``C`` (static). ``None`` computes
-        ``labels.max() + 1`` from concrete labels; under ``jax.jit`` it must be given.
-        Classes without examples get only empty slots.
+        ``labels.max() + 1`` from concrete labels, which must then be at most ``N``
+        (labels such as ``{0, 2·10⁸}`` would allocate ``[2·10⁸, k, d]`` centroids for
+        absent classes: remap them to ``0..C−1`` first, e.g. with
+        ``np.unique(labels, return_inverse=True)``); under ``jax.jit`` it must be
+        given. Classes without examples get only empty slots.
       max_iterations: most Lloyd iterations per restart (static).
       tolerance: a class has converged when its squared centroid shift is at most
         ``tolerance`` times its mean per-dimension variance (scikit-learn's ``tol``),
@@ -915,6 +1073,14 @@ def kmeans_per_class(
         docstring) and the optimum replaces the local-search result where it is lower.
         Cost ``O(C · 2^(m−1))`` for ``m`` = this value, whatever the class sizes (static;
         0 to 20; 0 or 1 turns it off; ignored for ``k != 2``).
+      initial_centroids: ``[C, k, d]`` centroids to start Lloyd from instead of
+        k-means++ (a warm start, e.g. the previous refresh's centroids of a slowly
+        moving embedding, which then needs few iterations); ``key`` is unused and
+        ``num_restarts`` must be 1.
+      initial_valid: ``[C, k]`` bool, which slots of ``initial_centroids`` exist
+        (e.g. ``counts > 0``; default all). The others start empty and are re-seeded
+        on the farthest examples of their class, as a cluster that empties during
+        Lloyd is.
 
     Returns:
       A :class:`KMeansResult`: ``centroids [C, k, d]``, ``assignments [N]`` (slot within
@@ -965,10 +1131,10 @@ def kmeans_per_class(
             f"exhaustive_max_points must be an integer in [0, "
             f"{_EXHAUSTIVE_MAX_POINTS_LIMIT}], got {exhaustive_max_points!r}."
         )
-    if _is_concrete(tolerance) and not float(tolerance) >= 0:
+    if is_concrete(tolerance) and not float(tolerance) >= 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance!r}.")
 
-    labels_concrete = _is_concrete(labels)
+    labels_concrete = is_concrete(labels)
     if labels_concrete:
         labels_host = np.asarray(labels)
         low, high = int(labels_host.min()), int(labels_host.max())
@@ -981,16 +1147,49 @@ def kmeans_per_class(
                 "(e.g. under jax.jit): it fixes the output shape [C, k, d]."
             )
         num_classes = high + 1
+        if num_classes > labels.shape[0]:
+            raise ValueError(
+                f"labels reach {high} with only N={labels.shape[0]} examples: without "
+                "num_classes the result has labels.max() + 1 classes, most of them "
+                "absent. Remap the labels to 0..C-1 (np.unique(labels, "
+                "return_inverse=True)) or pass num_classes."
+            )
     if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}.")
     if labels_concrete and high >= num_classes:
         raise ValueError(f"labels must be < num_classes = {num_classes}, got a maximum of {high}.")
+    if initial_centroids is not None:
+        initial_centroids = jnp.asarray(initial_centroids)
+        expected = (int(num_classes), int(k), embeddings.shape[1])
+        if initial_centroids.shape != expected:
+            raise ValueError(
+                f"initial_centroids must be [C, k, d] = {expected}, got shape "
+                f"{tuple(initial_centroids.shape)}."
+            )
+        if num_restarts != 1:
+            raise ValueError(
+                f"num_restarts must be 1 with initial_centroids (a warm start draws "
+                f"nothing), got {num_restarts}."
+            )
+        if initial_valid is None:
+            initial_valid = jnp.ones(expected[:2], bool)
+        initial_valid = jnp.asarray(initial_valid)
+        if initial_valid.shape != expected[:2]:
+            raise ValueError(
+                f"initial_valid must be [C, k] = {expected[:2]}, got shape "
+                f"{tuple(initial_valid.shape)}."
+            )
+        initial_valid = initial_valid.astype(bool)
+    elif initial_valid is not None:
+        raise ValueError("initial_valid needs initial_centroids.")
 
     return _kmeans_per_class_jit(
         embeddings,
         labels,
         key,
         tolerance,
+        initial_centroids,
+        initial_valid,
         k=int(k),
         num_classes=int(num_classes),
         max_iterations=int(max_iterations),
@@ -998,4 +1197,5 @@ def kmeans_per_class(
         num_local_trials=int(num_local_trials),
         refine_steps=int(refine_steps),
         exhaustive_max_points=int(exhaustive_max_points),
+        num_blocks=_num_blocks(labels_host, int(num_classes)) if labels_concrete else None,
     )

@@ -19,11 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-
-def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-    """Scales rows to unit L2 norm; a zero row stays zero (no NaN, finite gradient)."""
-    squared_norm = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps))
+from magnet_jax.losses.distances import l2_normalize
 
 
 class MLP(nnx.Module):

@@ -18,7 +18,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from magnet_jax._checks import check_integer_vector, concrete
 
 __all__ = [
     "GroupTable",
@@ -63,22 +64,6 @@ class ClassBalancedBatch(NamedTuple):
     labels: jax.Array
 
 
-def _concrete(value) -> np.ndarray | None:
-    """The value as a NumPy array, or None when it is being traced (checks are skipped)."""
-    if isinstance(value, jax.core.Tracer):
-        return None
-    return np.asarray(value)
-
-
-def _check_integer_vector(name: str, value) -> None:
-    shape = np.shape(value)
-    if len(shape) != 1:
-        raise ValueError(f"{name} must be a vector [N], got shape {shape}")
-    dtype = jnp.result_type(value)
-    if not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(f"{name} must have an integer dtype, got {dtype}")
-
-
 def group_table(group_ids: jax.typing.ArrayLike, *, num_groups: int) -> GroupTable:
     """Sorts the examples by group for :func:`sample_from_groups`.
 
@@ -102,10 +87,10 @@ def group_table(group_ids: jax.typing.ArrayLike, *, num_groups: int) -> GroupTab
         >>> table.members.tolist(), table.offsets.tolist(), table.counts.tolist()
         ([1, 3, 0, 2], [0, 1, 2], [1, 1, 2])
     """
-    _check_integer_vector("group_ids", group_ids)
+    check_integer_vector("group_ids", group_ids)
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1, got {num_groups}")
-    concrete_ids = _concrete(group_ids)
+    concrete_ids = concrete(group_ids)
     if concrete_ids is not None and concrete_ids.size and concrete_ids.max() >= num_groups:
         raise ValueError(
             f"group_ids must be < num_groups={num_groups}, got max id {concrete_ids.max()}"
@@ -200,7 +185,7 @@ def sample_from_groups(
     """
     if per_group < 1:
         raise ValueError(f"per_group must be >= 1, got {per_group}")
-    _check_integer_vector("groups", groups)
+    check_integer_vector("groups", groups)
     return _sample_from_groups(table, jnp.asarray(groups), key, per_group=per_group)
 
 
@@ -257,7 +242,7 @@ def class_balanced_batch(
             f"classes_per_batch={classes_per_batch} exceeds the number of classes "
             f"{table.num_groups}"
         )
-    concrete_counts = _concrete(table.counts)
+    concrete_counts = concrete(table.counts)
     if concrete_counts is not None:
         non_empty = int((concrete_counts > 0).sum())
         if classes_per_batch > non_empty:
@@ -310,7 +295,7 @@ def uniform_batch(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    concrete_size = _concrete(num_examples)
+    concrete_size = concrete(num_examples)
     if concrete_size is not None:
         if concrete_size.shape != ():
             raise ValueError(f"num_examples must be a scalar, got shape {concrete_size.shape}")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from magnet_jax.losses._distances import pairwise_distances
+from magnet_jax.losses.distances import pairwise_distances
 from magnet_jax.losses.pairs import (
     contrastive_loss,
     multi_similarity_loss,

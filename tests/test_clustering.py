@@ -12,6 +12,7 @@ from magnet_jax.checkpoint import Checkpointer
 from magnet_jax.clustering import (
     agglomerative_per_class,
     cluster_per_class,
+    cluster_purity,
     clustering_diagnostics,
 )
 from magnet_jax.config import TrainConfig
@@ -328,3 +329,13 @@ def test_index_gives_every_class_enough_clusters_for_its_impostors():
         distance_threshold=0.5,
     )
     np.testing.assert_array_equal(np.asarray(index.valid).sum(axis=1), [3, 3])
+
+
+def test_cluster_purity_matches_a_per_cluster_count():
+    rng = np.random.default_rng(3)
+    cluster_ids = rng.integers(0, 12, 300)
+    fine = rng.integers(0, 5, 300)
+    expected = (
+        sum(np.bincount(fine[cluster_ids == c]).max() for c in np.unique(cluster_ids)) / fine.size
+    )
+    assert cluster_purity(cluster_ids, fine) == pytest.approx(expected)

@@ -13,6 +13,7 @@ from magnet_jax.evaluation import (
     knc_predict,
     knn_error,
     knn_predict,
+    knn_vote,
     nearest_neighbours,
     retrieval_metrics,
 )
@@ -492,3 +493,13 @@ def test_clustering_matches_pml_on_unambiguous_data():
     scores = clustering_scores(points, labels)
     np.testing.assert_allclose(scores["nmi"], expected["NMI"], atol=1e-6)
     np.testing.assert_allclose(scores["ami"], expected["AMI"], atol=1e-6)
+
+
+def test_knn_vote_of_given_neighbour_labels_matches_numpy():
+    # The vote the benchmarks apply to the first k columns of one neighbour search.
+    rng = np.random.default_rng(21)
+    neighbour_labels = rng.integers(0, 4, size=(200, 6)).astype(np.int32)
+    for k in (1, 2, 5, 6):
+        np.testing.assert_array_equal(
+            knn_vote(neighbour_labels[:, :k], num_classes=4), np_vote(neighbour_labels[:, :k])
+        )

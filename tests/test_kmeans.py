@@ -390,6 +390,58 @@ def test_large_offset_gives_the_same_clustering():
     np.testing.assert_allclose(far.inertia, near.inertia, rtol=1e-4)
 
 
+def test_warm_start_runs_lloyd_from_the_given_centroids_as_sklearn_does():
+    # From the same start Lloyd is deterministic: per class, scikit-learn's KMeans with
+    # init=those centroids reaches the same fixed point (tolerance 0: until no
+    # assignment changes; no refinement on our side).
+    x, y = _mixture()
+    rng = np.random.default_rng(4)
+    start = np.asarray(kmeans_per_class(x, y, K, key=jax.random.key(0)).centroids)
+    start = (start + rng.normal(scale=0.5, size=start.shape)).astype(np.float32)
+    warm = kmeans_per_class(
+        x, y, K, key=jax.random.key(0), initial_centroids=start, tolerance=0.0, refine_steps=0
+    )
+    _check_invariants(warm, x, y, 5, K)
+    for label in range(5):
+        reference = KMeans(K, init=start[label].astype(np.float64), n_init=1, tol=0.0)
+        reference.fit(x[y == label].astype(np.float64))
+        np.testing.assert_allclose(float(warm.inertia[label]), reference.inertia_, rtol=1e-5)
+
+
+def test_warm_start_from_a_converged_result_stops_at_once_and_reseeds_invalid_slots():
+    x, y = _mixture()
+    cold = kmeans_per_class(x, y, K, key=jax.random.key(0))
+    again = kmeans_per_class(x, y, K, key=jax.random.key(1), initial_centroids=cold.centroids)
+    assert int(again.iterations) <= int(cold.iterations)
+    assert float(again.inertia.sum()) <= float(cold.inertia.sum()) * (1 + 1e-5)
+    # Slots marked invalid start empty and are re-seeded (every class has > K points).
+    valid = np.zeros((5, K), bool)
+    valid[:, 0] = True
+    reseeded = kmeans_per_class(
+        x, y, K, key=jax.random.key(0), initial_centroids=cold.centroids, initial_valid=valid
+    )
+    _check_invariants(reseeded, x, y, 5, K)
+    assert (np.asarray(reseeded.counts) > 0).all()
+    # Duplicates: a class of 2 distinct points keeps only 2 clusters.
+    x_dup, y_dup = np.repeat(np.eye(2, 3, dtype=np.float32), 5, axis=0), np.zeros(10, np.int32)
+    dup = kmeans_per_class(
+        x_dup, y_dup, K, key=jax.random.key(0), initial_centroids=np.zeros((1, K, 3), np.float32)
+    )
+    _check_invariants(dup, x_dup, y_dup, 1, K)
+    assert sorted(np.asarray(dup.counts)[0].tolist()) == [0, 0, 5, 5]
+
+
+def test_labels_far_beyond_n_need_remapping_or_num_classes():
+    # Without num_classes, labels {0, 2e8} would allocate [2e8 + 1, k, d] centroids.
+    x = np.zeros((4, 2), np.float32)
+    labels = np.array([0, 0, 200_000_000, 200_000_000], np.int32)
+    with pytest.raises(ValueError, match="Remap the labels to 0..C-1"):
+        kmeans_per_class(x, labels, 2, key=jax.random.key(0))
+    _, remapped = np.unique(labels, return_inverse=True)
+    result = kmeans_per_class(x, remapped.astype(np.int32), 2, key=jax.random.key(0))
+    assert result.centroids.shape == (2, 2, 2)
+
+
 # --------------------------------------------------------------------- edge cases
 
 
@@ -529,6 +581,16 @@ def test_assign_to_centroids_and_centroids_from_assignments():
         (dict(exhaustive_max_points=-1), "exhaustive_max_points must be an integer in"),
         (dict(exhaustive_max_points=21), "exhaustive_max_points must be an integer in"),
         (dict(embeddings=np.zeros((4, 2), np.int32)), "embeddings must be floating"),
+        (dict(initial_centroids=np.zeros((1, 2, 3), np.float32)), "initial_centroids must be"),
+        (
+            dict(initial_centroids=np.zeros((1, 2, 2), np.float32), num_restarts=2),
+            "num_restarts must be 1 with initial_centroids",
+        ),
+        (
+            dict(initial_centroids=np.zeros((1, 2, 2)), initial_valid=np.ones((2,), bool)),
+            "initial_valid must be",
+        ),
+        (dict(initial_valid=np.ones((1, 2), bool)), "initial_valid needs initial_centroids"),
         (
             dict(embeddings=np.zeros((0, 2), np.float32), labels=np.zeros((0,), np.int32)),
             "no examples",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from magnet_jax.losses import distances as distances_module
 from magnet_jax.losses import magnet as magnet_module
 from magnet_jax.losses.magnet import (
     MagnetTerms,
@@ -404,7 +405,7 @@ def test_pairwise_squared_distances_both_paths(use_differences, scale):
     points = (rng.normal(size=(9, 5)) + 3) * scale
     centres = (rng.normal(size=(7, 5)) + 3) * scale
     expected = ((points[:, None, :] - centres[None, :, :]) ** 2).sum(-1)
-    computed = magnet_module._pairwise_squared_distances(
+    computed = distances_module.squared_distances(
         jnp.asarray(points, jnp.float32),
         jnp.asarray(centres, jnp.float32),
         use_differences=use_differences,
@@ -416,7 +417,7 @@ def test_pairwise_squared_distances_both_paths(use_differences, scale):
 @pytest.mark.parametrize("scale", [1e-3, 1e3])
 def test_expansion_path_matches_reference(monkeypatch, scale):
     # Large batches use the centred expansion; force it on a small one.
-    monkeypatch.setattr(magnet_module, "_MAX_DIFFERENCE_ELEMENTS", 0)
+    monkeypatch.setattr(distances_module, "_MAX_DIFFERENCE_ELEMENTS", 0)
     magnet_module._magnet_terms.clear_cache()
     try:
         rng = np.random.default_rng(12)
@@ -644,3 +645,15 @@ def test_validate_cluster_labels():
         validate_cluster_labels([0, 0, 1, 2], [5, 5, 9, 9])
     with pytest.raises(ValueError, match="must both have shape"):
         validate_cluster_labels([0, 0, 1], [5, 5, 9, 9])
+
+
+def test_traced_alpha_is_not_checked_and_used_as_given():
+    # Concrete alphas are checked (above); a traced one has no value at trace time, so
+    # a negative margin goes through as documented and enters the hinge unchanged.
+    embeddings, cluster_ids = pumpikano_batch()
+    labels = (cluster_ids % 3).astype(np.int32)
+    reference_losses, _ = reference_magnet_terms(embeddings, labels, cluster_ids, alpha=-0.5)
+    traced = jax.jit(lambda alpha: magnet_terms(embeddings, labels, cluster_ids, alpha=alpha))
+    np.testing.assert_allclose(
+        traced(jnp.asarray(-0.5, jnp.float32)).losses, reference_losses, rtol=1e-5, atol=1e-6
+    )

@@ -1,6 +1,6 @@
 """Losses for deep metric learning, optax style: arrays first, hyperparameters keyword-only."""
 
-from magnet_jax.losses._distances import pairwise_distances
+from magnet_jax.losses.distances import pairwise_distances
 from magnet_jax.losses.magnet import (
     MagnetTerms,
     magnet_full_objective,

@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magnet_jax._checks import check_integer_dtype, is_concrete
+from magnet_jax.losses.distances import squared_distances
+
 __all__ = [
     "MagnetTerms",
     "magnet_terms",
@@ -28,11 +31,6 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
-
-# Up to this many elements, pairwise squared distances are computed from the [n, m, d]
-# differences (exact to rounding, no cancellation); above it, from the expansion
-# ‖a‖² + ‖b‖² − 2a·b on centred inputs, which needs no [n, m, d] intermediate.
-_MAX_DIFFERENCE_ELEMENTS = 2**22
 
 
 class MagnetTerms(NamedTuple):
@@ -58,13 +56,11 @@ class MagnetTerms(NamedTuple):
 # ----------------------------------------------------------------------------------------
 
 
-def _is_concrete(value) -> bool:
-    return not isinstance(value, jax.core.Tracer)
-
-
 def _check_alpha(alpha) -> None:
-    if not _is_concrete(alpha):
-        return  # a traced margin cannot be checked
+    if not is_concrete(alpha):
+        # A traced margin (e.g. a jit argument) has no value to check here; the
+        # docstrings say a negative one is the caller's responsibility.
+        return
     alpha_value = np.asarray(alpha)
     if alpha_value.shape != ():
         raise ValueError(f"alpha must be a scalar, got shape {alpha_value.shape}.")
@@ -96,10 +92,7 @@ def _check_per_example(name: str, array: jax.Array, embeddings: jax.Array) -> No
             f"{name} must have shape [batch] = [{embeddings.shape[0]}] to match embeddings "
             f"of shape {embeddings.shape}, got shape {array.shape}."
         )
-    if not jnp.issubdtype(array.dtype, jnp.integer):
-        raise ValueError(
-            f"{name} must have an integer dtype, got {array.dtype} (shape {array.shape})."
-        )
+    check_integer_dtype(name, array)
 
 
 # ----------------------------------------------------------------------------------------
@@ -120,31 +113,6 @@ def _variance_floor(dtype) -> float:
     # gradient through σ² (which holds 1/σ⁴) stay finite when σ̂² = 0. Every real
     # variance is far above it (float32: ~1e-19), so normal values are unchanged.
     return float(np.sqrt(np.finfo(dtype).tiny))
-
-
-def _pairwise_squared_distances(
-    points: jax.Array, centres: jax.Array, *, use_differences: bool
-) -> jax.Array:
-    """Squared Euclidean distances [n, m] between points [n, d] and centres [m, d]."""
-    if use_differences:
-        differences = points[:, None, :] - centres[None, :, :]
-        return jnp.sum(differences * differences, axis=-1)
-    # Distances are translation invariant; centring first keeps the expansion from
-    # cancelling catastrophically when the data sit far from the origin.
-    shift = jax.lax.stop_gradient(jnp.mean(centres, axis=0))
-    points = points - shift
-    centres = centres - shift
-    cross = jnp.matmul(points, centres.T, precision=jax.lax.Precision.HIGHEST)
-    points_norms = jnp.sum(points * points, axis=-1)
-    centres_norms = jnp.sum(centres * centres, axis=-1)
-    return jnp.maximum(points_norms[:, None] + centres_norms[None, :] - 2 * cross, 0)
-
-
-def _squared_distances(points: jax.Array, centres: jax.Array) -> jax.Array:
-    size = points.shape[0] * centres.shape[0] * points.shape[1]
-    return _pairwise_squared_distances(
-        points, centres, use_differences=size <= _MAX_DIFFERENCE_ELEMENTS
-    )
 
 
 def _hinged_losses(
@@ -218,7 +186,7 @@ def _magnet_terms(
         variance = jax.lax.stop_gradient(variance)
 
     # Column j stands for the cluster whose first member is j; labels[j] is its class.
-    impostor_squared_distances = _squared_distances(embeddings, own_means)
+    impostor_squared_distances = squared_distances(embeddings, own_means)
     impostor_mask = is_first_member[None, :] & (labels[None, :] != labels[:, None])
     losses, has_impostor = _hinged_losses(
         own_squared_distances, impostor_squared_distances, impostor_mask, variance, alpha
@@ -246,7 +214,7 @@ def _magnet_full_objective(
     impostor_centroids = jnp.where(valid[:, :, None], centroids, 0)
     impostor_centroids = impostor_centroids.reshape(num_classes * clusters_per_class, dim)
     slot_classes = jnp.repeat(jnp.arange(num_classes, dtype=labels.dtype), clusters_per_class)
-    impostor_squared_distances = _squared_distances(embeddings, impostor_centroids)
+    impostor_squared_distances = squared_distances(embeddings, impostor_centroids)
     impostor_mask = valid.reshape(-1)[None, :] & (slot_classes[None, :] != labels[:, None])
     losses, _ = _hinged_losses(
         own_squared_distances, impostor_squared_distances, impostor_mask, variance, alpha
@@ -306,7 +274,9 @@ def magnet_terms(
       cluster_ids: [batch] arbitrary integers; examples with equal ids form one cluster.
         Ids need not be contiguous or sorted (e.g. the flat ids ``c * K + k``).
       alpha: the margin α ≥ 0 between an example's own cluster and the impostor
-        clusters, in units of 2σ̂².
+        clusters, in units of 2σ̂². Checked when concrete; a traced ``alpha`` (e.g. an
+        argument of a jitted function) cannot be, and a negative one is then used
+        as given.
       stop_gradient_variance: if True, σ̂² is a constant in the backward pass (the value
         is unchanged). Default False: gradients flow through σ̂², as in every public
         implementation.
@@ -324,7 +294,7 @@ def magnet_terms(
       ((4,), 0.3333)
 
     Raises:
-      ValueError: if a shape, rank or dtype is wrong, batch < 2, or alpha < 0.
+      ValueError: if a shape, rank or dtype is wrong, batch < 2, or a concrete alpha < 0.
 
     References:
       Rippel, Paluri, Dollar, Bourdev, "Metric Learning with Adaptive Density
@@ -379,7 +349,8 @@ def magnet_loss(
       embeddings: [batch, dim] floating embeddings; batch ≥ 2.
       labels: [batch] integer class of each example.
       cluster_ids: [batch] arbitrary integers; examples with equal ids form one cluster.
-      alpha: the margin α ≥ 0.
+      alpha: the margin α ≥ 0 (checked when concrete, not when traced; see
+        :func:`magnet_terms`).
       reduction: ``"mean"`` (scalar, the paper's loss), ``"sum"`` (scalar) or ``"none"``
         ([batch] per-example losses, all with the same shared σ̂²).
       stop_gradient_variance: if True, no gradient flows through σ̂² (value unchanged).
@@ -397,7 +368,7 @@ def magnet_loss(
       ()
 
     Raises:
-      ValueError: if a shape, rank or dtype is wrong, batch < 2, alpha < 0, or the
+      ValueError: if a shape, rank or dtype is wrong, batch < 2, a concrete alpha < 0, or the
         reduction is unknown.
 
     References:
@@ -453,7 +424,8 @@ def magnet_full_objective(
       centroids: [num_classes, clusters_per_class, dim] floating cluster centres.
       valid: [num_classes, clusters_per_class] bool, False for empty or unused slots.
       variance: [] the variance σ² > 0 (e.g. of the training set under the index).
-      alpha: the margin α ≥ 0.
+      alpha: the margin α ≥ 0 (checked when concrete, not when traced; see
+        :func:`magnet_terms`).
       reduction: ``"mean"``, ``"sum"`` (scalars) or ``"none"`` ([num_examples]).
 
     Returns:
@@ -470,7 +442,7 @@ def magnet_full_objective(
       (2,)
 
     Raises:
-      ValueError: if a shape, rank or dtype is wrong, alpha < 0, a concrete variance is
+      ValueError: if a shape, rank or dtype is wrong, a concrete alpha < 0 or variance is
         negative, or the reduction is unknown.
 
     References:
@@ -504,7 +476,7 @@ def magnet_full_objective(
         )
     if variance.shape != ():
         raise ValueError(f"variance must be a scalar (shape ()), got shape {variance.shape}.")
-    if _is_concrete(variance) and not np.asarray(variance) >= 0:
+    if is_concrete(variance) and not np.asarray(variance) >= 0:
         raise ValueError(f"variance must be >= 0, got {np.asarray(variance)}.")
     _check_alpha(alpha)
     _check_reduction(reduction)

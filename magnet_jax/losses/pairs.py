@@ -11,17 +11,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from magnet_jax.losses._distances import (
-    check_embeddings_and_labels,
-    check_reduction,
-    cosine_similarity,
-    l2_normalize,
-    label_masks,
-    masked_logsumexp,
-    mean_nonzero,
-    pairwise_distances,
-    reduce_losses,
-)
+from magnet_jax.losses._checks import check_embeddings_and_labels, check_reduction
+from magnet_jax.losses._masked import label_masks, masked_logsumexp, mean_nonzero, reduce_losses
+from magnet_jax.losses.distances import cosine_similarity, l2_normalize, pairwise_distances
 
 __all__ = ["contrastive_loss", "multi_similarity_loss", "multi_similarity_miner"]
 

@@ -26,12 +26,9 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from magnet_jax.losses._distances import (
-    check_reduction,
-    pairwise_distances,
-    reduce_losses,
-    safe_sqrt,
-)
+from magnet_jax.losses._checks import check_reduction
+from magnet_jax.losses._masked import reduce_losses
+from magnet_jax.losses.distances import pairwise_distances, safe_sqrt
 from magnet_jax.manifolds import SimilarityMode, piece_similarity
 
 __all__ = [

@@ -13,15 +13,13 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from magnet_jax.losses._distances import (
+from magnet_jax.losses._checks import (
     check_class_weights,
     check_embeddings_and_labels,
     check_reduction,
-    l2_normalize,
-    pairwise_distances,
-    reduce_losses,
-    safe_sqrt,
 )
+from magnet_jax.losses._masked import reduce_losses
+from magnet_jax.losses.distances import l2_normalize, pairwise_distances, safe_sqrt
 
 __all__ = ["proxy_nca_loss", "normalized_softmax_loss", "arcface_loss"]
 

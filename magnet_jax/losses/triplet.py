@@ -12,17 +12,15 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from magnet_jax.losses._distances import (
-    check_embeddings_and_labels,
-    check_reduction,
-    l2_normalize,
+from magnet_jax.losses._checks import check_embeddings_and_labels, check_reduction
+from magnet_jax.losses._masked import (
     label_masks,
     masked_max,
     masked_min,
     mean_nonzero,
-    pairwise_distances,
     reduce_losses,
 )
+from magnet_jax.losses.distances import l2_normalize, pairwise_distances
 from magnet_jax.names import MININGS
 
 __all__ = ["triplet_loss"]
