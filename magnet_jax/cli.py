@@ -159,7 +159,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from magnet_jax import plotting
 
-    for path in plotting.plot_runs(args.workdir, output_dir=args.output):
+    for path in plotting.plot_runs(
+        args.workdir, output_dir=args.output, max_points=args.max_points
+    ):
         print(path)
     return 0
 
@@ -186,9 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.set_defaults(handler=_cmd_evaluate)
 
     plot_parser = commands.add_parser("plot", help="embedding maps and learning curves of runs")
-    plot_parser.add_argument("--workdir", required=True, nargs="+")
+    plot_parser.add_argument(
+        "--workdir", required=True, nargs="+", help="one or several runs' work directories"
+    )
     plot_parser.add_argument(
         "--output", default=None, help="folder for the PNGs (default: the first workdir)"
+    )
+    plot_parser.add_argument(
+        "--max-points",
+        type=int,
+        default=1000,
+        help="embedding maps: t-SNE of at most N random test examples, t-SNE being "
+        "quadratic in N (default: 1000)",
     )
     plot_parser.set_defaults(handler=_cmd_plot)
     return parser
