@@ -8,7 +8,7 @@ checkpoints), so a benchmark of dozens of runs stays cheap. The loop mirrors
 step, evaluate, then run the steps up to the next event as one jitted call); two things
 differ, both because a benchmark needs them:
 
-- every evaluation scores kNN at several k from one nearest-neighbour search (DESIGN §1:
+- every evaluation scores kNN at several k from one nearest-neighbour search (to
   compare each method with its best evaluator, k chosen on validation), plus kNC (magnet,
   centroids recomputed from the current embeddings with the stored assignments, as
   ``training.evaluate`` does), the softmax classifier's own error, and the fine-label

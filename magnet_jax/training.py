@@ -1,6 +1,6 @@
 """The training program: mesh, input, sharded train step, and the host loop.
 
-Data flow (DESIGN.md §2), one direction::
+Data flow, one direction::
 
     dataset ──indices──▶ sampler(ClusterIndex) ──batch──▶ train_step ──▶ TrainState
                               ▲  loss stats ◀────────────────┘
@@ -424,10 +424,11 @@ def evaluate(run: Run, params, index) -> dict[str, float]:
 
     kNN: test queries against the training set. kNC (Magnet Loss only): against centroids
     recomputed from the current embeddings with the index's stored assignments (stale
-    centroids err more, DESIGN.md §1). Retrieval metrics (Recall@k for the dataset's
-    ``recall_ks``, MAP@R, R-precision, NMI): the test set as its own gallery. When the
-    test classes were not seen in training (``--split classes``) only the retrieval
-    metrics are reported: classifying by the training set cannot name an unseen class.
+    centroids of older parameters would score the current embedding against a stale
+    clustering). Retrieval metrics (Recall@k for the dataset's ``recall_ks``, MAP@R,
+    R-precision, NMI): the test set as its own gallery. When the test classes were not seen
+    in training (``--split classes``) only the retrieval metrics are reported: classifying
+    by the training set cannot name an unseen class.
     """
     config = run.config
     test_embeddings = run.steps.embed(params, run.x_test)
