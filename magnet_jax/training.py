@@ -502,13 +502,22 @@ def train(
     """Trains (or resumes) the run described by ``config``; returns the final metrics.
 
     Writes ``config.json``, ``history.jsonl`` (one JSON line per logged step, refresh and
-    evaluation, and first an ``"init"`` line when ``config.init_from`` warm-starts a fresh
-    run, see :meth:`WarmStart.record`), ``metrics.json`` (final metrics) and ``checkpoints/`` under
-    ``config.workdir``. Running it again with the same work directory resumes from the
-    latest checkpoint and ends with the same parameters and metrics as an uninterrupted run.
+    evaluation, a ``"start"`` line with the number and kind of devices each time the run
+    starts or resumes, and first an ``"init"`` line when ``config.init_from`` warm-starts a
+    fresh run, see :meth:`WarmStart.record`), ``metrics.json`` (final metrics) and
+    ``checkpoints/`` under ``config.workdir``. Running it again with the same work directory
+    resumes from the newest checkpoint that restores (:mod:`magnet_jax.workdir` says what may
+    change) and ends with the same parameters and metrics as an uninterrupted run.
+
+    Raises:
+        ValueError: a bad config, or one that the run in the work directory cannot resume.
+        OSError: the work directory or a checkpoint cannot be written.
+        FloatingPointError: the loss became non-finite.
+        TrainingInterrupted: Ctrl-C; a checkpoint of the steps taken was saved first.
     """
     from tqdm.auto import tqdm
 
+    config.validate()  # a bad flag is reported as such, before any comparison with a saved run
     workdir = Workdir(config.workdir)
     # A directory without a complete checkpoint holds no run: a command starts afresh there.
     # A run that resumes its own checkpoint ignores --init-from: the checkpoint already
