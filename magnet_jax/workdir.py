@@ -123,6 +123,7 @@ _RESUMABLE_CHANGES = {
     "log_every",
     "max_checkpoints",
     "workdir",
+    "verify",  # checks the files, changes nothing they hold
 }
 
 
