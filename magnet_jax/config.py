@@ -312,7 +312,7 @@ GROUPS = {
     "output": "output and devices",
 }
 
-# One entry per TrainConfig field: a new field adds its line here (tests/test_cli checks
+# One entry per TrainConfig field: a new field adds its line here (tests/test_workdir.py checks
 # that every field has one).
 FIELDS: dict[str, FieldInfo] = {
     "dataset": FieldInfo(
