@@ -465,8 +465,8 @@ def _check_types(config: TrainConfig) -> None:
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
             wanted, value = "a number", float(value) if ok else value
         elif kind is str:
-            ok = isinstance(value, str)
-            wanted = "a string"
+            ok = isinstance(value, str | os.PathLike)
+            wanted, value = "a string", os.fspath(value) if ok else value
         else:
             continue
         if not ok:

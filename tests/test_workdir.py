@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -279,6 +280,7 @@ def test_config_types_floats_accept_integers():
     config = TrainConfig.from_dict({"lr": 1, "alpha": 2, "steps": np.int64(7)})
     assert isinstance(config.lr, float) and isinstance(config.alpha, float) and config.lr == 1.0
     assert type(config.steps) is int and config.steps == 7
+    assert TrainConfig(workdir=Path("runs") / "x").workdir == os.path.join("runs", "x")
     with pytest.raises(ValueError, match="--clusters-per-class must be an integer"):
         TrainConfig(clusters_per_class=True)
     with pytest.raises(ValueError, match="--clusters-per-class must be >= 1"):
