@@ -242,19 +242,21 @@ class TrainConfig:
 
         if self.split not in data.SPLITS:
             raise ValueError(
-                f"unknown split {self.split!r}; choose one of {', '.join(data.SPLITS)}"
+                f"unknown {flag('split')} {self.split!r}; choose one of {', '.join(data.SPLITS)}"
             )
         levels = data.emoji.LABEL_LEVELS
         if self.label_level is not None and self.label_level not in levels:
             raise ValueError(
-                f"unknown label_level {self.label_level!r}; choose one of {', '.join(levels)}"
+                f"unknown {flag('label_level')} {self.label_level!r}; choose one of "
+                f"{', '.join(levels)}"
             )
         if self.image_size is not None and not data.takes_option(self.dataset, "image_size"):
             image_files = [
                 n for n in data.registry.sources_taking("image_size") if n != "tfds:<name>"
             ]
             raise ValueError(
-                f"image_size applies to tfds:<name> datasets only and to images read from files "
+                f"{flag('image_size')} applies to tfds:<name> datasets only and to images read "
+                f"from files "
                 f"({', '.join(image_files)}), not to dataset {self.dataset!r} (its images are "
                 "used at their stored size)"
             )
@@ -267,7 +269,7 @@ class TrainConfig:
             if is_set and not data.takes_option(self.dataset, option):
                 takers = ", ".join(data.registry.sources_taking(option))
                 raise ValueError(
-                    f"{option} applies to {takers} only, not to dataset {self.dataset!r}"
+                    f"{flag(option)} applies to {takers} only, not to --dataset {self.dataset!r}"
                 )
 
 
