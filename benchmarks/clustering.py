@@ -1,6 +1,6 @@
 """Clustering for the Magnet index: k-means vs k-means with restarts vs agglomerative.
 
-DESIGN.md §4: trained from scratch, k-means clusters of the embedding match the true
+Observed in early prototypes: trained from scratch, k-means clusters of the embedding match the true
 modes of a class poorly and the Magnet Loss then pulls examples onto those mixed
 clusters. This script measures whether a better clustering helps, every method trained
 with the same network, steps, batches (M·D) and seed; only ``--clustering`` and its

@@ -16,6 +16,11 @@ and finalised. Orbax writes each step into a temporary directory and renames it 
 complete, so a process killed mid-save (even by SIGKILL) leaves a temporary directory that
 is never listed as a step and never loaded.
 
+:meth:`Checkpointer.restore_latest` resumes from the newest checkpoint that restores
+completely: a newer one that fails (a file of it deleted or truncated on disk) is moved aside
+to ``<step>.damaged-<time>``, never deleted, and reported in one line. Save failures (a
+full or read-only disk) raise :class:`CheckpointError` naming the checkpoint and the cause.
+
 :func:`complete_steps` and :func:`restore_params` read a run's checkpoints without a
 template and without creating anything: what a warm start (``--init-from``) needs.
 """
@@ -23,12 +28,23 @@ template and without creating anything: what a warm start (``--init-from``) need
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written, or none of a run's checkpoints can be read."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
 
 
 class Restored(NamedTuple):
@@ -76,8 +92,16 @@ class Checkpointer:
         }
         if method_state is not None:
             items[_METHOD_ITEM] = ocp.args.StandardSave(method_state)
-        self._manager.save(step, args=ocp.args.Composite(**items), force=True)
-        self._manager.wait_until_finished()
+        try:
+            self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+            self._manager.wait_until_finished()
+        except Exception as error:
+            # Orbax leaves at most a temporary folder behind, which is never loaded: the
+            # checkpoints already saved are untouched.
+            raise CheckpointError(
+                f"could not write checkpoint {step} in {self.directory} ({_first_line(error)}); "
+                f"the earlier checkpoints there are kept"
+            ) from error
 
     def restore(self, step: int, state_template: Any, method_template: Any) -> Restored:
         """Restores ``step`` into the structure, dtypes and shardings of the templates.
@@ -117,6 +141,54 @@ class Checkpointer:
             ) from error
         method_state = restored[_METHOD_ITEM] if method_template is not None else None
         return Restored(step, restored["state"], method_state, dict(restored["meta"]))
+
+    def restore_latest(
+        self,
+        state_template: Any,
+        method_template: Any,
+        *,
+        report: Callable[[str], None] = print,
+    ) -> Restored | None:
+        """The newest checkpoint that restores completely, or ``None`` when there is none.
+
+        A newer checkpoint that fails to restore while an older one succeeds is damaged (the
+        same templates restore the older one): it is renamed ``<step>.damaged-<time>`` in
+        the same folder, which is no longer a step, and ``report`` gets one line saying so.
+
+        Raises:
+            CheckpointError: there are checkpoints and none restores; nothing is moved,
+                since the cause may be the templates (another model) rather than the files.
+        """
+        failures: list[tuple[int, BaseException]] = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = self.restore(step, state_template, method_template)
+            except Exception as error:  # tensorstore raises bare Exceptions
+                failures.append((step, error))
+                continue
+            for damaged, error in failures:
+                moved = self._move_aside(damaged)
+                report(
+                    f"checkpoint {damaged} cannot be restored ({_first_line(error)}); "
+                    f"moved it to {moved} and resumed from checkpoint {step}"
+                )
+            if failures:
+                self._manager.reload()
+            return restored
+        if failures:
+            reasons = "; ".join(f"step {step}: {_first_line(error)}" for step, error in failures)
+            raise CheckpointError(
+                f"none of the checkpoints in {self.directory} can be restored ({reasons}); "
+                f"move them aside to start afresh in this work directory, or choose another "
+                f"--workdir"
+            )
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = os.path.join(self.directory, f"{step}.damaged-{stamp}")
+        os.rename(os.path.join(self.directory, str(step)), target)
+        return target
 
     def close(self) -> None:
         self._manager.close()

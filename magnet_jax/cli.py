@@ -5,8 +5,10 @@
     magnet-jax plot --workdir DIR [DIR ...]
 
 Flags are generated from :class:`~magnet_jax.config.TrainConfig`, so every config field has
-exactly one flag (``clusters_per_class`` -> ``--clusters-per-class``). Precedence: built-in
-defaults < ``--config`` JSON file < flags given on the command line.
+exactly one flag (``clusters_per_class`` -> ``--clusters-per-class``), grouped and described
+by :data:`magnet_jax.config.FIELDS`. Precedence: built-in defaults < the ``config.json`` of
+the run that ``--workdir`` holds (so ``--workdir DIR`` alone resumes it) < ``--config`` JSON
+file < flags given on the command line.
 """
 
 from __future__ import annotations
@@ -19,55 +21,9 @@ import sys
 import types
 import typing
 
-from magnet_jax.config import TrainConfig
-from magnet_jax.data import SPLITS, dataset_help
-from magnet_jax.names import CLUSTERINGS, LINKAGES, LOSSES, MININGS
-
-_HELP = {
-    "dataset": dataset_help(),
-    "data_dir": "folder with the dataset's files, or its parent",
-    "split": f"one of {', '.join(SPLITS)}: default = in-class split (the dataset's own when it is "
-    "in-class), given = the dataset's own split, classes = train on the first half of the "
-    "classes and test retrieval on the unseen rest (Recall@k, MAP@R, NMI; no kNN/kNC)",
-    "label_level": "emoji: emoji (default), subcategory or category; a coarse level keeps the "
-    "emoji as fine labels",
-    "drop_duplicates": "emoji: leave out the images flagged duplicate",
-    "skip_bad_images": "image files: leave out missing or unreadable images (says how many) "
-    "instead of stopping",
-    "loss": f"one of: {', '.join(LOSSES)}",
-    "architecture": "mlp, convnet or resnet (default: mlp for flat inputs, convnet for images)",
-    "steps": "training steps",
-    "clusters_per_class": "K: clusters per class (Magnet Loss; the most per class for agglomerative)",
-    "clusters_per_batch": "M: clusters per batch (Magnet) or classes per batch (pair/triplet losses)",
-    "examples_per_cluster": "D: examples per cluster (or per class); batch size is M·D",
-    "alpha": "Magnet Loss margin α",
-    "margin": "triplet/contrastive margin",
-    "mining": f"triplet mining: {', '.join(MININGS)}",
-    "lr": "Adam learning rate",
-    "refresh_every": "re-cluster every N steps (default: once per epoch)",
-    "eval_every": "evaluate every N steps",
-    "checkpoint_every": "checkpoint every N steps",
-    "seed": "random seed",
-    "workdir": "where checkpoints, history.jsonl and metrics.json go; rerun to resume",
-    "num_devices": "use the first N devices (default: all)",
-    "init_from": "warm start a new run from the latest checkpoint of a previous run (its --workdir, or "
-    "its checkpoints/ folder): copies every parameter whose path and shape match, the rest stays "
-    "freshly initialised; ignored when --workdir resumes its own checkpoint",
-    "normalize": "L2-normalise the embeddings",
-    "augment_shift": "images: translate every training image by a random offset of up to N pixels (zero fill)",
-    "augment_crop": "images: train on a random resized crop (8-100%% of the area, aspect 3/4-4/3) "
-    "flipped left-right half the time; embed for evaluation and clustering the centre 87.5%% "
-    "resized back",
-    "image_size": "tfds, emoji and image files: resize every image to N x N (image files: shorter "
-    "side to N, centre crop; needed when the images differ in size)",
-    "tfds_splits": "tfds: 'train_split,test_split', e.g. 'train+validation,test' (default: the builder's train and test)",
-    "manual_dir": "tfds: folder with manually downloaded files",
-    "clustering": f"how the index clusters each class: one of {', '.join(CLUSTERINGS)} (agglomerative: at most K clusters, the number may differ per class)",
-    "kmeans_restarts": "k-means: keep the best of N k-means++ runs by inertia, per class",
-    "linkage": f"agglomerative: {', '.join(LINKAGES)}",
-    "distance_threshold": "agglomerative relative cut τ: ward refuses a merge adding more than τ of the class's sum of squares; average/single cut at τ × the class's median merge height (default: K clusters per class)",
-    "cluster_subsample": "agglomerative: cluster at most N random points per class, assign the rest to the nearest",
-}
+from magnet_jax.config import FIELDS, GROUPS, FieldInfo, TrainConfig, flag
+from magnet_jax.data import dataset_help
+from magnet_jax.workdir import TrainingInterrupted, resolve_config
 
 
 def _flag_type(annotation):
@@ -81,34 +37,72 @@ def _flag_type(annotation):
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, listed under its group of ``--help`` (config.FIELDS)."""
+    groups = {name: parser.add_argument_group(f"{title} flags") for name, title in GROUPS.items()}
+    other = None
     for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
+        info = FIELDS.get(field.name, FieldInfo("other", ""))
+        if info.group in groups:
+            group = groups[info.group]
+        else:
+            other = other or parser.add_argument_group("other flags")
+            group = other
         kind = _flag_type(field.type)
-        help_text = _HELP.get(field.name, "") + f" (default: {field.default})"
+        default = info.default if info.default is not None else field.default
         if kind is bool:
-            parser.add_argument(
-                flag,
+            default = info.default or ("on" if field.default else "off")
+        if field.name == "dataset":  # the data registry names every source
+            info = info._replace(help=dataset_help())
+        help_text = info.help if default is None else f"{info.help} (default: {default})"
+        if kind is bool:
+            group.add_argument(
+                flag(field.name),
                 action=argparse.BooleanOptionalAction,
                 default=argparse.SUPPRESS,
                 help=help_text,
             )
-        else:
-            parser.add_argument(
-                flag,
-                type=kind,
-                default=argparse.SUPPRESS,
-                help=help_text,
-                metavar=field.name.upper(),
-            )
+            continue
+        group.add_argument(
+            flag(field.name),
+            # Parse as text and let TrainConfig check the type: one message for flags and
+            # config files alike, naming the flag.
+            type=_parser_for(kind, field.name),
+            default=argparse.SUPPRESS,
+            help=help_text,
+            choices=info.choices,
+            metavar="{" + ",".join(info.choices) + "}" if info.choices else _metavar(kind),
+        )
+
+
+def _metavar(kind) -> str:
+    return {int: "N", float: "X"}.get(kind, "TEXT")
+
+
+def _parser_for(kind, name: str):
+    if kind not in (int, float):
+        return kind
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            wanted = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text!r}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def _config_from_args(args: argparse.Namespace) -> TrainConfig:
-    values: dict = {}
+    """Precedence: defaults < the run in --workdir (its config.json) < --config < flags."""
+    explicit: dict = {}
     if getattr(args, "config", None):
-        values.update(TrainConfig.from_json(args.config).to_dict())
+        TrainConfig.from_json(args.config)  # checks the file: unknown keys, types
+        with open(args.config) as f:
+            explicit.update(json.load(f))
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
-    return TrainConfig.from_dict(values)
+    explicit.update({k: v for k, v in vars(args).items() if k in names})
+    return resolve_config(explicit)
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -154,7 +148,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_plot(args: argparse.Namespace) -> int:
     from magnet_jax import plotting
 
-    for path in plotting.plot_runs(args.workdir, output_dir=args.output):
+    for path in plotting.plot_runs(
+        args.workdir, output_dir=args.output, max_points=args.max_points
+    ):
         print(path)
     return 0
 
@@ -166,7 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train_parser = commands.add_parser(
-        "train", help="train an embedding (resumes if --workdir holds a run)"
+        "train",
+        help="train an embedding (resumes if --workdir holds a run)",
+        description="Train an embedding. A --workdir that holds a run resumes it: its "
+        "config.json supplies every flag not given.",
     )
     train_parser.add_argument("--config", help="JSON file of config values; flags override it")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -178,19 +177,38 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.set_defaults(handler=_cmd_evaluate)
 
     plot_parser = commands.add_parser("plot", help="embedding maps and learning curves of runs")
-    plot_parser.add_argument("--workdir", required=True, nargs="+")
+    plot_parser.add_argument(
+        "--workdir", required=True, nargs="+", help="one or several runs' work directories"
+    )
     plot_parser.add_argument(
         "--output", default=None, help="folder for the PNGs (default: the first workdir)"
+    )
+    plot_parser.add_argument(
+        "--max-points",
+        type=int,
+        default=1000,
+        help="embedding maps: t-SNE of at most N random test examples, t-SNE being "
+        "quadratic in N (default: 1000)",
     )
     plot_parser.set_defaults(handler=_cmd_plot)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help, or a flag argparse refused (it printed why)
+        return exit.code if isinstance(exit.code, int) else 2
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as error:
+    except TrainingInterrupted as stopped:
+        print(f"magnet-jax: {stopped}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("magnet-jax: interrupted before training started", file=sys.stderr)
+        return 130
+    # OSError: file-system errors (a work directory or checkpoint that cannot be written).
+    except (ValueError, OSError, ImportError, FloatingPointError) as error:
         print(f"magnet-jax: error: {error}", file=sys.stderr)
         return 2
 

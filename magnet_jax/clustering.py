@@ -1,8 +1,8 @@
 """Clustering inside every class for the Magnet index: k-means or agglomerative.
 
-The Magnet Loss is only as good as the clusters it pulls examples towards (DESIGN.md §4:
-from scratch, k-means clusters of an embedding match the true modes of a class poorly,
-and the loss then destroys those modes). This module makes the clustering a choice:
+The Magnet Loss is only as good as the clusters it pulls examples towards (measured in
+benchmarks/README.md: from scratch, k-means clusters of an embedding match the true modes
+of a class poorly, and the loss then destroys those modes). This module makes the clustering a choice:
 
 - :class:`KMeans` and :class:`Agglomerative` are the clusterings as frozen values, which
   the index and the Magnet method take (``clusterer=``); calling one clusters every class.

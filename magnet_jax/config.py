@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
-from typing import Any
+import re
+import typing
+from typing import Any, NamedTuple
 
 from magnet_jax.names import CLUSTERINGS, LINKAGES, LOSSES, LR_SCHEDULES, MININGS, OPTIMIZERS
 
@@ -66,9 +69,15 @@ class TrainConfig:
     cluster_subsample: int = 1000  # agglomerative: points clustered per class
     eval_chunk_size: int = 256  # rows per embedding call (refresh, evaluation)
     seed: int = 0
-    workdir: str = "runs/magnet-digits"
+    workdir: str | None = None  # None: default_workdir(loss, dataset)
     init_from: str | None = None  # warm start: a previous run's workdir (or its checkpoints/)
     num_devices: int | None = None  # None: all devices
+    verify: bool = True  # mnist / fashion_mnist: check the files' SHA-256
+
+    def __post_init__(self):
+        _check_types(self)
+        if self.workdir is None:
+            object.__setattr__(self, "workdir", default_workdir(self.loss, self.dataset))
 
     @property
     def batch_size(self) -> int:
@@ -101,6 +110,8 @@ class TrainConfig:
             options["drop_duplicates"] = True
         if self.skip_bad_images:
             options["skip_bad_images"] = True
+        if not self.verify:
+            options["verify"] = False
         return options
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,17 +133,30 @@ class TrainConfig:
                 f"config file {path!r} not found (looked in {os.path.abspath(path)})"
             )
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            try:
+                values = json.load(f)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"config file {path!r} is not valid JSON: {error}") from None
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"config file {path!r} must hold a JSON object of field: value, "
+                f"got {type(values).__name__}"
+            )
+        return cls.from_dict(values)
 
     def validate(self) -> None:
-        """Checks that need no data. Raises ValueError naming the offending field."""
-        if self.loss not in LOSSES:
-            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
-        positive = (
+        """Checks that need no data (types are checked on construction). Raises ValueError
+        naming the offending flag."""
+        for name, info in FIELDS.items():
+            value = getattr(self, name, None)
+            if info.choices is not None and value is not None and value not in info.choices:
+                raise ValueError(
+                    f"unknown {flag(name)} {value!r}; choose one of: {', '.join(info.choices)}"
+                )
+        at_least_one = (
             "embedding_dim",
             "steps",
             "clusters_per_class",
-            "clusters_per_batch",
             "examples_per_cluster",
             "eval_every",
             "checkpoint_every",
@@ -143,98 +167,83 @@ class TrainConfig:
             "kmeans_iterations",
             "kmeans_restarts",
             "eval_chunk_size",
+            "refresh_every",
+            "num_devices",
         )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in at_least_one:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{flag(name)} must be >= 1, got {value}")
         if self.augment_shift < 0:
-            raise ValueError(f"augment_shift must be >= 0, got {self.augment_shift}")
-        if self.refresh_every is not None and self.refresh_every < 1:
-            raise ValueError(f"refresh_every must be >= 1, got {self.refresh_every}")
+            raise ValueError(f"{flag('augment_shift')} must be >= 0, got {self.augment_shift}")
         if self.clusters_per_batch < 2:
             raise ValueError(
-                f"clusters_per_batch (M) must be >= 2 (a seed cluster and at least one impostor "
-                f"or a second class), got {self.clusters_per_batch}"
+                f"{flag('clusters_per_batch')} (M) must be >= 2 (a seed cluster and at least one "
+                f"impostor or a second class), got {self.clusters_per_batch}"
             )
         if self.alpha < 0:
-            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+            raise ValueError(f"{flag('alpha')} must be >= 0, got {self.alpha}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"unknown lr_schedule {self.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}"
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}"
-            )
-        if self.mining not in MININGS:
-            raise ValueError(f"unknown mining {self.mining!r}; choose one of {', '.join(MININGS)}")
-        if self.clustering not in CLUSTERINGS:
-            raise ValueError(
-                f"unknown clustering {self.clustering!r}; choose one of {', '.join(CLUSTERINGS)}"
-            )
-        if self.linkage not in LINKAGES:
-            raise ValueError(
-                f"unknown linkage {self.linkage!r}; choose one of {', '.join(LINKAGES)}"
-            )
+            raise ValueError(f"{flag('lr')} must be > 0, got {self.lr}")
         if self.distance_threshold is not None and not self.distance_threshold > 0:
-            raise ValueError(f"distance_threshold must be > 0, got {self.distance_threshold}")
-        if self.cluster_subsample < 2:
-            raise ValueError(f"cluster_subsample must be >= 2, got {self.cluster_subsample}")
-        if self.init_from is not None and (
-            not isinstance(self.init_from, str) or not self.init_from.strip()
-        ):
-            raise ValueError(f"init_from must name a run's work directory, got {self.init_from!r}")
-        if self.image_size is not None and (
-            isinstance(self.image_size, bool)
-            or not isinstance(self.image_size, int)
-            or self.image_size < 8
-        ):
             raise ValueError(
-                f"image_size must be an integer >= 8 (pixels per side), got {self.image_size!r}"
+                f"{flag('distance_threshold')} must be > 0, got {self.distance_threshold}"
+            )
+        if self.cluster_subsample < 2:
+            raise ValueError(
+                f"{flag('cluster_subsample')} must be >= 2, got {self.cluster_subsample}"
+            )
+        if self.init_from is not None and not self.init_from.strip():
+            raise ValueError(
+                f"{flag('init_from')} must name a run's work directory, got {self.init_from!r}"
+            )
+        if not self.workdir.strip():
+            raise ValueError(f"{flag('workdir')} must name a directory, got {self.workdir!r}")
+        if self.image_size is not None and self.image_size < 8:
+            raise ValueError(
+                f"{flag('image_size')} must be an integer >= 8 (pixels per side), "
+                f"got {self.image_size!r}"
             )
         if self.tfds_splits is not None:
-            parts = self.tfds_splits.split(",") if isinstance(self.tfds_splits, str) else []
+            parts = self.tfds_splits.split(",")
             if len(parts) != 2 or not all(part.strip() for part in parts):
                 raise ValueError(
-                    f"tfds_splits must be two comma-separated TFDS split names, train then test "
-                    f"(e.g. 'train,test' or 'train+validation,test'), got {self.tfds_splits!r}"
+                    f"{flag('tfds_splits')} must be two comma-separated TFDS split names, train "
+                    f"then test (e.g. 'train,test' or 'train+validation,test'), "
+                    f"got {self.tfds_splits!r}"
                 )
-        if self.manual_dir is not None and (
-            not isinstance(self.manual_dir, str) or not self.manual_dir.strip()
-        ):
-            raise ValueError(f"manual_dir must name a directory, got {self.manual_dir!r}")
+        if self.manual_dir is not None and not self.manual_dir.strip():
+            raise ValueError(f"{flag('manual_dir')} must name a directory, got {self.manual_dir!r}")
         tfds_only = [
-            name for name in ("tfds_splits", "manual_dir") if getattr(self, name) is not None
+            flag(name) for name in ("tfds_splits", "manual_dir") if getattr(self, name) is not None
         ]
         if tfds_only and not self.dataset.startswith("tfds:"):
             raise ValueError(
-                f"{', '.join(tfds_only)} apply to tfds:<name> datasets only, not to dataset {self.dataset!r} "
-                f"(its images are used at their stored size)"
+                f"{', '.join(tfds_only)} apply to tfds:<name> datasets only, not to --dataset "
+                f"{self.dataset!r} (its images are used at their stored size)"
             )
         self._validate_data_options()
-        if self.num_devices is not None and self.num_devices < 1:
-            raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")
 
     def _validate_data_options(self) -> None:
         from magnet_jax import data
 
         if self.split not in data.SPLITS:
             raise ValueError(
-                f"unknown split {self.split!r}; choose one of {', '.join(data.SPLITS)}"
+                f"unknown {flag('split')} {self.split!r}; choose one of {', '.join(data.SPLITS)}"
             )
         levels = data.emoji.LABEL_LEVELS
         if self.label_level is not None and self.label_level not in levels:
             raise ValueError(
-                f"unknown label_level {self.label_level!r}; choose one of {', '.join(levels)}"
+                f"unknown {flag('label_level')} {self.label_level!r}; choose one of "
+                f"{', '.join(levels)}"
             )
         if self.image_size is not None and not data.takes_option(self.dataset, "image_size"):
             image_files = [
                 n for n in data.registry.sources_taking("image_size") if n != "tfds:<name>"
             ]
             raise ValueError(
-                f"image_size applies to tfds:<name> datasets only and to images read from files "
+                f"{flag('image_size')} applies to tfds:<name> datasets only and to images read "
+                f"from files "
                 f"({', '.join(image_files)}), not to dataset {self.dataset!r} (its images are "
                 "used at their stored size)"
             )
@@ -247,5 +256,208 @@ class TrainConfig:
             if is_set and not data.takes_option(self.dataset, option):
                 takers = ", ".join(data.registry.sources_taking(option))
                 raise ValueError(
-                    f"{option} applies to {takers} only, not to dataset {self.dataset!r}"
+                    f"{flag(option)} applies to {takers} only, not to --dataset {self.dataset!r}"
                 )
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``clusters_per_class`` -> ``--clusters-per-class``."""
+    return "--" + name.replace("_", "-")
+
+
+def default_workdir(loss: str, dataset: str) -> str:
+    """``runs/<loss>-<dataset>``, with a path-like dataset (``npz:/data/x.npz``) reduced to a
+    safe name (``npz-x``), so runs of different datasets or losses never share a directory."""
+    if isinstance(dataset, str) and dataset.startswith("npz:"):
+        dataset = "npz-" + os.path.splitext(os.path.basename(dataset[4:]))[0]
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{loss}-{dataset}").strip("-.")
+    return os.path.join("runs", name or "run")
+
+
+class FieldInfo(NamedTuple):
+    """How a config field appears on the command line.
+
+    group: the section of ``--help`` it is listed under (one of :data:`GROUPS`).
+    help: one line saying what it does.
+    choices: the accepted values, when they are a fixed set.
+    default: how ``--help`` states the default, when the field's value (often ``None``)
+        would not say it.
+    """
+
+    group: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    default: str | None = None
+
+
+# The sections of `magnet-jax train --help`, in order, with their titles.
+GROUPS = {
+    "data": "data",
+    "model": "model",
+    "method": "method (loss and batches)",
+    "clustering": "clustering (Magnet Loss index)",
+    "schedule": "optimisation and schedule",
+    "evaluation": "evaluation",
+    "output": "output and devices",
+}
+
+# One entry per TrainConfig field: a new field adds its line here (tests/test_workdir.py checks
+# that every field has one).
+FIELDS: dict[str, FieldInfo] = {
+    "dataset": FieldInfo(
+        "data",
+        "digits (bundled), mnist, fashion_mnist, cifar10, cifar100, their coarse variants, "
+        "tfds:<name>, npz:<path>",
+    ),
+    "data_dir": FieldInfo(
+        "data",
+        "folder with the dataset's files, or its parent; TFDS's data dir for tfds:",
+        default="$MAGNET_JAX_DATA, else ~/.magnet_jax/datasets",
+    ),
+    "image_size": FieldInfo(
+        "data",
+        "tfds, emoji and image files: resize every image to N x N (image files: shorter side "
+        "to N, centre crop; needed when the images differ in size)",
+        default="as stored",
+    ),
+    "tfds_splits": FieldInfo(
+        "data",
+        "tfds: 'train_split,test_split', e.g. 'train+validation,test'",
+        default="train,test",
+    ),
+    "manual_dir": FieldInfo("data", "tfds: folder with manually downloaded files"),
+    "split": FieldInfo(
+        "data",
+        "default = in-class split (the dataset's own when it is in-class), given = the "
+        "dataset's own split, classes = train on the first half of the classes and test "
+        "retrieval on the unseen rest (Recall@k, MAP@R, NMI; no kNN/kNC)",
+        choices=("default", "given", "classes"),  # magnet_jax.data.SPLITS (config is JAX-free)
+    ),
+    "label_level": FieldInfo(
+        "data",
+        "emoji: emoji, subcategory or category; a coarse level keeps the emoji as fine labels",
+        default="emoji",
+    ),
+    "drop_duplicates": FieldInfo("data", "emoji: leave out the images flagged duplicate"),
+    "skip_bad_images": FieldInfo(
+        "data",
+        "image files: leave out missing or unreadable images (says how many) instead of stopping",
+    ),
+    "augment_shift": FieldInfo(
+        "data", "images: translate every training image by up to N pixels (zero fill)"
+    ),
+    "augment_crop": FieldInfo(
+        "data",
+        "images: train on a random resized crop (8-100%% of the area, aspect 3/4-4/3) flipped "
+        "left-right half the time; embed for evaluation and clustering the centre 87.5%% "
+        "resized back",
+    ),
+    "verify": FieldInfo(
+        "data", "mnist/fashion_mnist: check the files' SHA-256 (--no-verify skips the check)"
+    ),
+    "architecture": FieldInfo(
+        "model", "mlp, convnet or resnet", default="mlp for flat inputs, convnet for images"
+    ),
+    "embedding_dim": FieldInfo("model", "dimension d of the embedding"),
+    "normalize": FieldInfo("model", "L2-normalise the embeddings"),
+    "init_from": FieldInfo(
+        "model",
+        "warm start from the latest checkpoint of another run (its --workdir or checkpoints/): "
+        "copies every parameter whose path and shape match; ignored when resuming",
+    ),
+    "loss": FieldInfo("method", "the training loss", choices=LOSSES),
+    "clusters_per_batch": FieldInfo(
+        "method", "M: clusters per batch (magnet) or classes per batch (pair/triplet losses)"
+    ),
+    "examples_per_cluster": FieldInfo(
+        "method", "D: examples per cluster or class; the batch size is M·D for every loss"
+    ),
+    "alpha": FieldInfo("method", "magnet: margin α between a cluster and its impostors"),
+    "margin": FieldInfo("method", "triplet / contrastive: margin"),
+    "mining": FieldInfo("method", "triplet: which triplets count", choices=MININGS),
+    "clusters_per_class": FieldInfo(
+        "clustering", "K: clusters per class (the most per class for agglomerative)"
+    ),
+    "refresh_every": FieldInfo(
+        "clustering", "re-embed and re-cluster every N steps", default="once per epoch"
+    ),
+    "clustering": FieldInfo("clustering", "how each class is clustered", choices=CLUSTERINGS),
+    "kmeans_iterations": FieldInfo("clustering", "k-means: Lloyd iterations per refresh"),
+    "kmeans_restarts": FieldInfo(
+        "clustering", "k-means: keep the best of N k-means++ runs by inertia, per class"
+    ),
+    "linkage": FieldInfo("clustering", "agglomerative: merge rule", choices=LINKAGES),
+    "distance_threshold": FieldInfo(
+        "clustering",
+        "agglomerative: relative cut τ (ward: share of the class's sum of squares; "
+        "average/single: τ × the median merge height)",
+        default="K clusters per class",
+    ),
+    "cluster_subsample": FieldInfo(
+        "clustering", "agglomerative: cluster at most N points per class, assign the rest"
+    ),
+    "steps": FieldInfo("schedule", "training steps (the cosine schedule decays to 0 over them)"),
+    "optimizer": FieldInfo("schedule", "adam, or sgd with momentum 0.9", choices=OPTIMIZERS),
+    "lr": FieldInfo("schedule", "learning rate of the optimizer (its peak with cosine)"),
+    "lr_schedule": FieldInfo(
+        "schedule",
+        "cosine: decay to 0 over --steps; constant: a run can be extended with a larger --steps",
+        choices=LR_SCHEDULES,
+    ),
+    "weight_decay": FieldInfo(
+        "schedule", "decoupled weight decay (AdamW; added to SGD's gradient)"
+    ),
+    "seed": FieldInfo("schedule", "random seed (parameters, batches, clustering)"),
+    "eval_every": FieldInfo("evaluation", "evaluate on the test set every N steps, and at the end"),
+    "knn_k": FieldInfo("evaluation", "k of the kNN classifier"),
+    "num_nearest_clusters": FieldInfo(
+        "evaluation", "L of the kNC rule (nearest clusters voting; capped at the valid clusters)"
+    ),
+    "eval_chunk_size": FieldInfo(
+        "evaluation", "rows per embedding call when embedding a whole set (memory vs speed)"
+    ),
+    "workdir": FieldInfo(
+        "output",
+        "config.json, history.jsonl, metrics.json, checkpoints/; rerun to resume, "
+        "--workdir alone reuses its config.json",
+        default="runs/<loss>-<dataset>",
+    ),
+    "log_every": FieldInfo("output", "log the training loss every N steps"),
+    "checkpoint_every": FieldInfo("output", "checkpoint every N steps, and at the end"),
+    "max_checkpoints": FieldInfo("output", "keep the N most recent checkpoints"),
+    "num_devices": FieldInfo("output", "use the first N devices", default="all"),
+}
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Each field has its annotated type: integers are integers (``20.5`` steps is refused),
+    a float field accepts an integer (stored as a float), ``None`` only where allowed."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        hint = hints[field.name]
+        optional = type(None) in typing.get_args(hint)
+        kind = next(k for k in typing.get_args(hint) if k is not type(None)) if optional else hint
+        if value is None:
+            if optional:
+                continue
+            raise ValueError(f"{flag(field.name)} must be given, got None")
+        if kind is bool:
+            ok = isinstance(value, bool)
+            wanted = "true or false"
+        elif kind is int:
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            wanted, value = "an integer", int(value) if ok else value
+        elif kind is float:
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            wanted, value = "a number", float(value) if ok else value
+        elif kind is str:
+            ok = isinstance(value, str | os.PathLike)
+            wanted, value = "a string", os.fspath(value) if ok else value
+        else:
+            continue
+        if not ok:
+            raise ValueError(
+                f"{flag(field.name)} must be {wanted}, got {value!r} ({type(value).__name__})"
+            )
+        object.__setattr__(config, field.name, value)

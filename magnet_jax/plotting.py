@@ -4,11 +4,13 @@
   (e.g. before and after training, like figure 3 of the paper); t-SNE when d > 2.
 - :func:`plot_learning_curves`: test error against iterations for one or several runs,
   with mean ± std bands when a run has several seeds.
-- :func:`plot_clustering_diagnostics`: cluster purity (against fine labels) and valid
-  clusters per class at every refresh, for one or several runs.
+- :func:`plot_clustering_diagnostics`: what changes at every refresh, for one or several
+  runs: the k-means inertia, cluster purity (against fine labels) and, when it varies
+  (agglomerative clustering), the number of clusters per class.
 - :func:`plot_retrievals`: a few test queries, each followed by its top-k retrieved
   images framed green (same class) or red (another class).
-- :func:`plot_runs`: all of them, for work directories written by ``magnet-jax train``.
+- :func:`plot_runs`: all of them, plus the training loss, for work directories written by
+  ``magnet-jax train``.
 """
 
 from __future__ import annotations
@@ -47,37 +49,46 @@ def plot_embedding_maps(
     path: str | os.PathLike,
     *,
     class_names: Sequence[str] | None = None,
-    max_points: int = 2000,
+    max_points: int = 1000,
     seed: int = 0,
+    title: str | None = None,
 ) -> str:
     """One 2-D map per panel (title -> embeddings [N, d]), coloured by ``labels`` [N].
 
-    The same random subset of at most ``max_points`` examples is drawn in every panel.
+    The same random subset of at most ``max_points`` examples is drawn in every panel (t-SNE
+    is quadratic in the points), and the figure says how many of how many it shows.
     Returns the PNG's path.
     """
     labels = np.asarray(labels)
-    for title, embeddings in panels.items():
+    for name, embeddings in panels.items():
         if len(embeddings) != len(labels):
             raise ValueError(
-                f"panel {title!r} has {len(embeddings)} embeddings but there are {len(labels)} labels"
+                f"panel {name!r} has {len(embeddings)} embeddings but there are {len(labels)} labels"
             )
     rng = np.random.default_rng(seed)
     subset = rng.permutation(len(labels))[:max_points]
     num_classes = int(labels.max()) + 1
     colours = plt.get_cmap("tab10" if num_classes <= 10 else "tab20")
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
-    for axis, (title, embeddings) in zip(axes[0], panels.items()):
-        points = project_2d(np.asarray(embeddings)[subset], seed=seed)
+    projected = False
+    for axis, (name, embeddings) in zip(axes[0], panels.items()):
+        embeddings = np.asarray(embeddings)
+        projected = projected or embeddings.shape[1] > 2
+        points = project_2d(embeddings[subset], seed=seed)
         for c in range(num_classes):
             mask = labels[subset] == c
-            name = class_names[c] if class_names is not None else str(c)
+            label = class_names[c] if class_names is not None else str(c)
             axis.scatter(
-                points[mask, 0], points[mask, 1], s=4, color=colours(c % colours.N), label=name
+                points[mask, 0], points[mask, 1], s=4, color=colours(c % colours.N), label=label
             )
-        axis.set_title(title)
+        axis.set_title(name)
         axis.set_xticks([])
         axis.set_yticks([])
     axes[0][-1].legend(markerscale=3, fontsize=7, loc="best", frameon=False)
+    shown = f"{'t-SNE of ' if projected else ''}{len(subset):,} of {len(labels):,} examples" + (
+        " (a random subset)" if len(subset) < len(labels) else ""
+    )
+    figure.suptitle(f"{title}: {shown}" if title else shown, fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -120,42 +131,61 @@ def plot_learning_curves(
     return os.fspath(path)
 
 
+_CLUSTERING_PANELS = {
+    "inertia": "k-means inertia (within-cluster SS / N)",
+    "purity": "cluster purity (fine labels)",
+    "clusters_per_class_mean": "valid clusters per class",
+}
+
+
+def clustering_panels(refreshes: Sequence[dict]) -> list[str]:
+    """The diagnostics of ``refreshes`` (records of all runs) worth a panel: those logged,
+    except the clusters per class when they never change (k-means keeps K per class)."""
+    counts = ("clusters_per_class_mean", "clusters_per_class_min", "clusters_per_class_max")
+    count_values = {h[key] for h in refreshes for key in counts if key in h}
+    panels = [
+        panel
+        for panel in _CLUSTERING_PANELS
+        if any(panel in h for h in refreshes)
+        and (panel != "clusters_per_class_mean" or len(count_values) > 1)
+    ]
+    return panels or ["clusters_per_class_mean"]
+
+
 def plot_clustering_diagnostics(
     histories: Mapping[str, Sequence[dict]],
     path: str | os.PathLike,
     *,
     title: str | None = None,
 ) -> str:
-    """Cluster purity and clusters per class (mean, with the min–max range shaded) against
-    iterations, from the ``"refresh"`` records of each run's history (name -> records).
-    The purity panel is drawn when some run logged ``purity`` (datasets with fine
-    labels). Returns the PNG's path."""
+    """What changes from refresh to refresh, against iterations, from the ``"refresh"``
+    records of each run's history (name -> records): the inertia, the cluster purity (when
+    some run logged it: datasets with fine labels) and the clusters per class (mean, with
+    the min–max range shaded) when they vary, as with agglomerative clustering; k-means
+    always keeps K per class, a flat line not worth a panel. Returns the PNG's path."""
     refreshes = {
         name: [h for h in records if h.get("kind") == "refresh"]
         for name, records in histories.items()
     }
-    with_purity = any("purity" in h for records in refreshes.values() for h in records)
-    panels = ["purity", "clusters_per_class_mean"] if with_purity else ["clusters_per_class_mean"]
+    panels = clustering_panels([h for runs in refreshes.values() for h in runs])
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for axis, panel in zip(axes[0], panels):
-        for name, records in refreshes.items():
-            records = [h for h in records if panel in h]
-            if not records:
+        for name, run_records in refreshes.items():
+            run_records = [h for h in run_records if panel in h]
+            if not run_records:
                 continue
-            steps = [h["step"] for h in records]
-            (line,) = axis.plot(steps, [h[panel] for h in records], marker=".", label=name)
-            if panel == "clusters_per_class_mean" and "clusters_per_class_min" in records[0]:
+            steps = [h["step"] for h in run_records]
+            (line,) = axis.plot(steps, [h[panel] for h in run_records], marker=".", label=name)
+            if panel == "clusters_per_class_mean" and "clusters_per_class_min" in run_records[0]:
                 axis.fill_between(
                     steps,
-                    [h["clusters_per_class_min"] for h in records],
-                    [h["clusters_per_class_max"] for h in records],
+                    [h["clusters_per_class_min"] for h in run_records],
+                    [h["clusters_per_class_max"] for h in run_records],
                     color=line.get_color(),
                     alpha=0.15,
                 )
         axis.set_xlabel("iterations")
-        axis.set_ylabel(
-            "cluster purity (fine labels)" if panel == "purity" else "valid clusters per class"
-        )
+        axis.set_ylabel(_CLUSTERING_PANELS[panel])
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     if title:
@@ -271,19 +301,28 @@ def read_history(workdir: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_runs(workdirs: Sequence[str], *, output_dir: str | None = None) -> list[str]:
-    """Learning curves of every metric the runs' evaluators logged (``curves_<metric>.png``)
-    and, for the first run, embedding maps of the test set before and after training and
-    (for images) the top retrievals of a few test queries. Returns the PNG paths written."""
+def _run_name(workdir: str) -> str:
+    return os.path.basename(os.path.normpath(workdir))
+
+
+def plot_runs(
+    workdirs: Sequence[str], *, output_dir: str | None = None, max_points: int = 1000
+) -> list[str]:
+    """For the runs in ``workdirs``: a learning curve of every metric their evaluators logged
+    (``curves_<metric>.png``), the training loss, the clustering diagnostics, and for each
+    run a map of its test-set embeddings before and after training (``embeddings.png`` for
+    one run, ``embeddings_<run>.png`` for several; t-SNE of at most ``max_points`` examples)
+    and, for images, the top retrievals of a few test queries (``retrievals.png``, or
+    ``retrievals_<run>.png``). Returns the PNG paths written."""
     from magnet_jax import training  # heavy import, only when plotting runs
 
     output_dir = output_dir or workdirs[0]
     os.makedirs(output_dir, exist_ok=True)
     written = []
     # One figure per metric that the runs' evaluators yielded, in the order first seen.
+    histories = {_run_name(w): read_history(w) for w in workdirs}
     evals = {
-        os.path.basename(os.path.normpath(w)): [h for h in read_history(w) if h["kind"] == "eval"]
-        for w in workdirs
+        name: [h for h in history if h.get("kind") == "eval"] for name, history in histories.items()
     }
     metrics = dict.fromkeys(
         k
@@ -305,30 +344,51 @@ def plot_runs(workdirs: Sequence[str], *, output_dir: str | None = None) -> list
                 ylabel=metric.replace("_", " "),
             )
         )
-    histories = {os.path.basename(os.path.normpath(w)): read_history(w) for w in workdirs}
+    losses = {
+        name: [([h["step"] for h in records], [h["loss"] for h in records])]
+        for name, history in histories.items()
+        if (records := [h for h in history if h.get("kind") == "train" and "loss" in h])
+    }
+    if losses:
+        written.append(
+            plot_learning_curves(
+                losses,
+                os.path.join(output_dir, "training_loss.png"),
+                ylabel="training loss (mean over the steps since the previous point)",
+            )
+        )
     if any("clusters_per_class_mean" in h for records in histories.values() for h in records):
         written.append(
             plot_clustering_diagnostics(histories, os.path.join(output_dir, "clustering.png"))
         )
-    run, state, _ = training.load_for_evaluation(workdirs[0])
-    before = np.asarray(run.steps.embed(run.initial_state.params, run.x_test))
-    after = np.asarray(run.steps.embed(state.params, run.x_test))
-    written.append(
-        plot_embedding_maps(
-            {"before training": before, f"after {int(state.step)} steps": after},
-            np.asarray(run.dataset.y_test),
-            os.path.join(output_dir, "embeddings.png"),
-            class_names=run.dataset.class_names,
+    for workdir in workdirs:
+        run, state, _ = training.load_for_evaluation(workdir)
+        before = np.asarray(run.steps.embed(run.initial_state.params, run.x_test))
+        after = np.asarray(run.steps.embed(state.params, run.x_test))
+        filename = (
+            "embeddings.png" if len(workdirs) == 1 else f"embeddings_{_run_name(workdir)}.png"
         )
-    )
-    if run.dataset.x_test.ndim == 4:
         written.append(
-            plot_retrievals(
-                run.dataset.x_test,
-                run.dataset.y_test,
-                after,
-                os.path.join(output_dir, "retrievals.png"),
+            plot_embedding_maps(
+                {"before training": before, f"after {int(state.step)} steps": after},
+                np.asarray(run.dataset.y_test),
+                os.path.join(output_dir, filename),
                 class_names=run.dataset.class_names,
+                max_points=max_points,
+                title=f"{_run_name(workdir)}, test set",
             )
         )
+        if run.dataset.x_test.ndim == 4:
+            filename = (
+                "retrievals.png" if len(workdirs) == 1 else f"retrievals_{_run_name(workdir)}.png"
+            )
+            written.append(
+                plot_retrievals(
+                    run.dataset.x_test,
+                    run.dataset.y_test,
+                    after,
+                    os.path.join(output_dir, filename),
+                    class_names=run.dataset.class_names,
+                )
+            )
     return written

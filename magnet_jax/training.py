@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import time
 from typing import Any, NamedTuple
 
@@ -40,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from magnet_jax import augment, methods, sampling
-from magnet_jax.checkpoint import Checkpointer, complete_steps
+from magnet_jax.checkpoint import Checkpointer
 from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, load_dataset
 from magnet_jax.evaluators import EvalContext, default_evaluators, run_evaluators
@@ -48,6 +47,13 @@ from magnet_jax.evaluators import fine_label_errors as fine_label_errors
 from magnet_jax.methods import DataInfo, Method, TrainingData
 from magnet_jax.models import create_model, default_architecture
 from magnet_jax.warm_start import WarmStart, find_init_checkpoint, warm_start_params
+from magnet_jax.workdir import (
+    StopOnInterrupt,
+    TrainingInterrupted,
+    Workdir,
+    check_same_run,
+    device_record,
+)
 
 _AUGMENT_STREAM = 0x617567  # folded into a step's key for its augmentations
 _CROP_STREAM = 0x63726F70  # folded into a step's key for its random resized crops
@@ -513,101 +519,48 @@ def learning_curve(
     }
 
 
-class _Workdir:
-    """The run's files: config.json, history.jsonl, metrics.json, checkpoints/."""
-
-    def __init__(self, path: str):
-        self.path = os.path.abspath(path)
-        self.config = os.path.join(self.path, "config.json")
-        self.history = os.path.join(self.path, "history.jsonl")
-        self.metrics = os.path.join(self.path, "metrics.json")
-        self.checkpoints = os.path.join(self.path, "checkpoints")
-
-    def saved_config(self) -> dict | None:
-        if not os.path.exists(self.config):
-            return None
-        with open(self.config) as f:
-            return json.load(f)
-
-    def write_json(self, path: str, value: Any) -> None:
-        """Atomic: a crash leaves the old file or the new one, never half of one."""
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-
-    def truncate_history(self, num_lines: int) -> None:
-        """Drops lines written after the checkpoint we resume from (they will be rewritten)."""
-        if not os.path.exists(self.history):
-            return
-        with open(self.history) as f:
-            lines = f.readlines()[:num_lines]
-        tmp = self.history + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-        os.replace(tmp, self.history)
-
-
-# Fields that may differ between a run and its resumption. Not init_from: it is ignored on
-# resume (the checkpoint holds the warm-started parameters) but names what the run is.
-_RESUMABLE_CHANGES = {
-    "steps",
-    "eval_every",
-    "checkpoint_every",
-    "log_every",
-    "max_checkpoints",
-    "workdir",
-}
-
-
-def _check_same_run(saved: dict, config: TrainConfig, workdir: str) -> None:
-    current = config.to_dict()
-    # A field missing from an older run's config.json had its default value then.
-    defaults = TrainConfig().to_dict()
-    # `steps` may change only with a constant learning rate: a schedule's shape depends on it.
-    resumable = _RESUMABLE_CHANGES - ({"steps"} if config.lr_schedule != "constant" else set())
-    differing = sorted(
-        k for k in current if k not in resumable and saved.get(k, defaults[k]) != current[k]
-    )
-    if differing:
-        details = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {current[k]!r}" for k in differing)
-        raise ValueError(
-            f"the work directory {workdir} holds a run with a different configuration ({details}); "
-            f"resume it with the same settings or choose another --workdir"
-        )
-
-
 def train(
     config: TrainConfig, *, progress: bool = True, dataset: Dataset | None = None
 ) -> dict[str, float]:
     """Trains (or resumes) the run described by ``config``; returns the final metrics.
 
     Writes ``config.json``, ``history.jsonl`` (one JSON line per logged step, refresh and
-    evaluation, and first an ``"init"`` line when ``config.init_from`` warm-starts a fresh
-    run, see :meth:`WarmStart.record`), ``metrics.json`` (final metrics) and ``checkpoints/`` under
-    ``config.workdir``. Running it again with the same work directory resumes from the
-    latest checkpoint and ends with the same parameters and metrics as an uninterrupted run.
+    evaluation, a ``"start"`` line with the number and kind of devices each time the run
+    starts or resumes, and first an ``"init"`` line when ``config.init_from`` warm-starts a
+    fresh run, see :meth:`WarmStart.record`), ``metrics.json`` (final metrics) and
+    ``checkpoints/`` under ``config.workdir``. Running it again with the same work directory
+    resumes from the newest checkpoint that restores (:mod:`magnet_jax.workdir` says what may
+    change) and ends with the same parameters and metrics as an uninterrupted run.
+
+    Raises:
+        ValueError: a bad config, or one that the run in the work directory cannot resume.
+        OSError: the work directory or a checkpoint cannot be written.
+        FloatingPointError: the loss became non-finite.
+        TrainingInterrupted: Ctrl-C; a checkpoint of the steps taken was saved first.
     """
     from tqdm.auto import tqdm
 
-    workdir = _Workdir(config.workdir)
+    config.validate()  # a bad flag is reported as such, before any comparison with a saved run
+    workdir = Workdir(config.workdir)
+    # A directory without a complete checkpoint holds no run: a command starts afresh there.
     # A run that resumes its own checkpoint ignores --init-from: the checkpoint already
     # holds the warm-started parameters, and the source need not exist any more.
-    resuming = bool(complete_steps(workdir.checkpoints))
-    run = prepare(config, dataset, warm_start=not resuming)  # raises before anything is written
-    saved = workdir.saved_config()
+    checkpoint_steps = workdir.checkpoint_steps()
+    saved = workdir.saved_config() if checkpoint_steps else None
     if saved is not None:
-        _check_same_run(saved, config, workdir.path)
-    os.makedirs(workdir.path, exist_ok=True)
+        check_same_run(saved, config, workdir.path, checkpoint_steps[-1])
+    workdir.check_writable()
+    run = prepare(config, dataset, warm_start=not checkpoint_steps)  # raises before any write
+    workdir.create()
     workdir.write_json(workdir.config, config.to_dict())
     checkpointer = Checkpointer(workdir.checkpoints, max_to_keep=config.max_checkpoints)
 
     state, method_state = run.initial_state, run.method.init_state(run.info)
     history_lines, seconds_before = 0, 0.0
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        restored = checkpointer.restore(latest, state, method_state_template(run))
+    method_template = method_state_template(run) if checkpoint_steps else None
+    restored = checkpointer.restore_latest(state, method_template) if checkpoint_steps else None
+    latest = None if restored is None else restored.step
+    if restored is not None:
         state = restored.state
         if restored.index is not None:
             method_state = restored.index
@@ -629,6 +582,14 @@ def train(
     if latest is None and run.warm_start is not None:
         log(run.warm_start.record())
         print(run.warm_start.summary(), flush=True)
+    devices = device_record(run.mesh)
+    log({"kind": "start", "step": step, **devices})
+    print(
+        f"{'resuming at step ' + str(step) if latest is not None else 'training'} in "
+        f"{workdir.path} on {devices['devices']} {devices['platform']} device(s) "
+        f"({devices['device_kind']})",
+        flush=True,
+    )
 
     bar = tqdm(
         total=config.steps,
@@ -637,6 +598,7 @@ def train(
         desc=f"{config.loss} on {config.dataset}",
         unit="step",
     )
+    stop = StopOnInterrupt().install()
     try:
         while True:
             if _refresh_due(run, step, config.steps):
@@ -658,10 +620,7 @@ def train(
             )
             loss = float(loss)
             if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"the training loss became {loss} between steps {step} and {target}; "
-                    f"the last finite checkpoint is kept in {workdir.checkpoints}. Try a lower --lr."
-                )
+                raise FloatingPointError(_diverged(loss, step, target, workdir, checkpointer))
             bar.update(target - step)
             step = target
             if step % config.log_every == 0 or step == config.steps:
@@ -675,7 +634,17 @@ def train(
                     method_state if methods.has_state(method_state) else None,
                     {"history_lines": history_lines, "seconds": seconds},
                 )
+            if stop.requested:  # Ctrl-C: stop at a checkpoint of the steps taken so far
+                if checkpointer.latest_step() != step:
+                    seconds = seconds_before + time.perf_counter() - started
+                    meta = {"history_lines": history_lines, "seconds": seconds}
+                    checkpointer.save(step, state, method_state, meta)
+                raise TrainingInterrupted(
+                    f"interrupted at step {step} of {config.steps}: checkpoint {step} is saved "
+                    f"in {workdir.checkpoints}; run the same command to resume"
+                )
     finally:
+        stop.restore()
         bar.close()
         history.close()
         checkpointer.close()
@@ -685,6 +654,18 @@ def train(
     final["dataset"] = config.dataset
     workdir.write_json(workdir.metrics, final)
     return final
+
+
+def _diverged(loss: float, step: int, target: int, workdir: Workdir, checkpointer) -> str:
+    kept = checkpointer.latest_step()
+    where = (
+        f"the last checkpoint, step {kept}, is kept in {workdir.checkpoints}; rerun with a "
+        f"lower --lr in another --workdir (--init-from {workdir.path} warm starts from it)"
+        if kept is not None
+        else f"no checkpoint was written, so {workdir.path} holds no run: rerun the command "
+        f"there with a lower --lr"
+    )
+    return f"the training loss became {loss} between steps {step} and {target}; {where}"
 
 
 def method_state_template(run: Run):
@@ -702,7 +683,7 @@ def method_state_template(run: Run):
 
 def load_for_evaluation(workdir: str) -> tuple[Run, TrainState, Any]:
     """The run saved in ``workdir`` at its latest checkpoint: (run, state, method state)."""
-    files = _Workdir(workdir)
+    files = Workdir(workdir)
     saved = files.saved_config()
     if saved is None:
         raise FileNotFoundError(
@@ -710,11 +691,10 @@ def load_for_evaluation(workdir: str) -> tuple[Run, TrainState, Any]:
         )
     config = TrainConfig.from_dict(saved)
     run = prepare(config, warm_start=False)  # the checkpoint holds the parameters
-    checkpointer = Checkpointer(files.checkpoints)
-    latest = checkpointer.latest_step()
-    if latest is None:
+    if not files.checkpoint_steps():
         raise FileNotFoundError(f"no complete checkpoint in {files.checkpoints}")
-    restored = checkpointer.restore(latest, run.initial_state, method_state_template(run))
+    checkpointer = Checkpointer(files.checkpoints)
+    restored = checkpointer.restore_latest(run.initial_state, method_state_template(run))
     checkpointer.close()
     method_state = restored.index if restored.index is not None else run.method.init_state(run.info)
     return run, restored.state, method_state

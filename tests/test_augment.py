@@ -69,5 +69,5 @@ def test_trainer_refuses_shift_on_flat_features(tmp_path):
                 examples_per_cluster=4,
             )
         )
-    with pytest.raises(ValueError, match="augment_shift must be >= 0"):
+    with pytest.raises(ValueError, match="--augment-shift must be >= 0"):
         TrainConfig(augment_shift=-1).validate()

@@ -66,7 +66,7 @@ _SMALL = dict(
     ],
 )
 def test_config_rejects_bad_tfds_options(changes, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=field.replace("_", "-")):
         TrainConfig(dataset="tfds:stanford_dogs", **changes).validate()
 
 
@@ -97,7 +97,9 @@ def test_tfds_options_with_other_dataset_fail_in_prepare(field, value, monkeypat
 
     monkeypatch.setattr(training, "load_dataset", no_loading)
     config = TrainConfig(dataset="fashion_mnist", workdir="/nonexistent-unused", **{field: value})
-    with pytest.raises(ValueError, match=rf"{field}.*tfds:<name> datasets only.*fashion_mnist"):
+    with pytest.raises(
+        ValueError, match=rf"{field.replace('_', '-')}.*tfds:<name> datasets only.*fashion_mnist"
+    ):
         training.prepare(config)
 
 
@@ -140,7 +142,7 @@ def test_cli_reports_bad_tfds_option(capsys):
         )
         == 2
     )
-    assert "image_size" in capsys.readouterr().err
+    assert "--image-size" in capsys.readouterr().err
 
 
 def test_prepare_and_load_for_evaluation_pass_tfds_options(tmp_path, monkeypatch):

@@ -48,27 +48,72 @@ def test_missing_history_names_the_file(tmp_path):
         plotting.read_history(tmp_path)
 
 
+def _refresh(step, mean, low, high, **extra):
+    return {
+        "kind": "refresh",
+        "step": step,
+        "clusters_per_class_mean": mean,
+        "clusters_per_class_min": low,
+        "clusters_per_class_max": high,
+        "inertia": 1.0 / (step + 1),
+        **extra,
+    }
+
+
+def test_clustering_panels_show_what_changes(tmp_path):
+    kmeans = [_refresh(0, 4.0, 4.0, 4.0), _refresh(10, 4.0, 4.0, 4.0)]
+    assert plotting.clustering_panels(kmeans) == ["inertia"]  # K per class never changes
+    with_fine = [_refresh(0, 4.0, 4.0, 4.0, purity=0.5), _refresh(10, 4.0, 4.0, 4.0, purity=0.7)]
+    assert plotting.clustering_panels(with_fine) == ["inertia", "purity"]
+    agglomerative = [_refresh(0, 3.5, 2.0, 4.0), _refresh(10, 2.5, 1.0, 4.0)]
+    assert plotting.clustering_panels(agglomerative) == ["inertia", "clusters_per_class_mean"]
+    path = plotting.plot_clustering_diagnostics(
+        {"a": kmeans, "b": agglomerative}, tmp_path / "c.png"
+    )
+    assert _is_png(path)
+
+
+def test_embedding_maps_say_they_are_a_subset(tmp_path, monkeypatch):
+    captions = []
+    savefig = plotting.plt.Figure.savefig
+
+    def capture(figure, *args, **kwargs):
+        captions.append(figure._suptitle.get_text())
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(plotting.plt.Figure, "savefig", capture)
+    labels = np.repeat(np.arange(3), 20)
+    points = np.random.default_rng(0).normal(size=(60, 5))
+    plotting.plot_embedding_maps({"x": points}, labels, tmp_path / "a.png", max_points=30)
+    plotting.plot_embedding_maps({"x": points[:, :2]}, labels, tmp_path / "b.png")
+    assert captions == ["t-SNE of 30 of 60 examples (a random subset)", "60 of 60 examples"]
+
+
 @pytest.mark.slow
-def test_plot_command_on_a_trained_run(tmp_path):
+def test_plot_command_on_trained_runs(tmp_path):
     from magnet_jax import cli
 
-    workdir = str(tmp_path / "run")
-    assert (
-        cli.main(
-            ["train", "--steps", "40", "--eval-every", "20", "--workdir", workdir, "--no-progress"]
-        )
-        == 0
-    )
-    assert cli.main(["plot", "--workdir", workdir]) == 0
+    workdirs = [str(tmp_path / "run"), str(tmp_path / "other")]
+    for workdir in workdirs:
+        flags = ["train", "--steps", "40", "--eval-every", "20", "--log-every", "10"]
+        assert cli.main([*flags, "--workdir", workdir, "--no-progress"]) == 0
+    assert cli.main(["plot", "--workdir", workdirs[0]]) == 0
     for name in (
         "curves_knc_error.png",
         "curves_knn_error.png",
         "curves_recall_at_1.png",
         "curves_mean_average_precision_at_r.png",
+        "training_loss.png",
+        "clustering.png",
         "embeddings.png",
         "retrievals.png",
     ):
         assert _is_png(tmp_path / "run" / name)
+    # Several runs: one embedding map each.
+    assert cli.main(["plot", "--workdir", *workdirs, "--output", str(tmp_path / "both")]) == 0
+    for name in ("embeddings_run.png", "embeddings_other.png", "training_loss.png"):
+        assert _is_png(tmp_path / "both" / name)
+    workdir = workdirs[0]
     assert cli.main(["evaluate", "--workdir", workdir]) == 0
     assert (tmp_path / "run" / "evaluation.json").exists()
 

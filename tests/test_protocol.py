@@ -125,18 +125,18 @@ def test_protocol_flags_reach_the_loader(monkeypatch):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(split="halves"), "unknown split 'halves'"),
-        (dict(dataset="emoji", label_level="genus"), "unknown label_level 'genus'"),
+        (dict(split="halves"), "unknown --split 'halves'"),
+        (dict(dataset="emoji", label_level="genus"), "unknown --label-level 'genus'"),
         (
             dict(label_level="category"),
-            "label_level applies to emoji only, not to dataset 'digits'",
+            "--label-level applies to emoji only, not to --dataset 'digits'",
         ),
-        (dict(drop_duplicates=True), "drop_duplicates applies to emoji only"),
+        (dict(drop_duplicates=True), "--drop-duplicates applies to emoji only"),
         (
             dict(skip_bad_images=True),
-            r"skip_bad_images applies to folder:<dir>, csv:<file>, cub200",
+            r"--skip-bad-images applies to folder:<dir>, csv:<file>, cub200",
         ),
-        (dict(image_size=32), r"image_size applies to tfds:<name> datasets only .*folder:<dir>"),
+        (dict(image_size=32), r"--image-size applies to tfds:<name> datasets only .*folder:<dir>"),
     ],
 )
 def test_config_refuses_misplaced_data_options(changes, message):

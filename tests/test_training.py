@@ -133,7 +133,7 @@ def test_end_to_end_digits_beats_chance(tmp_path):
     lines = [
         json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()
     ]
-    assert {line["kind"] for line in lines} == {"train", "eval", "refresh"}
+    assert {line["kind"] for line in lines} == {"start", "train", "eval", "refresh"}
 
 
 def _final_params(workdir: Path):
@@ -217,9 +217,11 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
         json.loads(x) for x in (tmp_path / "straight" / "history.jsonl").read_text().splitlines()
     ]
     history_b = [json.loads(x) for x in (killed_dir / "history.jsonl").read_text().splitlines()]
-    assert [(h["kind"], h["step"]) for h in history_a] == [
-        (h["kind"], h["step"]) for h in history_b
+    # Every (re)start logs a "start" line: the resumed run has one more.
+    assert [(h["kind"], h["step"]) for h in history_a if h["kind"] != "start"] == [
+        (h["kind"], h["step"]) for h in history_b if h["kind"] != "start"
     ]
+    assert [h["step"] for h in history_b if h["kind"] == "start"][0] == 0
 
 
 def test_partial_checkpoint_is_never_loaded(tmp_path):
@@ -238,7 +240,7 @@ def test_partial_checkpoint_is_never_loaded(tmp_path):
     "flags, message",
     [
         (["--dataset", "nope"], "nope"),
-        (["--loss", "nope"], "unknown loss"),
+        (["--loss", "nope"], "--loss: invalid choice: 'nope'"),
         (
             ["--clusters-per-batch", "3", "--examples-per-cluster", "3", "--num-devices", "4"],
             "multiple of 4",
@@ -258,12 +260,19 @@ def test_bad_input_clear_error_nothing_written(tmp_path, capsys, flags, message)
     assert not workdir.exists()
 
 
-def test_resume_with_different_config_is_refused(tmp_path):
+def test_resume_with_different_config_is_refused(tmp_path, capsys):
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps({**TrainConfig().to_dict(), "lr": 0.5}))
-    code = cli.main(["train", "--steps", "2", "--workdir", str(workdir), "--no-progress"])
-    assert code != 0
+    # A complete checkpoint makes the directory hold a run (without one it belongs to nobody).
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    checkpointer.save(1, {"w": jnp.ones(3)}, None, {"history_lines": 0, "seconds": 0.0})
+    checkpointer.close()
+    code = cli.main(
+        ["train", "--lr", "0.1", "--steps", "2", "--workdir", str(workdir), "--no-progress"]
+    )
+    assert code == 2
+    assert "--lr: saved 0.5, now 0.1" in capsys.readouterr().err
 
 
 def test_config_file_and_flag_precedence(tmp_path):

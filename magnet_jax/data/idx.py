@@ -132,7 +132,7 @@ def _verify_sha256(content: bytes, path: Path, expected: str, title: str):
         raise ValueError(
             f"{path}: checksum mismatch for the {title} file: SHA-256 of the decompressed content "
             f"is {actual}, expected {expected}. The file is corrupt or not the canonical one; "
-            "download it again, or pass verify=False to skip the check."
+            "download it again, or pass --no-verify (verify=False) to skip the check."
         )
 
 

@@ -3,7 +3,7 @@
 Both are pure functions of explicit arrays, usable under ``jax.jit``, ``jax.grad`` and
 ``jax.vmap``. Squared Euclidean distances are used everywhere, the variance is σ² (never
 σ⁴), the denominator runs only over clusters of *other* classes, and there are no epsilon
-terms that move the values: see DESIGN.md §1 for the algorithm and the regression values.
+terms that move the values; tests/test_magnet_loss.py holds the regression values.
 
 Input checks (shapes, ranks, dtypes, hyperparameters) run eagerly in the public functions,
 so they raise ``ValueError`` at trace time under ``jit``; the arithmetic lives in jitted

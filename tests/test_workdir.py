@@ -1,0 +1,383 @@
+"""Reliability at the edges of training, as a new user meets them: damaged checkpoints,
+failed first runs, file-system and type errors, Ctrl-C, resuming and extending a run."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from magnet_jax import checkpoint, cli, training
+from magnet_jax.checkpoint import Checkpointer, CheckpointError
+from magnet_jax.config import TrainConfig
+from magnet_jax.workdir import Workdir, check_same_run, resolve_config
+
+# The smallest run of the default method that still refreshes, evaluates and checkpoints.
+_SMALL = [
+    "--steps",
+    "20",
+    "--checkpoint-every",
+    "10",
+    "--eval-every",
+    "20",
+    "--log-every",
+    "10",
+    "--kmeans-iterations",
+    "5",
+    "--embedding-dim",
+    "8",
+    "--num-devices",
+    "1",
+    "--no-progress",
+]
+
+
+def _train(workdir, *flags) -> int:
+    return cli.main(["train", *_SMALL, "--workdir", str(workdir), *flags])
+
+
+def _history(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "history.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# --------------------------------------------------------------------------------------
+# 1. A damaged latest checkpoint: resume from the newest one that restores.
+# --------------------------------------------------------------------------------------
+
+
+def _damage(step_dir, part: str) -> None:
+    """What a disk error or a careless `rm` leaves: one file of a finished checkpoint gone."""
+    if part == "data":
+        data = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+        largest = max(os.listdir(data), key=lambda n: os.path.getsize(os.path.join(data, n)))
+        os.remove(os.path.join(data, largest))
+    elif part == "manifest":
+        os.remove(os.path.join(step_dir, "state", "manifest.ocdbt"))
+    else:
+        os.remove(os.path.join(step_dir, "meta", "metadata"))
+
+
+def _tiny_state(value: float):
+    # Distinct float values: arrays this small but uniform may be stored inline, not in d/.
+    w = jnp.arange(4096.0).reshape(512, 8) + value
+    return {"w": w, "step": jnp.asarray(int(value), jnp.int32)}
+
+
+@pytest.mark.parametrize("part", ["data", "manifest", "meta"])
+def test_damaged_latest_checkpoint_falls_back_and_is_kept(tmp_path, part):
+    checkpointer = Checkpointer(tmp_path / "ckpt")
+    for step in (1, 2, 3):
+        checkpointer.save(step, _tiny_state(step), None, {"step": step})
+    checkpointer.close()
+    _damage(tmp_path / "ckpt" / "3", part)
+
+    reports = []
+    checkpointer = Checkpointer(tmp_path / "ckpt")
+    restored = checkpointer.restore_latest(_tiny_state(0), None, report=reports.append)
+    checkpointer.close()
+    assert restored.step == 2 and restored.meta == {"step": 2}
+    np.testing.assert_array_equal(np.asarray(restored.state["w"]), _tiny_state(2)["w"])
+    assert len(reports) == 1 and "checkpoint 3 cannot be restored" in reports[0]
+    # Moved aside, not deleted, and no longer a step.
+    moved = [p.name for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("3.damaged-")]
+    assert len(moved) == 1 and moved[0] in reports[0]
+    assert checkpoint.complete_steps(tmp_path / "ckpt") == [1, 2]
+
+
+def test_no_restorable_checkpoint_moves_nothing(tmp_path):
+    checkpointer = Checkpointer(tmp_path / "ckpt")
+    checkpointer.save(1, _tiny_state(1), None, {})
+    checkpointer.close()
+    _damage(tmp_path / "ckpt" / "1", "manifest")
+    checkpointer = Checkpointer(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="none of the checkpoints.*step 1"):
+        checkpointer.restore_latest(_tiny_state(0), None)
+    checkpointer.close()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1"]
+
+
+@pytest.mark.slow
+def test_training_resumes_past_a_damaged_checkpoint(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert _train(workdir) == 0
+    _damage(workdir / "checkpoints" / "20", "data")
+    capsys.readouterr()
+    assert _train(workdir) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint 20 cannot be restored" in out and "resumed from checkpoint 10" in out
+    assert "resuming at step 10" in out
+    assert checkpoint.complete_steps(workdir / "checkpoints") == [10, 20]
+    assert any(p.name.startswith("20.damaged-") for p in (workdir / "checkpoints").iterdir())
+    assert json.loads((workdir / "metrics.json").read_text())["steps"] == 20
+
+
+# --------------------------------------------------------------------------------------
+# 3. A failed first run leaves a directory that belongs to nobody.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_failed_first_run_does_not_lock_its_workdir(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert _train(workdir, "--lr", "1e6") == 2
+    err = capsys.readouterr().err
+    assert "became nan" in err and "no checkpoint was written" in err
+    assert "Traceback" not in err
+    assert checkpoint.complete_steps(workdir / "checkpoints") == []
+    # The same command with a lower --lr starts afresh there.
+    assert _train(workdir, "--lr", "1e-3") == 0
+    history = _history(workdir)
+    assert history[0]["kind"] == "start" and history[0]["step"] == 0
+    assert json.loads((workdir / "config.json").read_text())["lr"] == 1e-3
+
+
+# --------------------------------------------------------------------------------------
+# 4. File-system and type errors: one line, non-zero exit, nothing saved damaged.
+# --------------------------------------------------------------------------------------
+
+
+def test_workdir_that_cannot_be_created(tmp_path, capsys):
+    # Root ignores chmod, so the directory is made impossible instead: its parent is a file.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert _train(blocker / "run") == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and str(blocker) in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _set_read_only(path, read_only: bool) -> bool:
+    """Root ignores permissions, so as root the directory is made immutable (chattr)."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o500 if read_only else 0o700)
+        return True
+    flag = "+i" if read_only else "-i"
+    result = subprocess.run(["chattr", flag, str(path)], capture_output=True)
+    return result.returncode == 0
+
+
+@pytest.mark.slow
+def test_checkpoint_dir_unwritable_mid_run(tmp_path, capsys, monkeypatch):
+    if shutil.which("chattr") is None and os.geteuid() == 0:
+        pytest.skip("running as root without chattr: no way to make a directory unwritable")
+    workdir = tmp_path / "run"
+    original_save = Checkpointer.save
+    locked = []
+
+    def save_then_lock(self, step, *args):
+        original_save(self, step, *args)
+        if not locked:  # after the first checkpoint the disk turns read-only
+            locked.append(_set_read_only(self.directory, True))
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_lock)
+    try:
+        code = _train(workdir)
+    finally:
+        if locked and locked[0]:
+            _set_read_only(workdir / "checkpoints", False)
+    if not locked[0]:
+        pytest.skip("chattr +i is not permitted here")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "could not write checkpoint 20" in err and "earlier checkpoints there are kept" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # Checkpoint 10 is intact: it restores.
+    monkeypatch.undo()
+    config = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+    run = training.prepare(config, warm_start=False)
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    restored = checkpointer.restore_latest(run.initial_state, training.method_state_template(run))
+    checkpointer.close()
+    assert restored.step == 10 and int(restored.state.step) == 10
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"steps": "ten"}, "--steps must be an integer, got 'ten'"),
+        ({"steps": 20.5, "checkpoint_every": 10}, "--steps must be an integer, got 20.5"),
+        ({"loss": "magnett"}, "unknown --loss 'magnett'"),
+        ({"normalize": "yes"}, "--normalize must be true or false"),
+        ({"lr": [0.1]}, "--lr must be a number"),
+    ],
+)
+def test_bad_config_file_one_line_nothing_written(tmp_path, capsys, values, message):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(values))
+    workdir = tmp_path / "run"
+    code = cli.main(["train", "--config", str(path), "--workdir", str(workdir), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_at_a_checkpoint_and_resumes(tmp_path, capsys, monkeypatch):
+    prepare = training.prepare
+    calls = []
+
+    def prepare_with_ctrl_c(*args, **kwargs):
+        run = prepare(*args, **kwargs)
+        run_steps = run.steps.run_steps
+
+        def steps_then_ctrl_c(*step_args):
+            calls.append(1)
+            result = run_steps(*step_args)
+            if len(calls) == 1:  # the user presses Ctrl-C during the first steps
+                os.kill(os.getpid(), signal.SIGINT)
+            return result
+
+        run.steps = run.steps._replace(run_steps=steps_then_ctrl_c)
+        return run
+
+    monkeypatch.setattr(training, "prepare", prepare_with_ctrl_c)
+    workdir = tmp_path / "run"
+    assert _train(workdir, "--checkpoint-every", "20") == 130
+    err = capsys.readouterr().err
+    assert "interrupted at step 10 of 20: checkpoint 10 is saved" in err
+    assert "Traceback" not in err
+    assert checkpoint.complete_steps(workdir / "checkpoints") == [10]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.undo()
+    assert _train(workdir, "--checkpoint-every", "20") == 0
+    assert "resuming at step 10" in capsys.readouterr().out
+    assert [(h["kind"], h["step"]) for h in _history(workdir) if h["kind"] == "train"] == [
+        ("train", 10),
+        ("train", 20),
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# 5. Types and choices, for flags and config files alike.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--steps", "20.5"], "--steps: must be an integer, got '20.5'"),
+        (["--lr", "fast"], "--lr: must be a number, got 'fast'"),
+        (["--optimizer", "adamw"], "--optimizer: invalid choice: 'adamw'"),
+        (["--clustering", "spectral"], "--clustering: invalid choice"),
+    ],
+)
+def test_bad_flag_values_are_refused_naming_the_flag(tmp_path, capsys, flags, message):
+    workdir = tmp_path / "run"
+    assert cli.main(["train", "--workdir", str(workdir), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not workdir.exists()
+
+
+def test_config_types_floats_accept_integers():
+    config = TrainConfig.from_dict({"lr": 1, "alpha": 2, "steps": np.int64(7)})
+    assert isinstance(config.lr, float) and isinstance(config.alpha, float) and config.lr == 1.0
+    assert type(config.steps) is int and config.steps == 7
+    assert TrainConfig(workdir=Path("runs") / "x").workdir == os.path.join("runs", "x")
+    with pytest.raises(ValueError, match="--clusters-per-class must be an integer"):
+        TrainConfig(clusters_per_class=True)
+    with pytest.raises(ValueError, match="--clusters-per-class must be >= 1"):
+        TrainConfig(clusters_per_class=0).validate()
+
+
+# --------------------------------------------------------------------------------------
+# 7. Resume with --workdir alone; extend where exact; default work directory.
+# --------------------------------------------------------------------------------------
+
+
+def _fake_run(workdir, **values) -> TrainConfig:
+    """A work directory holding a run: its config.json and one complete checkpoint."""
+    config = TrainConfig(workdir=str(workdir), **values)
+    os.makedirs(workdir)
+    (workdir / "config.json").write_text(json.dumps(config.to_dict()))
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    checkpointer.save(10, _tiny_state(10), None, {})
+    checkpointer.close()
+    return config
+
+
+def test_workdir_alone_reuses_the_runs_config(tmp_path):
+    saved = _fake_run(tmp_path / "run", dataset="digits", steps=40, lr=0.01, seed=3)
+    args = cli.build_parser().parse_args(["train", "--workdir", str(tmp_path / "run")])
+    assert cli._config_from_args(args) == saved
+    args = cli.build_parser().parse_args(
+        ["train", "--workdir", str(tmp_path / "run"), "--eval-every", "7"]
+    )
+    config = cli._config_from_args(args)
+    assert (config.lr, config.seed, config.eval_every) == (0.01, 3, 7)
+    # A directory whose first run failed before any checkpoint holds no run: flags rule.
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "config.json").write_text(json.dumps({"lr": 1e6}))
+    assert resolve_config({"workdir": str(tmp_path / "failed")}).lr == TrainConfig().lr
+
+
+def test_extending_steps_depends_on_the_schedule(tmp_path):
+    saved = TrainConfig(steps=40).to_dict()
+    with pytest.raises(ValueError, match="cosine learning-rate schedule decays over --steps"):
+        check_same_run(saved, TrainConfig(steps=80), "W", 40)
+    constant = TrainConfig(steps=40, lr_schedule="constant")
+    check_same_run(constant.to_dict(), TrainConfig(steps=80, lr_schedule="constant"), "W", 40)
+    with pytest.raises(ValueError, match="below the step 40 of the latest checkpoint"):
+        check_same_run(constant.to_dict(), TrainConfig(steps=30, lr_schedule="constant"), "W", 40)
+    with pytest.raises(ValueError, match=r"--lr: saved 0.001, now 0.1"):
+        check_same_run(saved, TrainConfig(steps=40, lr=0.1), "W", 40)
+
+
+def test_default_workdir_depends_on_loss_and_dataset():
+    assert TrainConfig().workdir == os.path.join("runs", "magnet-digits")
+    assert TrainConfig(dataset="fashion_mnist").workdir == os.path.join(
+        "runs", "magnet-fashion_mnist"
+    )
+    assert TrainConfig(loss="triplet", dataset="npz:/data/feat.npz").workdir == os.path.join(
+        "runs", "triplet-npz-feat"
+    )
+    assert TrainConfig(workdir="mine").workdir == "mine"
+    args = cli.build_parser().parse_args(["train", "--dataset", "mnist", "--loss", "softmax"])
+    assert cli._config_from_args(args).workdir == os.path.join("runs", "softmax-mnist")
+
+
+# --------------------------------------------------------------------------------------
+# 8. Help: groups, one line per flag, defaults once; devices recorded.
+# --------------------------------------------------------------------------------------
+
+
+def test_train_help_is_grouped_and_complete(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for title in ("data flags", "model flags", "method", "clustering", "schedule", "evaluation"):
+        assert title in text
+    assert "Adam learning rate" not in text
+    assert "{adam,sgd}" in text and "{cosine,constant}" in text
+    parser = cli.build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    for action in train._actions:
+        if action.option_strings and action.dest not in ("help",):
+            assert action.help and action.help.count("(default:") <= 1, action.dest
+    import dataclasses
+
+    from magnet_jax.config import FIELDS
+
+    assert set(FIELDS) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@pytest.mark.slow
+def test_devices_are_printed_and_recorded(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert _train(workdir, "--steps", "10", "--eval-every", "10") == 0
+    assert "on 1 cpu device(s)" in capsys.readouterr().out
+    start = _history(workdir)[0]
+    assert start == {
+        "kind": "start",
+        "step": 0,
+        "devices": 1,
+        "platform": jax.devices()[0].platform,
+        "device_kind": jax.devices()[0].device_kind,
+    }
+    assert Workdir(workdir).checkpoint_steps() == [10]
