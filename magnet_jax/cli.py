@@ -21,6 +21,7 @@ import sys
 import types
 import typing
 
+from magnet_jax import distributed
 from magnet_jax.config import FIELDS, GROUPS, FieldInfo, TrainConfig, flag
 from magnet_jax.data import dataset_help
 from magnet_jax.workdir import TrainingInterrupted, resolve_config
@@ -124,6 +125,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     metrics = train(config, progress=not args.no_progress)
+    if not distributed.is_main_process():
+        return 0
     print(
         f"trained {config.loss} on {config.dataset}; results in {os.path.abspath(config.workdir)}"
     )
@@ -155,6 +158,35 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_process_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "several processes (hosts)",
+        "run the same command on every host; see magnet_jax.distributed. Each flag may "
+        f"instead come from the environment ({distributed.ENV_COORDINATOR}, "
+        f"{distributed.ENV_NUM_PROCESSES}, {distributed.ENV_PROCESS_ID}).",
+    )
+    group.add_argument("--coordinator", help="HOST:PORT where process 0 listens")
+    group.add_argument("--num-processes", type=int, help="how many processes cooperate")
+    group.add_argument("--process-id", type=int, help="this process's index, 0 .. N-1")
+    group.add_argument(
+        "--distributed-auto",
+        action="store_true",
+        help="let JAX detect the cluster (SLURM, Cloud TPU pods) instead of the three flags",
+    )
+    group.add_argument(
+        "--join-timeout",
+        type=int,
+        default=distributed.DEFAULT_JOIN_TIMEOUT,
+        help="seconds to wait for every process to join before stopping with an error",
+    )
+
+
+def _start_processes(args: argparse.Namespace) -> None:
+    """Joins the other processes when the flags or the environment name them."""
+    group = distributed.from_environment(args.coordinator, args.num_processes, args.process_id)
+    distributed.initialize(group, auto=args.distributed_auto, join_timeout=args.join_timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="magnet-jax", description="Deep metric learning with the Magnet Loss in JAX."
@@ -170,10 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--config", help="JSON file of config values; flags override it")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(train_parser)
+    _add_process_flags(train_parser)
     train_parser.set_defaults(handler=_cmd_train)
 
     eval_parser = commands.add_parser("evaluate", help="re-evaluate the latest checkpoint of a run")
     eval_parser.add_argument("--workdir", required=True)
+    _add_process_flags(eval_parser)
     eval_parser.set_defaults(handler=_cmd_evaluate)
 
     plot_parser = commands.add_parser("plot", help="embedding maps and learning curves of runs")
@@ -200,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit:  # --help, or a flag argparse refused (it printed why)
         return exit.code if isinstance(exit.code, int) else 2
     try:
+        if hasattr(args, "coordinator"):
+            _start_processes(args)
         return args.handler(args)
     except TrainingInterrupted as stopped:
         print(f"magnet-jax: {stopped}", file=sys.stderr)
@@ -208,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         print("magnet-jax: interrupted before training started", file=sys.stderr)
         return 130
     # OSError: file-system errors (a work directory or checkpoint that cannot be written).
-    except (ValueError, OSError, ImportError, FloatingPointError) as error:
+    except (ValueError, OSError, ImportError, FloatingPointError, distributed.JoinError) as error:
         print(f"magnet-jax: error: {error}", file=sys.stderr)
         return 2
 

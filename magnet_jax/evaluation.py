@@ -193,6 +193,33 @@ def _compiled(kernel, static: tuple, num_sharded: int, num_replicated: int, devi
     )
 
 
+def process_local(x):
+    """``x`` as an array this process can address on its own.
+
+    With several processes (``jax.distributed``), the trainer's arrays span every
+    process's devices; evaluation runs on the local devices only, each process on the
+    same values. A replicated global array gives its local copy; a sharded one is
+    gathered from all processes (a collective: every process must call this together).
+    Anything else (NumPy, tracers, single-process arrays) is returned unchanged.
+    """
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or x.is_fully_addressable:
+        return x
+    if x.sharding.is_fully_replicated:
+        return x.addressable_data(0)
+    from jax.experimental import multihost_utils
+
+    return jnp.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _replicate_like(x: jax.Array, like: jax.Array) -> jax.Array:
+    """``x`` replicated on the devices that hold ``like`` (whatever its sharding)."""
+    devices = sorted(like.sharding.device_set, key=lambda device: device.id)
+    if len(devices) == 1:
+        return jax.device_put(x, devices[0])
+    mesh = jax.sharding.Mesh(np.asarray(devices), (_QUERY_AXIS,))
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
 def _run_chunks(
     kernel,
     static: dict,
@@ -209,6 +236,8 @@ def _run_chunks(
     chunk is zero-padded so the kernel compiles once per chunk size. Outputs are
     concatenated along the query axis with the padding dropped.
     """
+    sharded = [process_local(a) for a in sharded]
+    replicated = [process_local(a) for a in replicated]
     traced = any(isinstance(a, jax.core.Tracer) for a in (*sharded, *replicated))
     devices = (jax.devices()[0],) if traced else tuple(jax.local_devices())
     per_device = min(chunk_size, -(-num_queries // len(devices)))
@@ -432,7 +461,7 @@ def knn_predict(
     if not isinstance(reference_labels, jax.core.Tracer):
         # The labels may be committed to other devices (e.g. a trainer's sub-mesh) than the
         # neighbour indices, which live on this module's own query mesh.
-        reference_labels = jax.device_put(reference_labels, indices.sharding)
+        reference_labels = _replicate_like(process_local(reference_labels), indices)
     if k == 1:
         return reference_labels[indices[:, 0]].astype(jnp.int32)
     return knn_vote(reference_labels[indices].astype(jnp.int32), num_classes=int(num_classes))

@@ -38,7 +38,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from magnet_jax import augment, methods, sampling
+from magnet_jax import augment, distributed, methods, sampling
 from magnet_jax.checkpoint import Checkpointer
 from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, load_dataset
@@ -551,8 +551,12 @@ def train(
         check_same_run(saved, config, workdir.path, checkpoint_steps[-1])
     workdir.check_writable()
     run = prepare(config, dataset, warm_start=not checkpoint_steps)  # raises before any write
+    # With several processes only the main one writes the run's files; all of them save
+    # and restore checkpoints together (magnet_jax.distributed).
+    main = distributed.is_main_process()
     workdir.create()
-    workdir.write_json(workdir.config, config.to_dict())
+    if main:
+        workdir.write_json(workdir.config, config.to_dict())
     checkpointer = Checkpointer(workdir.checkpoints, max_to_keep=config.max_checkpoints)
 
     state, method_state = run.initial_state, run.method.init_state(run.info)
@@ -566,39 +570,48 @@ def train(
             method_state = restored.index
         history_lines = restored.meta["history_lines"]
         seconds_before = restored.meta["seconds"]
-    workdir.truncate_history(history_lines)
+    if main:
+        workdir.truncate_history(history_lines)
     step = int(state.step)
 
     started = time.perf_counter()
-    history = open(workdir.history, "a")
+    history = open(workdir.history, "a") if main else None
     metrics: dict[str, float] = {}
 
     def log(record: dict) -> None:
         nonlocal history_lines
-        history.write(json.dumps(record, sort_keys=True) + "\n")
-        history.flush()
-        history_lines += 1
+        if history is not None:
+            history.write(json.dumps(record, sort_keys=True) + "\n")
+            history.flush()
+        history_lines += 1  # counted on every process: it goes into the checkpoint
 
     if latest is None and run.warm_start is not None:
         log(run.warm_start.record())
-        print(run.warm_start.summary(), flush=True)
+        if main:
+            print(run.warm_start.summary(), flush=True)
     devices = device_record(run.mesh)
     log({"kind": "start", "step": step, **devices})
-    print(
-        f"{'resuming at step ' + str(step) if latest is not None else 'training'} in "
-        f"{workdir.path} on {devices['devices']} {devices['platform']} device(s) "
-        f"({devices['device_kind']})",
-        flush=True,
-    )
+    if main:
+        print(
+            f"{'resuming at step ' + str(step) if latest is not None else 'training'} in "
+            f"{workdir.path} on {devices['devices']} {devices['platform']} device(s) "
+            f"({devices['device_kind']})",
+            flush=True,
+        )
 
     bar = tqdm(
         total=config.steps,
         initial=step,
-        disable=not progress,
+        disable=not (progress and main),
         desc=f"{config.loss} on {config.dataset}",
         unit="step",
     )
-    stop = StopOnInterrupt().install()
+    # One process alone stops cleanly at a checkpoint on Ctrl-C; several must all save
+    # together, and a Ctrl-C reaches only one of them, so there it interrupts at once (the
+    # run resumes from the last periodic checkpoint).
+    stop = StopOnInterrupt()
+    if distributed.num_processes() == 1:
+        stop.install()
     try:
         while True:
             if _refresh_due(run, step, config.steps):
@@ -646,13 +659,15 @@ def train(
     finally:
         stop.restore()
         bar.close()
-        history.close()
+        if history is not None:
+            history.close()
         checkpointer.close()
 
     final = {**metrics, "steps": step, "seconds": seconds_before + time.perf_counter() - started}
     final["loss"] = config.loss
     final["dataset"] = config.dataset
-    workdir.write_json(workdir.metrics, final)
+    if main:
+        workdir.write_json(workdir.metrics, final)
     return final
 
 

@@ -190,10 +190,14 @@ def resolve_config(explicit: dict[str, Any]) -> TrainConfig:
 
 
 def device_record(mesh) -> dict[str, Any]:
-    """What a run computes on: the number and kind of devices of its mesh."""
+    """What a run computes on: the number and kind of devices of its mesh, and how many
+    processes (hosts) share them."""
+    import jax
+
     devices = list(mesh.devices.flat)
     return {
         "devices": len(devices),
+        "processes": jax.process_count(),
         "platform": devices[0].platform,
         "device_kind": devices[0].device_kind,
     }
