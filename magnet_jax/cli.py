@@ -140,6 +140,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     run, state, method_state = load_for_evaluation(args.workdir)
     metrics = evaluate(run, state.params, method_state)
     metrics["steps"] = int(state.step)
+    if not distributed.is_main_process():
+        return 0
     path = os.path.join(args.workdir, "evaluation.json")
     with open(path, "w") as f:
         json.dump(metrics, f, indent=2, sort_keys=True)
