@@ -377,6 +377,7 @@ def test_devices_are_printed_and_recorded(tmp_path, capsys):
         "kind": "start",
         "step": 0,
         "devices": 1,
+        "processes": 1,
         "platform": jax.devices()[0].platform,
         "device_kind": jax.devices()[0].device_kind,
     }
