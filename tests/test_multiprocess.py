@@ -143,8 +143,12 @@ LONG_FLAGS += ["--optimizer", "sgd", "--lr", "0.01", "--lr-schedule", "constant"
 
 @pytest.mark.slow
 def test_sigkill_of_one_process_stops_both_and_rerun_resumes_exactly(tmp_path):
-    reference = _run_one(tmp_path / "reference", flags=LONG_FLAGS)
-    assert reference.returncode == 0, reference.stderr[-2000:]
+    # The reference is the same two processes uninterrupted: over 200 steps and 9 k-means
+    # refreshes, one process with four devices drifts away from them (5e-4 by step 100),
+    # as any two ways of summing the same gradients do once a refresh assigns a borderline
+    # point differently; the 30-step test above compares those two.
+    for returncode, _, err in _run_two(tmp_path / "reference", flags=LONG_FLAGS):
+        assert returncode == 0, err[-2000:]
 
     workdir = tmp_path / "killed"
     port = _free_port()
@@ -172,7 +176,7 @@ def test_sigkill_of_one_process_stops_both_and_rerun_resumes_exactly(tmp_path):
         assert returncode == 0, err[-2000:]
     _, params_reference = _final_params(tmp_path / "reference")
     _, params_resumed = _final_params(workdir)
-    _assert_same_params(params_reference, params_resumed, atol=1e-5)
+    _assert_same_params(params_reference, params_resumed, atol=1e-6)
 
 
 @pytest.mark.slow
