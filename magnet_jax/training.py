@@ -39,6 +39,8 @@ from jax.sharding import PartitionSpec as P
 
 from magnet_jax import augment, evaluation, sampling
 from magnet_jax import index as index_lib
+from magnet_jax.backbones import finetune
+from magnet_jax.backbones import trainer as backbone_trainer
 from magnet_jax.checkpoint import Checkpointer, complete_steps
 from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, load_dataset
@@ -93,13 +95,28 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.asarray(devices[:num_devices]), ("data",))
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Adam (or SGD with momentum 0.9) with a constant or cosine-decayed learning rate."""
+def make_optimizer(config: TrainConfig, labels: Any = None) -> optax.GradientTransformation:
+    """Adam (or SGD with momentum 0.9) with a constant or cosine-decayed learning rate.
+
+    With ``labels`` (a ``--backbone`` run's :func:`magnet_jax.backbones.finetune.param_labels`),
+    the backbone's learning rate is ``lr x backbone_lr_multiplier`` and frozen leaves get
+    exactly zero updates."""
     lr = (
         optax.cosine_decay_schedule(config.lr, config.steps)
         if config.lr_schedule == "cosine"
         else config.lr
     )
+    if labels is not None:
+        return finetune.finetune_optimizer(
+            lambda lr: _base_optimizer(config, lr),
+            lr,
+            labels,
+            backbone_lr_multiplier=config.backbone_lr_multiplier,
+        )
+    return _base_optimizer(config, lr)
+
+
+def _base_optimizer(config: TrainConfig, lr) -> optax.GradientTransformation:
     if config.optimizer == "sgd":
         sgd = optax.sgd(lr, momentum=0.9)
         return (
@@ -118,8 +135,13 @@ def build_step_functions(
     optimizer: optax.GradientTransformation,
     config: TrainConfig,
     mesh: Mesh,
+    setup: backbone_trainer.FinetuneSetup | None = None,
 ) -> StepFunctions:
-    """Builds the jitted train step, its multi-step loop and the chunked embedding."""
+    """Builds the jitted train step, its multi-step loop and the chunked embedding.
+
+    ``setup`` (``--backbone`` runs): frozen leaves are kept out of the backward pass, the
+    step runs ``setup.train_graphdef`` and, with ``train_bn``, keeps the batch statistics
+    that its forward pass computed."""
     num_devices = mesh.devices.size
     batch_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
@@ -135,13 +157,20 @@ def build_step_functions(
         inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
 
         def loss_of(params):
-            model = nnx.merge(graphdef, nnx.State(params))
+            if setup is None:
+                model = nnx.merge(graphdef, nnx.State(params))
+            else:
+                params = finetune.stop_frozen_gradients(params, setup.labels)
+                model = nnx.merge(setup.train_graphdef, nnx.State(params))
             output = objective.loss(model, model(inputs), batch, config)
-            return output.loss, output
+            stats = finetune.updated_batch_stats(model) if config.train_bn else None
+            return output.loss, (output, stats)
 
-        (loss, output), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        (loss, (output, stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if stats is not None:
+            params = finetune.with_batch_stats(params, stats)
         if objective.uses_index:
             index = index_lib.record_batch(
                 index, batch.cluster_ids, output.example_losses, output.variance
@@ -228,6 +257,7 @@ class Run:
     x_test: jax.Array
     initial_state: TrainState
     warm_start: WarmStart | None = None  # what --init-from copied into initial_state
+    finetune: backbone_trainer.FinetuneSetup | None = None  # --backbone runs
 
     @property
     def refresh_every(self) -> int:
@@ -301,27 +331,43 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
     _check_against_data(config, dataset, objective, mesh.devices.size)
 
     input_shape = dataset.x_train.shape[1:]
-    model = create_model(
-        config.architecture or default_architecture(input_shape),
-        input_shape,
-        embedding_dim=config.embedding_dim,
-        seed=config.seed,
-        normalize=config.normalize,
-        num_classes=dataset.num_classes,
-        classifier=objective.classifier,
-        proxies=objective.proxies,
-    )
+    setup = None
+    if config.backbone is not None:
+        model = backbone_trainer.create_model(
+            config,
+            input_shape,
+            num_classes=dataset.num_classes,
+            classifier=objective.classifier,
+            proxies=objective.proxies,
+        )
+        setup = backbone_trainer.setup(config, model)
+    else:
+        model = create_model(
+            config.architecture or default_architecture(input_shape),
+            input_shape,
+            embedding_dim=config.embedding_dim,
+            seed=config.seed,
+            normalize=config.normalize,
+            num_classes=dataset.num_classes,
+            classifier=objective.classifier,
+            proxies=objective.proxies,
+        )
     graphdef, params_state = nnx.split(model)
     params = nnx.to_pure_dict(params_state)
     warm = None
     if source is not None:
         params, warm = warm_start_params(config.init_from, *source, params)
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config, None if setup is None else setup.labels)
 
+    x_train, x_test = dataset.x_train, dataset.x_test
+    if config.cache_prefix:  # the frozen stages' output, once per dataset
+        x_train, x_test = backbone_trainer.cache_prefix(
+            config, setup, graphdef, params, x_train, x_test
+        )
     replicated = NamedSharding(mesh, P())
     labels = jnp.asarray(dataset.y_train, jnp.int32)
     data = TrainingData(
-        x=jnp.asarray(dataset.x_train),
+        x=jnp.asarray(x_train),
         labels=labels,
         class_table=sampling.group_table(labels, num_groups=dataset.num_classes),
     )
@@ -333,11 +379,36 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         rng=jax.random.PRNGKey(config.seed),
     )
     state = jax.device_put(state, replicated)
-    steps = build_step_functions(objective, graphdef, optimizer, config, mesh)
-    x_test = jax.device_put(jnp.asarray(dataset.x_test), replicated)
+    steps = build_step_functions(objective, graphdef, optimizer, config, mesh, setup)
+    x_test = jax.device_put(jnp.asarray(x_test), replicated)
     return Run(
-        config, dataset, objective, mesh, graphdef, optimizer, steps, data, x_test, state, warm
+        config,
+        dataset,
+        objective,
+        mesh,
+        graphdef,
+        optimizer,
+        steps,
+        data,
+        x_test,
+        state,
+        warm,
+        setup,
     )
+
+
+def _with_current_prefix(run: Run, params) -> Run:
+    """A resumed ``--cache-prefix`` run whose checkpoint holds other frozen values than the
+    cache was computed from (e.g. warm-started by --init-from): the cache recomputed."""
+    if backbone_trainer.prefix_is_current(run.finetune, run.graphdef, params):
+        return run
+    x_train, x_test = backbone_trainer.cache_prefix(
+        run.config, run.finetune, run.graphdef, params, run.dataset.x_train, run.dataset.x_test
+    )
+    replicated = NamedSharding(run.mesh, P())
+    data = jax.device_put(run.data._replace(x=jnp.asarray(x_train)), replicated)
+    x_test = jax.device_put(jnp.asarray(x_test), replicated)
+    return dataclasses.replace(run, data=data, x_test=x_test)
 
 
 # --------------------------------------------------------------------------------------
@@ -567,6 +638,7 @@ def train(
         index_template = _index_template(run) if run.objective.uses_index else None
         restored = checkpointer.restore(latest, state, index_template)
         state, index = restored.state, restored.index
+        run = _with_current_prefix(run, state.params)
         history_lines = restored.meta["history_lines"]
         seconds_before = restored.meta["seconds"]
     workdir.truncate_history(history_lines)
@@ -668,4 +740,4 @@ def load_for_evaluation(workdir: str) -> tuple[Run, TrainState, Any]:
     index_template = _index_template(run) if run.objective.uses_index else None
     restored = checkpointer.restore(latest, run.initial_state, index_template)
     checkpointer.close()
-    return run, restored.state, restored.index
+    return _with_current_prefix(run, restored.state.params), restored.state, restored.index
