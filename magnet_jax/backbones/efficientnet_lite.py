@@ -77,8 +77,11 @@ class MBConv(nnx.Module):
         else:
             self.expand_conv = None
             self.bn0 = None
+        # Depthwise convolutions stay in float32 whatever the compute dtype: they are ~5% of
+        # the FLOPs, and in bfloat16 they alone caused 60% of the error (pooled features
+        # 3.8% -> 1.6% relative error at 96x96 on the ImageNet weights).
         self.depthwise_conv = conv(
-            mid, mid, kernel, stride, padding="SAME", groups=mid, dtype=dtype, rngs=rngs
+            mid, mid, kernel, stride, padding="SAME", groups=mid, dtype=jnp.float32, rngs=rngs
         )
         self.bn1 = batch_norm(mid, **_BN, dtype=dtype, rngs=rngs)
         self.project_conv = conv(mid, out_features, 1, padding="SAME", dtype=dtype, rngs=rngs)
