@@ -437,3 +437,19 @@ def test_bfloat16_compute_close_to_float32():
     np.testing.assert_array_equal(np.argmax(logits_a, 1), np.argmax(logits_b, 1))
     unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)  # noqa: E731
     assert np.max(np.abs(unit(a) - unit(b))) <= 1e-2
+
+
+@pytest.mark.parametrize("kernel, stride, size", [(3, 1, 8), (3, 2, 8), (5, 2, 7), (5, 1, 9)])
+def test_cpu_depthwise_path_equals_the_convolution(kernel, stride, size):
+    from magnet_jax.backbones.common import depthwise_same
+
+    conv = nnx.Conv(
+        6, 6, (kernel, kernel), strides=stride, padding="SAME", feature_group_count=6,
+        use_bias=False, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, size, size + 1, 6))
+    np.testing.assert_allclose(depthwise_same(conv, x), conv(x), rtol=1e-5, atol=1e-5)
+    grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)  # noqa: E731
+    np.testing.assert_allclose(
+        grad(lambda x: depthwise_same(conv, x)), grad(conv), rtol=1e-5, atol=1e-5
+    )

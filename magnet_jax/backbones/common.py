@@ -74,6 +74,42 @@ def batch_norm(
     )
 
 
+def depthwise_same(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+    """``conv(x)`` for a depthwise ``nnx.Conv`` with "SAME" padding and no bias.
+
+    On CPU it is computed as k*k strided slices times per-channel weights, summed: the same
+    function (identical results in tests), but XLA:CPU's grouped convolution is slow,
+    its gradient especially (measured fwd+bwd on EfficientNet-Lite0's layers at batch 48:
+    2-6x faster this way). Other platforms use the convolution.
+    """
+    if jax.default_backend() != "cpu":
+        return conv(x)
+    kernel = conv.kernel[...]
+    kh, kw, _, channels = kernel.shape
+    (sh, sw) = conv.strides if isinstance(conv.strides, tuple) else (conv.strides,) * 2
+    dtype = conv.dtype or jnp.result_type(x, kernel)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    batch, height, width, _ = x.shape
+    out_h, out_w = -(-height // sh), -(-width // sw)
+    pad_h = max((out_h - 1) * sh + kh - height, 0)
+    pad_w = max((out_w - 1) * sw + kw - width, 0)
+    x = jnp.pad(
+        x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+    )
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            window = jax.lax.slice(
+                x,
+                (0, i, j, 0),
+                (batch, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, channels),
+                (1, sh, sw, 1),
+            )
+            term = window * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
 def relu6(x: jax.Array) -> jax.Array:
     return jnp.clip(x, 0, 6)
 

@@ -37,6 +37,7 @@ from magnet_jax.backbones.common import (
     bn_entries,
     conv,
     conv_entries,
+    depthwise_same,
     linear_entries,
     relu6,
 )
@@ -92,7 +93,7 @@ class MBConv(nnx.Module):
         x = inputs
         if self.expand_conv is not None:
             x = relu6(self.bn0(self.expand_conv(x)))
-        x = relu6(self.bn1(self.depthwise_conv(x)))
+        x = relu6(self.bn1(depthwise_same(self.depthwise_conv, x)))
         x = self.bn2(self.project_conv(x))
         return x + inputs if self.skip else x
 
