@@ -236,6 +236,20 @@ def measure(name, size, batch, steps, repeats, torch_device) -> dict:
     return row
 
 
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return None
+
+
 def environment(torch_device: str) -> dict:
     info = {
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -249,6 +263,7 @@ def environment(torch_device: str) -> dict:
         "optax": optax.__version__,
         "numpy": np.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "git_commit": _git_commit(),
     }
     try:
         import torch
