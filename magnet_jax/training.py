@@ -39,6 +39,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from magnet_jax import augment, distributed, methods, sampling
+from magnet_jax.backbones import finetune
+from magnet_jax.backbones import trainer as backbone_trainer
 from magnet_jax.checkpoint import Checkpointer
 from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, load_dataset
@@ -103,13 +105,28 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     return Mesh(np.asarray(devices[:num_devices]), ("data",))
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Adam (or SGD with momentum 0.9) with a constant or cosine-decayed learning rate."""
+def make_optimizer(config: TrainConfig, labels: Any = None) -> optax.GradientTransformation:
+    """Adam (or SGD with momentum 0.9) with a constant or cosine-decayed learning rate.
+
+    With ``labels`` (a ``--backbone`` run's :func:`magnet_jax.backbones.finetune.param_labels`),
+    the backbone's learning rate is ``lr x backbone_lr_multiplier`` and frozen leaves get
+    exactly zero updates."""
     lr = (
         optax.cosine_decay_schedule(config.lr, config.steps)
         if config.lr_schedule == "cosine"
         else config.lr
     )
+    if labels is not None:
+        return finetune.finetune_optimizer(
+            lambda lr: _base_optimizer(config, lr),
+            lr,
+            labels,
+            backbone_lr_multiplier=config.backbone_lr_multiplier,
+        )
+    return _base_optimizer(config, lr)
+
+
+def _base_optimizer(config: TrainConfig, lr) -> optax.GradientTransformation:
     if config.optimizer == "sgd":
         sgd = optax.sgd(lr, momentum=0.9)
         return (
@@ -141,8 +158,13 @@ def build_step_functions(
     optimizer: optax.GradientTransformation,
     config: TrainConfig,
     mesh: Mesh,
+    setup: backbone_trainer.FinetuneSetup | None = None,
 ) -> StepFunctions:
-    """Builds the jitted train step, its multi-step loop and the chunked embedding."""
+    """Builds the jitted train step, its multi-step loop and the chunked embedding.
+
+    ``setup`` (``--backbone`` runs): frozen leaves are kept out of the backward pass, the
+    step runs ``setup.train_graphdef`` and, with ``train_bn``, keeps the batch statistics
+    that its forward pass computed."""
     num_devices = mesh.devices.size
     batch_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
@@ -160,12 +182,23 @@ def build_step_functions(
         inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
 
         def loss_of(params):
-            model = nnx.merge(graphdef, nnx.State(model_params(params)))
-            return method.loss(model, params, model(inputs), batch)
+            if setup is None:
+                model = nnx.merge(graphdef, nnx.State(model_params(params)))
+            else:
+                params = finetune.stop_frozen_gradients(params, setup.labels)
+                model = nnx.merge(setup.train_graphdef, nnx.State(model_params(params)))
+            loss, stats = method.loss(model, params, model(inputs), batch)
+            # --train-bn: the batch statistics the forward pass computed, kept after the update
+            batch_stats = finetune.updated_batch_stats(model) if config.train_bn else None
+            return loss, (stats, batch_stats)
 
-        (loss, stats), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+        (loss, (stats, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            state.params
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if batch_stats is not None:
+            params = finetune.with_batch_stats(params, batch_stats)
         method_state = method.update(method_state, batch, stats, params)
         return TrainState(state.step + 1, params, opt_state, state.rng), method_state, loss
 
@@ -252,6 +285,7 @@ class Run:
     x_test: jax.Array
     initial_state: TrainState
     warm_start: WarmStart | None = None  # what --init-from copied into initial_state
+    finetune: backbone_trainer.FinetuneSetup | None = None  # --backbone runs
 
     @property
     def refresh_every(self) -> int:
@@ -326,16 +360,27 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
     _check_against_data(config, dataset, method, info, mesh.devices.size)
 
     input_shape = dataset.x_train.shape[1:]
-    model = create_model(
-        config.architecture or default_architecture(input_shape),
-        input_shape,
-        embedding_dim=config.embedding_dim,
-        seed=config.seed,
-        normalize=config.normalize,
-        num_classes=dataset.num_train_classes,  # no head or proxy for an unseen class
-        classifier=method.classifier,
-        proxies=method.proxies,
-    )
+    setup = None
+    if config.backbone is not None:
+        model = backbone_trainer.create_model(
+            config,
+            input_shape,
+            num_classes=dataset.num_train_classes,  # no head or proxy for an unseen class
+            classifier=method.classifier,
+            proxies=method.proxies,
+        )
+        setup = backbone_trainer.setup(config, model)
+    else:
+        model = create_model(
+            config.architecture or default_architecture(input_shape),
+            input_shape,
+            embedding_dim=config.embedding_dim,
+            seed=config.seed,
+            normalize=config.normalize,
+            num_classes=dataset.num_train_classes,  # no head or proxy for an unseen class
+            classifier=method.classifier,
+            proxies=method.proxies,
+        )
     graphdef, params_state = nnx.split(model)
     params = nnx.to_pure_dict(params_state)
     warm = None
@@ -344,13 +389,21 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
     own_params = method.init_params(jax.random.PRNGKey(config.seed + 2), info)
     if own_params:
         params = {**params, _METHOD_PARAMS: own_params}
-    optimizer = make_optimizer(config)
+        if setup is not None:  # a method's own parameters train at the head's rate
+            labels = {**setup.labels, _METHOD_PARAMS: jax.tree.map(lambda _: "head", own_params)}
+            setup = dataclasses.replace(setup, labels=labels)
+    optimizer = make_optimizer(config, None if setup is None else setup.labels)
 
+    x_train, x_test = dataset.x_train, dataset.x_test
+    if config.cache_prefix:  # the frozen stages' output, once per dataset
+        x_train, x_test = backbone_trainer.cache_prefix(
+            config, setup, graphdef, params, x_train, x_test
+        )
     replicated = NamedSharding(mesh, P())
     # A label-free method gets no labels at all: the step cannot read them by mistake.
     labels = jnp.asarray(dataset.y_train, jnp.int32) if method.needs_labels else None
     data = TrainingData(
-        x=jnp.asarray(dataset.x_train),
+        x=jnp.asarray(x_train),
         labels=labels,
         class_table=(
             sampling.group_table(labels, num_groups=dataset.num_classes)
@@ -366,11 +419,37 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         rng=jax.random.PRNGKey(config.seed),
     )
     state = jax.device_put(state, replicated)
-    steps = build_step_functions(method, graphdef, optimizer, config, mesh)
-    x_test = jax.device_put(jnp.asarray(dataset.x_test), replicated)
+    steps = build_step_functions(method, graphdef, optimizer, config, mesh, setup)
+    x_test = jax.device_put(jnp.asarray(x_test), replicated)
     return Run(
-        config, dataset, method, info, mesh, graphdef, optimizer, steps, data, x_test, state, warm
+        config,
+        dataset,
+        method,
+        info,
+        mesh,
+        graphdef,
+        optimizer,
+        steps,
+        data,
+        x_test,
+        state,
+        warm,
+        setup,
     )
+
+
+def _with_current_prefix(run: Run, params) -> Run:
+    """A resumed ``--cache-prefix`` run whose checkpoint holds other frozen values than the
+    cache was computed from (e.g. warm-started by --init-from): the cache recomputed."""
+    if backbone_trainer.prefix_is_current(run.finetune, run.graphdef, params):
+        return run
+    x_train, x_test = backbone_trainer.cache_prefix(
+        run.config, run.finetune, run.graphdef, params, run.dataset.x_train, run.dataset.x_test
+    )
+    replicated = NamedSharding(run.mesh, P())
+    data = jax.device_put(run.data._replace(x=jnp.asarray(x_train)), replicated)
+    x_test = jax.device_put(jnp.asarray(x_test), replicated)
+    return dataclasses.replace(run, data=data, x_test=x_test)
 
 
 # --------------------------------------------------------------------------------------
@@ -568,6 +647,7 @@ def train(
         state = restored.state
         if restored.index is not None:
             method_state = restored.index
+        run = _with_current_prefix(run, state.params)
         history_lines = restored.meta["history_lines"]
         seconds_before = restored.meta["seconds"]
     if main:
@@ -712,4 +792,4 @@ def load_for_evaluation(workdir: str) -> tuple[Run, TrainState, Any]:
     restored = checkpointer.restore_latest(run.initial_state, method_state_template(run))
     checkpointer.close()
     method_state = restored.index if restored.index is not None else run.method.init_state(run.info)
-    return run, restored.state, method_state
+    return _with_current_prefix(run, restored.state.params), restored.state, method_state

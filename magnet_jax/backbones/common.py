@@ -1,0 +1,275 @@
+"""What the backbones share: layers with PyTorch's semantics, preprocessing, the stage
+interface, and the explicit PyTorch name map used to import and export weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# He-normal over fan-out, as torchvision's ResNet and the EfficientNet code initialise
+# their convolutions (only matters for backbones built without weights).
+conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def conv(
+    in_channels: int,
+    out_channels: int,
+    kernel: int,
+    stride: int = 1,
+    *,
+    padding: str | Sequence[tuple[int, int]],
+    groups: int = 1,
+    dtype: Any,
+    rngs: nnx.Rngs,
+) -> nnx.Conv:
+    """A bias-free 2-D convolution with an explicit padding rule.
+
+    ``padding="SAME"`` is TensorFlow's rule, which is also PyTorch EfficientNet's
+    ``Conv2dStaticSamePadding`` (total ``max((ceil(i/s)-1)*s + k - i, 0)``, the smaller half
+    before); a list of pairs is PyTorch's symmetric ``padding=p`` as ``[(p, p), (p, p)]``.
+    """
+    return nnx.Conv(
+        in_channels,
+        out_channels,
+        (kernel, kernel),
+        strides=stride,
+        padding=padding,
+        feature_group_count=groups,
+        use_bias=False,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=conv_init,
+        rngs=rngs,
+    )
+
+
+def batch_norm(
+    features: int, *, epsilon: float, torch_momentum: float, dtype, rngs
+) -> nnx.BatchNorm:
+    """Batch norm in inference mode (running statistics) until told otherwise.
+
+    ``torch_momentum`` is PyTorch's (weight of the new batch); Flax's momentum is its
+    complement. In training mode Flax keeps the biased batch variance in its running
+    average where PyTorch keeps the unbiased one; inference is identical.
+
+    It normalises in float32 whatever the compute dtype (``dtype`` is accepted for symmetry
+    and unused): in bfloat16, folding the running variance into the scale loses ~1% per
+    layer, and a reduced-precision run keeps its convolutions (the cost) in bfloat16.
+    """
+    del dtype
+    return nnx.BatchNorm(
+        features,
+        use_running_average=True,
+        momentum=1.0 - torch_momentum,
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs=rngs,
+    )
+
+
+def depthwise_same(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+    """``conv(x)`` for a depthwise ``nnx.Conv`` with "SAME" padding and no bias.
+
+    On CPU it is computed as k*k strided slices times per-channel weights, summed: the same
+    function (identical results in tests), but XLA:CPU's grouped convolution is slow,
+    its gradient especially (measured fwd+bwd on EfficientNet-Lite0's layers at batch 48:
+    2-6x faster this way). Other platforms use the convolution.
+    """
+    if jax.default_backend() != "cpu":
+        return conv(x)
+    kernel = conv.kernel[...]
+    kh, kw, _, channels = kernel.shape
+    (sh, sw) = conv.strides if isinstance(conv.strides, tuple) else (conv.strides,) * 2
+    dtype = conv.dtype or jnp.result_type(x, kernel)
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    batch, height, width, _ = x.shape
+    out_h, out_w = -(-height // sh), -(-width // sw)
+    pad_h = max((out_h - 1) * sh + kh - height, 0)
+    pad_w = max((out_w - 1) * sw + kw - width, 0)
+    x = jnp.pad(
+        x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+    )
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            window = jax.lax.slice(
+                x,
+                (0, i, j, 0),
+                (batch, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, channels),
+                (1, sh, sw, 1),
+            )
+            term = window * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+def relu6(x: jax.Array) -> jax.Array:
+    return jnp.clip(x, 0, 6)
+
+
+def preprocess_images(
+    images: jax.Array, resolution: int, mean: Sequence[float], std: Sequence[float], dtype
+) -> jax.Array:
+    """``[B, H, W, 3]`` (or 1 channel, repeated) in 0-255 -> ``[B, R, R, 3]`` normalised.
+
+    Images of another size are resized to ``resolution x resolution`` (bilinear, with
+    anti-aliasing when shrinking); ``(x / 255 - mean) / std`` per channel.
+    """
+    x = jnp.asarray(images)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"a backbone takes images [B, H, W, 3] (or [B, H, W, 1]) with values in 0-255; "
+            f"got an array of shape {x.shape}"
+        )
+    x = x.astype(jnp.float32)
+    if x.shape[-1] == 1:
+        x = jnp.broadcast_to(x, (*x.shape[:3], 3))
+    if x.shape[1:3] != (resolution, resolution):
+        x = jax.image.resize(
+            x, (x.shape[0], resolution, resolution, 3), method="bilinear", antialias=True
+        )
+    mean = jnp.asarray(mean, jnp.float32)
+    std = jnp.asarray(std, jnp.float32)
+    return ((x / 255.0 - mean) / std).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchTensor:
+    """One entry of a backbone's PyTorch name map.
+
+    ``name`` is the state-dict key, ``path`` the NNX state path, ``kind`` how the tensor is
+    laid out: ``conv`` (OIHW <-> HWIO), ``linear`` (out x in <-> in x out) or ``same``.
+    """
+
+    name: str
+    path: tuple
+    kind: str
+
+
+def to_flax_layout(array: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "conv":
+        return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array
+    if kind == "linear":
+        return array.T if array.ndim == 2 else array
+    return array
+
+
+def to_torch_layout(array: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "conv":
+        return array.transpose(3, 2, 0, 1) if array.ndim == 4 else array
+    if kind == "linear":
+        return array.T if array.ndim == 2 else array
+    return array
+
+
+def conv_entries(torch_prefix: str, path: tuple, bias: bool = False) -> list[TorchTensor]:
+    entries = [TorchTensor(f"{torch_prefix}.weight", (*path, "kernel"), "conv")]
+    if bias:
+        entries.append(TorchTensor(f"{torch_prefix}.bias", (*path, "bias"), "same"))
+    return entries
+
+
+def bn_entries(torch_prefix: str, path: tuple) -> list[TorchTensor]:
+    return [
+        TorchTensor(f"{torch_prefix}.weight", (*path, "scale"), "same"),
+        TorchTensor(f"{torch_prefix}.bias", (*path, "bias"), "same"),
+        TorchTensor(f"{torch_prefix}.running_mean", (*path, "mean"), "same"),
+        TorchTensor(f"{torch_prefix}.running_var", (*path, "var"), "same"),
+    ]
+
+
+def linear_entries(torch_prefix: str, path: tuple) -> list[TorchTensor]:
+    return [
+        TorchTensor(f"{torch_prefix}.weight", (*path, "kernel"), "linear"),
+        TorchTensor(f"{torch_prefix}.bias", (*path, "bias"), "same"),
+    ]
+
+
+class Backbone(nnx.Module):
+    """The interface of every backbone.
+
+    A backbone is a sequence of ``num_stages`` stages (``stage_names``) followed by global
+    average pooling (``num_features`` features) and an ImageNet classifier ``fc``:
+
+    - ``module(images)``: preprocessing, every stage, pooling -> ``[B, num_features]``;
+    - ``module.classify(images)``: the 1,000 ImageNet logits;
+    - ``module.prefix(images, n)``: preprocessing and the first ``n`` stages (the input of
+      stage ``n``); ``module.features_from(x, n)``: stages ``n`` onwards and pooling, so
+      ``module(images) == module.features_from(module.prefix(images, n), n)``.
+    """
+
+    name: str
+    resolution: int
+    num_features: int
+    stage_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dtype: Any
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stage_names)
+
+    # -- subclasses provide these -------------------------------------------------------
+    def run_stage(self, index: int, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def stage_modules(self, index: int) -> list[nnx.Module]:
+        raise NotImplementedError
+
+    def stage_of_path(self, path: tuple) -> int | None:
+        """The stage that the state at ``path`` (relative to the backbone) belongs to;
+        None for the classifier."""
+        raise NotImplementedError
+
+    def torch_names(self) -> list[TorchTensor]:
+        """The explicit map from PyTorch state-dict keys to this module's state."""
+        raise NotImplementedError
+
+    # Keys a PyTorch state dict may hold that carry nothing this module uses.
+    ignored_suffixes: tuple[str, ...] = (".num_batches_tracked",)
+
+    # -- shared -------------------------------------------------------------------------
+    def preprocess(self, images: jax.Array) -> jax.Array:
+        return preprocess_images(images, self.resolution, self.mean, self.std, self.dtype)
+
+    def prefix(self, images: jax.Array, num_stages: int) -> jax.Array:
+        x = self.preprocess(images)
+        for index in range(num_stages):
+            x = self.run_stage(index, x)
+        return x
+
+    def features_from(self, x: jax.Array, start_stage: int) -> jax.Array:
+        for index in range(start_stage, self.num_stages):
+            x = self.run_stage(index, x)
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        return self.features_from(self.preprocess(images), 0)
+
+    def classify(self, images: jax.Array) -> jax.Array:
+        return self.fc(self(images).astype(self.dtype)).astype(jnp.float32)
+
+    def batch_norms(self, start_stage: int = 0) -> Iterator[nnx.BatchNorm]:
+        for index in range(start_stage, self.num_stages):
+            for module in self.stage_modules(index):
+                for _, sub in nnx.iter_graph(module):
+                    if isinstance(sub, nnx.BatchNorm):
+                        yield sub
+
+    def set_batch_norm_training(self, train: bool, start_stage: int = 0) -> None:
+        """Batch norm of stages ``start_stage`` onwards: batch statistics (and running
+        averages updated) when ``train``, else the frozen running statistics. Stages
+        before ``start_stage`` are set to frozen statistics."""
+        for bn in self.batch_norms(0):
+            bn.use_running_average = True
+        if train:
+            for bn in self.batch_norms(start_stage):
+                bn.use_running_average = False
