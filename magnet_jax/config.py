@@ -471,7 +471,7 @@ FIELDS: dict[str, FieldInfo] = {
         "model", "backbone: its learning rate is --lr times this (the head's is --lr)"
     ),
     "train_bn": FieldInfo(
-        "model", "backbone: batch statistics in the trainable stages (default: frozen)"
+        "model", "backbone: batch statistics in the trainable stages (off: frozen ImageNet ones)"
     ),
     "cache_prefix": FieldInfo(
         "model",

@@ -31,18 +31,18 @@ def _needs_pretrained():
     [
         ({"freeze_stages": 2}, "apply to --backbone runs only"),
         ({"dtype": "bfloat16"}, "apply to --backbone runs only"),
-        ({"backbone": "vgg"}, "unknown backbone"),
+        ({"backbone": "vgg"}, "unknown --backbone"),
         ({"backbone": "resnet50", "architecture": "convnet"}, "give one"),
         ({"backbone": "resnet50", "pretrained": True}, "only efficientnet_lite0 ships weights"),
         ({"backbone": "resnet50", "weights": "a.pth", "pretrained": True}, "not both"),
-        ({"backbone": "resnet50", "cache_prefix": True}, "freeze_stages >= 1"),
+        ({"backbone": "resnet50", "cache_prefix": True}, "--freeze-stages >= 1"),
         (
             {"backbone": "resnet50", "cache_prefix": True, "freeze_stages": 1, "augment_shift": 2},
-            "augment_shift",
+            "--augment-shift",
         ),
-        ({"backbone": "resnet50", "backbone_lr_multiplier": -1.0}, "backbone_lr_multiplier"),
-        ({"backbone": "resnet50", "dtype": "float16"}, "unknown dtype"),
-        ({"backbone": "resnet50", "image_size": 16}, "image_size must be >= 32"),
+        ({"backbone": "resnet50", "backbone_lr_multiplier": -1.0}, "--backbone-lr-multiplier"),
+        ({"backbone": "resnet50", "dtype": "float16"}, "unknown --dtype"),
+        ({"backbone": "resnet50", "image_size": 16}, "--image-size must be >= 32"),
     ],
 )
 def test_backbone_config_is_checked(values, message):
