@@ -304,6 +304,9 @@ class _Spread(Method):
 def spread_registered(monkeypatch):
     monkeypatch.setitem(methods.METHODS, "spread", _Spread)
     monkeypatch.setattr(config, "LOSSES", (*names.LOSSES, "spread"))
+    # The --loss choices that config validation checks (config.FIELDS) include it too.
+    loss_field = config.FIELDS["loss"]._replace(choices=(*names.LOSSES, "spread"))
+    monkeypatch.setitem(config.FIELDS, "loss", loss_field)
 
 
 def _digits_permuted(seed):
