@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from magnet_jax.data.core import Pool
-from magnet_jax.data.images import pool_from_files, read_mat, resolve_inside
+from magnet_jax.data.images import pool_from_class_ids, read_mat, resolve_inside
 
 SUBDIRS = ("stanford_dogs", "StanfordDogs", "dogs")
 
@@ -61,13 +61,11 @@ def load(
             labels.append(class_id)
             given_test.append(test)
             names.setdefault(class_id, path.split("/")[0].split("-", 1)[-1])
-    ordered = sorted(names)
-    index_of = {c: i for i, c in enumerate(ordered)}
-    return pool_from_files(
+    return pool_from_class_ids(
         name,
         paths,
-        [index_of[c] for c in labels],
-        class_names=[names[c] for c in ordered],
+        labels,
+        names,
         given_test=given_test,
         image_size=image_size,
         skip_bad_images=skip_bad_images,

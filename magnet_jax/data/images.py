@@ -131,6 +131,28 @@ def resolve_inside(root: Path, relative: str, *, dataset: str, listed_in: str) -
     return path
 
 
+def pool_from_class_ids(
+    name: str,
+    paths: Sequence[Path],
+    class_ids: Sequence,
+    class_names: dict,
+    **options,
+) -> Pool:
+    """:func:`pool_from_files` for a layout that numbers its classes itself: ``class_ids``
+    [N] are the layout's ids (any sortable values) and ``class_names`` maps each to its
+    name; classes are renumbered ``0..C-1`` in the order of their ids. ``options`` are
+    :func:`pool_from_files`' keyword arguments."""
+    ordered = sorted(class_names)
+    index_of = {c: i for i, c in enumerate(ordered)}
+    return pool_from_files(
+        name,
+        paths,
+        [index_of[c] for c in class_ids],
+        class_names=[class_names[c] for c in ordered],
+        **options,
+    )
+
+
 def pool_from_files(
     name: str,
     paths: Sequence[Path],

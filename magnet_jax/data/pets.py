@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from magnet_jax.data.core import Pool
-from magnet_jax.data.images import find_root, pool_from_files, resolve_inside
+from magnet_jax.data.images import find_root, pool_from_class_ids, resolve_inside
 
 SUBDIRS = ("oxford-iiit-pet", "oxford_iiit_pet", "pets")
 
@@ -53,13 +53,11 @@ def load(
             labels.append(class_id)
             given_test.append(test)
             names.setdefault(class_id, image.rsplit("_", 1)[0])
-    ordered = sorted(names)
-    index_of = {c: i for i, c in enumerate(ordered)}
-    return pool_from_files(
+    return pool_from_class_ids(
         name,
         paths,
-        [index_of[c] for c in labels],
-        class_names=[names[c] for c in ordered],
+        labels,
+        names,
         given_test=given_test,
         image_size=image_size,
         skip_bad_images=skip_bad_images,

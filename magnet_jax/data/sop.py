@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from magnet_jax.data.core import Pool
-from magnet_jax.data.images import find_root, pool_from_files, resolve_inside
+from magnet_jax.data.images import find_root, pool_from_class_ids, resolve_inside
 
 SUBDIRS = ("Stanford_Online_Products", "sop", "SOP", "stanford_online_products")
 RECALL_KS = (1, 2, 4, 8, 10, 100)
@@ -57,13 +57,11 @@ def load(
             names.setdefault(
                 class_id, f"{parts[3].split('/')[0].removesuffix('_final')}/{class_id}"
             )
-    ordered = sorted(names)
-    index_of = {c: i for i, c in enumerate(ordered)}
-    return pool_from_files(
+    return pool_from_class_ids(
         name,
         paths,
-        [index_of[c] for c in labels],
-        class_names=[names[c] for c in ordered],
+        labels,
+        names,
         given_test=given_test,
         image_size=image_size,
         skip_bad_images=skip_bad_images,
