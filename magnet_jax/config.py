@@ -41,6 +41,9 @@ class TrainConfig:
     label_level: str | None = None  # emoji: emoji, subcategory or category
     drop_duplicates: bool = False  # emoji: leave out the images flagged duplicate
     skip_bad_images: bool = False  # image files: leave out missing/unreadable ones
+    input: str = "memory"  # memory: training set on every device; stream: read by index on the host
+    loader_workers: int = 2  # stream: Grain's reading threads (0: read in the training loop)
+    sample_ahead: int = 1  # stream: a batch is drawn from the state 1 step old (0: current)
     loss: str = "magnet"
     architecture: str | None = None  # None: mlp for flat inputs, convnet for images
     embedding_dim: int = 32
@@ -124,6 +127,8 @@ class TrainConfig:
             options["drop_duplicates"] = True
         if self.skip_bad_images:
             options["skip_bad_images"] = True
+        if self.input == "stream" and _takes_option(self.dataset, "lazy"):
+            options["lazy"] = True  # image files stay on disk until the loader reads them
         if not self.verify:
             options["verify"] = False
         return options
@@ -188,6 +193,15 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {value}")
+        if self.loader_workers < 0:
+            raise ValueError(f"{flag('loader_workers')} must be >= 0, got {self.loader_workers}")
+        if self.sample_ahead not in (0, 1):
+            raise ValueError(f"{flag('sample_ahead')} must be 0 or 1, got {self.sample_ahead}")
+        if self.input == "stream" and self.cache_prefix:
+            raise ValueError(
+                f"{flag('cache_prefix')} keeps the frozen stages' output of the whole training "
+                f"set on the devices, which {flag('input')} stream avoids; use one or the other"
+            )
         if self.augment_shift < 0:
             raise ValueError(f"{flag('augment_shift')} must be >= 0, got {self.augment_shift}")
         if self.clusters_per_batch < 2:
@@ -346,6 +360,12 @@ class TrainConfig:
                 )
 
 
+def _takes_option(dataset: str, option: str) -> bool:
+    from magnet_jax import data
+
+    return data.takes_option(dataset, option)
+
+
 def _takes_image_size(dataset: str) -> bool:
     """Whether the dataset's loader resizes (a --backbone run of any other dataset resizes on
     the device to the backbone's input size instead)."""
@@ -436,6 +456,24 @@ FIELDS: dict[str, FieldInfo] = {
     "skip_bad_images": FieldInfo(
         "data",
         "image files: leave out missing or unreadable images (says how many) instead of stopping",
+    ),
+    "input": FieldInfo(
+        "data",
+        "memory: the training set is copied onto every device and batches are gathered "
+        "there; stream: examples are read by index on the host (image files decoded and "
+        "augmented when needed, '.[stream]'), for data that does not fit on the devices",
+        choices=("memory", "stream"),
+    ),
+    "loader_workers": FieldInfo(
+        "data",
+        "stream: threads that read, decode and augment images in parallel (0: in the "
+        "training loop)",
+    ),
+    "sample_ahead": FieldInfo(
+        "data",
+        "stream: 1 draws a batch from the method state one step old, so that its images are "
+        "read while the device runs the step before; 0 draws it from the current state (the "
+        "in-memory batches exactly; the device waits for every read)",
     ),
     "augment_shift": FieldInfo(
         "data", "images: translate every training image by up to N pixels (zero fill)"

@@ -38,12 +38,13 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from magnet_jax import augment, distributed, methods, sampling
+from magnet_jax import augment, distributed, methods, sampling, streaming
 from magnet_jax.backbones import finetune
 from magnet_jax.backbones import trainer as backbone_trainer
 from magnet_jax.checkpoint import Checkpointer
 from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, load_dataset
+from magnet_jax.data.lazy import is_lazy
 from magnet_jax.evaluators import EvalContext, default_evaluators, run_evaluators
 from magnet_jax.evaluators import fine_label_errors as fine_label_errors
 from magnet_jax.methods import DataInfo, Method, TrainingData
@@ -85,12 +86,21 @@ class StepFunctions(NamedTuple):
     run_steps: (state, method_state, data, num_steps) -> (state, method_state, mean loss []),
         the jitted step called ``num_steps`` times; state and method state are donated.
     train_step: one step, (state, method_state, data) -> (state, method_state, loss []).
-    embed: (params, x [N, ...]) -> embeddings [N, d], in jitted chunks sharded over ``data``.
+    embed: (params, x [N, ...]) -> embeddings [N, d], in jitted chunks sharded over ``data``;
+        ``x`` may be a :class:`~magnet_jax.streaming.Loader` (``--input stream``), whose
+        chunks are read on the host and prefetched.
+    sample: (method_state, rng [2], step [], data) -> the batch of step ``step`` (its
+        ``indices`` [B]), the first half of ``train_step``, jitted.
+    consume: (state, method_state, batch, rows [B, ...], positions [B]) -> (state,
+        method_state, loss []), the second half: the step on the batch ``rows[positions]``
+        read on the host (:meth:`magnet_jax.streaming.Loader.batch`).
     """
 
     run_steps: Any
     train_step: Any
     embed: Any
+    sample: Any = None
+    consume: Any = None
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -159,25 +169,51 @@ def build_step_functions(
     config: TrainConfig,
     mesh: Mesh,
     setup: backbone_trainer.FinetuneSetup | None = None,
+    *,
+    host_crop: bool = False,
 ) -> StepFunctions:
     """Builds the jitted train step, its multi-step loop and the chunked embedding.
 
     ``setup`` (``--backbone`` runs): frozen leaves are kept out of the backward pass, the
     step runs ``setup.train_graphdef`` and, with ``train_bn``, keeps the batch statistics
-    that its forward pass computed."""
+    that its forward pass computed. ``host_crop``: ``--augment-crop`` is done by the
+    streaming loader on the host (image files), not on the device."""
     num_devices = mesh.devices.size
     batch_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
+    device_crop = config.augment_crop and not host_crop
 
     def train_step(state: TrainState, method_state, data: TrainingData):
         key = jax.random.fold_in(state.rng, state.step)
         batch = method.sample(method_state, key, data)
-        inputs = data.x[batch.indices]
+        return step_on_batch(state, method_state, batch, data.x[batch.indices], key)
+
+    def sample_step(method_state, rng, step, data: TrainingData):
+        return method.sample(method_state, jax.random.fold_in(rng, step), data)
+
+    def consume_step(state: TrainState, method_state, batch, rows, positions):
+        key = jax.random.fold_in(state.rng, state.step)
+        return step_on_batch(state, method_state, batch, rows[positions], key)
+
+    def consume_current_step(state: TrainState, method_state, data: TrainingData, rows, read):
+        # --sample-ahead 0: the batch is drawn again inside the step, from the state it was
+        # drawn from on the host, so that the program is train_step's (XLA simplifies the
+        # loss for the batch's known structure, e.g. the Magnet loss's D repeated cluster
+        # ids) but with rows read on the host: the same numbers as the in-memory input.
+        key = jax.random.fold_in(state.rng, state.step)
+        batch = method.sample(method_state, key, data)
+        if host_crop:  # one crop per position, in batch order
+            inputs = rows
+        else:  # read: the distinct rows, sorted (padded with the largest int32)
+            inputs = rows[jnp.searchsorted(read, batch.indices)]
+        return step_on_batch(state, method_state, batch, inputs, key)
+
+    def step_on_batch(state: TrainState, method_state, batch, inputs, key):
         if config.augment_shift:
             inputs = augment.random_shift(
                 jax.random.fold_in(key, _AUGMENT_STREAM), inputs, config.augment_shift
             )
-        if config.augment_crop:
+        if device_crop:
             inputs = augment.random_resized_crop_flip(jax.random.fold_in(key, _CROP_STREAM), inputs)
         inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
 
@@ -203,6 +239,9 @@ def build_step_functions(
         return TrainState(state.step + 1, params, opt_state, state.rng), method_state, loss
 
     jitted_step = jax.jit(train_step, donate_argnums=(0, 1))
+    jitted_sample = jax.jit(sample_step)
+    jitted_consume = jax.jit(consume_step, donate_argnums=(0, 1))
+    jitted_consume_current = jax.jit(consume_current_step, donate_argnums=(0, 1))
     # XLA:CPU runs the per-device parts of all dispatched programs, and the intra-op work
     # of their convolutions, on one shared thread pool. With several CPU devices, a program
     # whose device-0 part waits in a collective can hold the thread that device 1's part of
@@ -226,17 +265,74 @@ def build_step_functions(
             loss_sum = loss_sum + loss
         return state, method_state, loss_sum / max(num_steps, 1)
 
+    def run_stream_steps(state: TrainState, method_state, data: TrainingData, num_steps):
+        """``run_steps`` with ``data.x`` a :class:`~magnet_jax.streaming.Loader`.
+
+        The batch of step ``t`` is drawn from the method state entering step
+        ``t - sample_ahead`` (but never from one before this call's first step), so that its
+        rows are read on the host while the device still runs step ``t - 1``. With
+        ``--sample-ahead 1`` (the default) the Magnet loss's seed clusters are thus chosen
+        from cluster losses one step old; ``--sample-ahead 0`` draws every batch from the
+        current state, as the in-memory input does (the same batches), and the device waits
+        for each read. Calls start where the host loop's events are (log, refresh,
+        evaluation, checkpoint), so a resumed run draws the same batches.
+        """
+        loader, ahead = data.x, config.sample_ahead
+        on_device = data._replace(x=None)
+        start = int(state.step)
+        end = start + int(num_steps)
+        drawn = {
+            t: jitted_sample(method_state, state.rng, t, on_device)
+            for t in range(start, min(start + ahead, end))
+        }
+        read = {}
+
+        def load(t):
+            rows, positions, read = loader.batch(np.asarray(jax.device_get(drawn[t].indices)), t)
+            return jax.device_put((rows, positions, read), replicated)
+
+        loss_sum = jnp.zeros(())
+        for t in range(start, end):
+            if t + ahead < end:  # before the step below donates this method state
+                drawn[t + ahead] = jitted_sample(method_state, state.rng, t + ahead, on_device)
+            rows, positions, rows_read = read.pop(t) if t in read else load(t)
+            if ahead == 0:
+                drawn.pop(t)
+                state, method_state, loss = jitted_consume_current(
+                    state, method_state, on_device, rows, rows_read
+                )
+            else:
+                state, method_state, loss = jitted_consume(
+                    state, method_state, drawn.pop(t), rows, positions
+                )
+            if t + 1 in drawn:  # read the next batch while the device runs this step
+                read[t + 1] = load(t + 1)
+            if serialize:
+                loss.block_until_ready()
+            loss_sum = loss_sum + loss
+        return state, method_state, loss_sum / max(end - start, 1)
+
+    def run_any_steps(state: TrainState, method_state, data: TrainingData, num_steps):
+        if isinstance(data.x, streaming.Loader):
+            return run_stream_steps(state, method_state, data, num_steps)
+        return run_steps(state, method_state, data, num_steps)
+
     # The embedding output stays sharded like the input rows: a per-row model needs no
     # collective inside a chunk.
     @functools.partial(jax.jit, static_argnames="chunk")
     def embed_chunk(params, x: jax.Array, start: jax.Array, chunk: int) -> jax.Array:
-        rows = jax.lax.dynamic_slice_in_dim(x, start, chunk)
-        if config.augment_crop:  # the evaluation view of what training crops at random
+        return embed_rows(params, jax.lax.dynamic_slice_in_dim(x, start, chunk))
+
+    def embed_rows(params, rows: jax.Array) -> jax.Array:
+        chunk = rows.shape[0]
+        if device_crop:  # the evaluation view of what training crops at random
             rows = augment.center_crop(rows)
         sharding = batch_sharding if chunk % num_devices == 0 else replicated
         rows = jax.lax.with_sharding_constraint(rows, sharding)
         embeddings = nnx.merge(graphdef, nnx.State(model_params(params)))(rows)
         return jax.lax.with_sharding_constraint(embeddings, sharding)
+
+    jitted_embed_rows = jax.jit(embed_rows)
 
     def embed_one(params, x, start, chunk):
         out = embed_chunk(params, x, start, chunk)
@@ -247,20 +343,34 @@ def build_step_functions(
         # One compilation for all chunks, dispatched from the host: on CPU a lax.map over
         # the chunks ran 1.5x slower (the while-loop penalty of run_steps). The last chunk
         # is shifted back to end at N and overlaps the one before it.
-        num_examples = x.shape[0]
+        num_examples = x.shape[0] if not isinstance(x, streaming.Loader) else len(x)
         chunk = min(config.eval_chunk_size, num_examples)
         starts = list(range(0, num_examples - chunk + 1, chunk))
-        parts = [embed_one(params, x, start, chunk) for start in starts]
         covered = starts[-1] + chunk
         if covered < num_examples:
-            last = embed_one(params, x, num_examples - chunk, chunk)
-            parts.append(last[chunk - (num_examples - covered) :])
+            starts.append(num_examples - chunk)
+        if isinstance(x, streaming.Loader):
+            # The same chunks as in memory, read on the host (the next while this one embeds).
+            parts = []
+            for rows in x.chunks(starts, chunk):
+                out = jitted_embed_rows(params, to_rows_array(rows, chunk))
+                parts.append(out.block_until_ready() if serialize else out)
+        else:
+            parts = [embed_one(params, x, start, chunk) for start in starts]
+        if covered < num_examples:
+            parts[-1] = parts[-1][chunk - (num_examples - covered) :]
         return jax.device_put(jnp.concatenate(parts, axis=0), replicated)
 
+    def to_rows_array(host: np.ndarray, chunk: int) -> jax.Array:
+        sharding = batch_sharding if chunk % num_devices == 0 else replicated
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
     return StepFunctions(
-        run_steps=run_steps,
+        run_steps=run_any_steps,
         train_step=jitted_step,
         embed=embed,
+        sample=jitted_sample,
+        consume=jitted_consume,
     )
 
 
@@ -281,8 +391,8 @@ class Run:
     graphdef: Any
     optimizer: optax.GradientTransformation
     steps: StepFunctions
-    data: TrainingData
-    x_test: jax.Array
+    data: TrainingData  # data.x: a streaming.Loader with --input stream
+    x_test: jax.Array  # a streaming.Loader with --input stream
     initial_state: TrainState
     warm_start: WarmStart | None = None  # what --init-from copied into initial_state
     finetune: backbone_trainer.FinetuneSetup | None = None  # --backbone runs
@@ -400,10 +510,13 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
             config, setup, graphdef, params, x_train, x_test
         )
     replicated = NamedSharding(mesh, P())
+    stream = config.input == "stream"
+    # Image files are cropped from their full resolution on the host; arrays on the device.
+    host_crop = stream and config.augment_crop and is_lazy(x_train)
     # A label-free method gets no labels at all: the step cannot read them by mistake.
     labels = jnp.asarray(dataset.y_train, jnp.int32) if method.needs_labels else None
     data = TrainingData(
-        x=jnp.asarray(x_train),
+        x=None if stream else jnp.asarray(x_train),
         labels=labels,
         class_table=(
             sampling.group_table(labels, num_groups=dataset.num_classes)
@@ -412,6 +525,8 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         ),
     )
     data = jax.device_put(data, replicated)
+    if stream:  # the training and test sets stay on the host, read by index
+        data = data._replace(x=_loader(config, x_train, host_crop))
     state = TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -419,8 +534,13 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         rng=jax.random.PRNGKey(config.seed),
     )
     state = jax.device_put(state, replicated)
-    steps = build_step_functions(method, graphdef, optimizer, config, mesh, setup)
-    x_test = jax.device_put(jnp.asarray(x_test), replicated)
+    steps = build_step_functions(
+        method, graphdef, optimizer, config, mesh, setup, host_crop=host_crop
+    )
+    if stream:
+        x_test = _loader(config, x_test, host_crop)
+    else:
+        x_test = jax.device_put(jnp.asarray(x_test), replicated)
     return Run(
         config,
         dataset,
@@ -435,6 +555,16 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         state,
         warm,
         setup,
+    )
+
+
+def _loader(config: TrainConfig, x, host_crop: bool) -> streaming.Loader:
+    """``x`` (image files, or an array kept in host memory) read by index on the host."""
+    return streaming.Loader(
+        x if is_lazy(x) else np.asarray(x),
+        workers=config.loader_workers,
+        host_crop=host_crop,
+        seed=config.seed,
     )
 
 

@@ -124,6 +124,7 @@ _RESUMABLE_CHANGES = {
     "max_checkpoints",
     "workdir",
     "verify",  # checks the files, changes nothing they hold
+    "loader_workers",  # how many threads read the same rows
 }
 
 

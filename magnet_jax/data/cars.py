@@ -40,6 +40,7 @@ def load(
     *,
     image_size: int | None = None,
     skip_bad_images: bool = False,
+    lazy: bool = False,
 ) -> Pool:
     name = "cars196"
     base = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
@@ -95,4 +96,5 @@ def load(
         given_test=given_test,
         image_size=image_size,
         skip_bad_images=skip_bad_images,
+        lazy=lazy,
     )

@@ -31,7 +31,8 @@ class Dataset:
     Attributes:
       name: what the dataset is called (``"fashion_mnist"``, ``"npz:feats.npz"``, ...).
       x_train: ``[N, ...]`` float32 inputs. Images (digits too) are NHWC in ``[0, 1]``;
-        precomputed features are as given.
+        precomputed features are as given. Image files loaded with ``lazy=True`` are an
+        :class:`~magnet_jax.data.lazy.ImageFiles` of that shape, read when streamed.
       y_train: ``[N]`` int32 labels in ``[0, C)``.
       x_test: ``[M, ...]`` float32, same trailing shape as ``x_train``.
       y_test: ``[M]`` int32 labels in ``[0, C)``.
@@ -117,7 +118,9 @@ class Dataset:
 
 
 def _check_split(name: str, split: str, x: np.ndarray, y: np.ndarray, num_classes: int):
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim < 2:
+    from magnet_jax.data.lazy import is_lazy
+
+    if not (isinstance(x, np.ndarray) or is_lazy(x)) or x.dtype != np.float32 or x.ndim < 2:
         raise ValueError(
             f"dataset {name!r}: x_{split} must be a float32 array [N, ...], got "
             f"{type(x).__name__} {getattr(x, 'dtype', '')} {getattr(x, 'shape', '')}"
@@ -317,7 +320,8 @@ def check_finite(dataset: Dataset) -> None:
     """
     for field in ("x_train", "x_test"):
         x = getattr(dataset, field)
-        if not np.issubdtype(x.dtype, np.floating) or not len(x):
+        # Image files (streamed) decode to [0, 1]: always finite, and not read here.
+        if not isinstance(x, np.ndarray) or not np.issubdtype(x.dtype, np.floating) or not len(x):
             continue
         finite_rows = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
         if finite_rows.all():

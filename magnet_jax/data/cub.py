@@ -39,6 +39,7 @@ def load(
     *,
     image_size: int | None = None,
     skip_bad_images: bool = False,
+    lazy: bool = False,
 ) -> Pool:
     name = "cub200"
     root = find_root(
@@ -74,4 +75,5 @@ def load(
         given_test=[is_train[i] == "0" for i in ids],
         image_size=image_size,
         skip_bad_images=skip_bad_images,
+        lazy=lazy,
     )

@@ -44,6 +44,7 @@ def load(
     *,
     image_size: int | None = None,
     skip_bad_images: bool = False,
+    lazy: bool = False,
 ) -> Pool:
     name = "stanford_dogs"
     root, lists = _find_lists(data_dir)
@@ -69,4 +70,5 @@ def load(
         given_test=given_test,
         image_size=image_size,
         skip_bad_images=skip_bad_images,
+        lazy=lazy,
     )

@@ -24,6 +24,7 @@ def load(
     *,
     image_size: int | None = None,
     skip_bad_images: bool = False,
+    lazy: bool = False,
 ) -> Pool:
     name = "oxford_flowers102"
     root = find_root(
@@ -55,4 +56,5 @@ def load(
         given_test=given_test,
         image_size=image_size,
         skip_bad_images=skip_bad_images,
+        lazy=lazy,
     )

@@ -30,7 +30,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 CSV_SPLITS = {"train": False, "validation": True, "test": True}
 
 
-def _decode(path: Path, image_size: int | None) -> np.ndarray:
+def decode_image(path: Path, image_size: int | None) -> np.ndarray:
     """``[S, S, 3]`` uint8 RGB; raises OSError/ValueError (Pillow's) on a bad file."""
     from PIL import Image
 
@@ -82,7 +82,7 @@ def decode_images(
         if not path.is_file():
             return FileNotFoundError(f"dataset {dataset!r}: image {path} does not exist")
         try:
-            return _decode(path, image_size)
+            return decode_image(path, image_size)
         except Exception as error:  # noqa: BLE001 -- Pillow raises many types for a bad file
             return ValueError(
                 f"dataset {dataset!r}: cannot read image {path} ({type(error).__name__}: {error})"
@@ -118,6 +118,36 @@ def decode_images(
     stacked = np.stack(images).astype(np.float32)
     stacked /= np.float32(255.0)
     return stacked, kept
+
+
+def _lazy_files(
+    paths: Sequence[Path], *, image_size: int | None, skip_bad_images: bool, dataset: str
+):
+    """``(ImageFiles of the existing files, kept [N] bool)``; a missing file is an error
+    naming it (or, with ``skip_bad_images``, left out with a warning)."""
+    from magnet_jax.data.lazy import ImageFiles
+
+    if image_size is None:
+        raise ValueError(
+            f"dataset {dataset!r}: --input stream reads every image when it is needed and "
+            "resizes it then; pass --image-size N (image_size=N)"
+        )
+    kept = np.array([Path(p).is_file() for p in paths], bool)
+    missing = [p for p, k in zip(paths, kept) if not k]
+    if missing and not skip_bad_images:
+        raise FileNotFoundError(
+            f"dataset {dataset!r}: image {missing[0]} does not exist (pass --skip-bad-images "
+            f"to leave such files out); {len(missing)} of {len(paths)} images are missing"
+        )
+    if missing:
+        warnings.warn(
+            f"dataset {dataset!r}: skipped {len(missing)} of {len(paths)} images that are "
+            f"missing; the first: {missing[0]}",
+            stacklevel=3,
+        )
+    if not kept.any():
+        raise ValueError(f"dataset {dataset!r}: none of the {len(paths)} image files exists")
+    return ImageFiles([p for p, k in zip(paths, kept) if k], image_size, dataset=dataset), kept
 
 
 def resolve_inside(root: Path, relative: str, *, dataset: str, listed_in: str) -> Path:
@@ -163,6 +193,7 @@ def pool_from_files(
     image_size: int | None = None,
     skip_bad_images: bool = False,
     recall_ks: tuple[int, ...] = DEFAULT_RECALL_KS,
+    lazy: bool = False,
 ) -> Pool:
     """Decodes ``paths`` and labels them; labels are remapped to ``[0, C)`` in sorted order.
 
@@ -175,10 +206,19 @@ def pool_from_files(
       given_test: ``[N]`` bool, the source's own split (True: test), or None.
       image_size, skip_bad_images: see :func:`decode_images`.
       recall_ks: the Recall@k to report.
+      lazy: keep the files on disk (``x`` is a :class:`~magnet_jax.data.lazy.ImageFiles`
+        read by the streaming input, ``--input stream``): only their existence is checked
+        here (``skip_bad_images`` leaves out missing ones); a file that cannot be decoded
+        stops the run when it is first read, naming it. Needs ``image_size``.
     """
-    x, kept = decode_images(
-        paths, image_size=image_size, skip_bad_images=skip_bad_images, dataset=name
-    )
+    if lazy:
+        x, kept = _lazy_files(
+            paths, image_size=image_size, skip_bad_images=skip_bad_images, dataset=name
+        )
+    else:
+        x, kept = decode_images(
+            paths, image_size=image_size, skip_bad_images=skip_bad_images, dataset=name
+        )
     labels = np.asarray(labels)[kept]
     (y,), values = remap_labels(labels)
     if class_names is not None:
@@ -236,6 +276,7 @@ def load_folder(
     *,
     image_size: int | None = None,
     skip_bad_images: bool = False,
+    lazy: bool = False,
 ) -> Pool:
     """``folder:<dir>``: one subfolder per class, named for it; no split of its own."""
     root = _resolve_argument("image folder", argument, data_dir)
@@ -267,6 +308,7 @@ def load_folder(
         class_names=[d.name for d in class_dirs],
         image_size=image_size,
         skip_bad_images=skip_bad_images,
+        lazy=lazy,
     )
 
 
@@ -284,6 +326,7 @@ def load_csv(
     *,
     image_size: int | None = None,
     skip_bad_images: bool = False,
+    lazy: bool = False,
 ) -> Pool:
     """``csv:<file>``: columns ``path,label[,split]``, paths relative to the CSV's folder.
 
@@ -332,6 +375,7 @@ def load_csv(
         given_test=np.array(given_test, bool) if "split" in columns else None,
         image_size=image_size,
         skip_bad_images=skip_bad_images,
+        lazy=lazy,
     )
 
 

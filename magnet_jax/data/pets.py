@@ -23,6 +23,7 @@ def load(
     *,
     image_size: int | None = None,
     skip_bad_images: bool = False,
+    lazy: bool = False,
 ) -> Pool:
     name = "oxford_iiit_pet"
     root = find_root(
@@ -61,4 +62,5 @@ def load(
         given_test=given_test,
         image_size=image_size,
         skip_bad_images=skip_bad_images,
+        lazy=lazy,
     )

@@ -50,8 +50,9 @@ STRICT_OPTIONS = (
     "label_level",
     "drop_duplicates",
     "skip_bad_images",
+    "lazy",
 )
-_IMAGE_FILE_OPTIONS = ("image_size", "skip_bad_images")
+_IMAGE_FILE_OPTIONS = ("image_size", "skip_bad_images", "lazy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +180,7 @@ def load_dataset(
     label_level: str | None = None,
     drop_duplicates: bool = False,
     skip_bad_images: bool = False,
+    lazy: bool = False,
 ) -> Dataset:
     """Loads a dataset by name into memory, split by the protocol ``split``.
 
@@ -209,6 +211,9 @@ def load_dataset(
       drop_duplicates: ``emoji`` only: leave out the images flagged ``duplicate``.
       skip_bad_images: image-file sources: leave out missing or unreadable images (a
         warning says how many) instead of stopping.
+      lazy: image-file sources: keep the images on disk, ``x_train`` and ``x_test`` being
+        :class:`~magnet_jax.data.lazy.ImageFiles` that the streaming input reads
+        (``--input stream``); needs ``image_size``.
 
     Returns:
       The :class:`~magnet_jax.data.core.Dataset`, its inputs checked to be finite.
@@ -235,6 +240,7 @@ def load_dataset(
         "label_level": label_level,
         "drop_duplicates": drop_duplicates,
         "skip_bad_images": skip_bad_images,
+        "lazy": lazy,
     }
     defaults = {
         "label_mode": "fine",
@@ -244,6 +250,7 @@ def load_dataset(
         "label_level": None,
         "drop_duplicates": False,
         "skip_bad_images": False,
+        "lazy": False,
     }
     for option in STRICT_OPTIONS:
         if given[option] != defaults[option] and option not in source.options:

@@ -25,6 +25,7 @@ def load(
     *,
     image_size: int | None = None,
     skip_bad_images: bool = False,
+    lazy: bool = False,
 ) -> Pool:
     name = "sop"
     root = find_root(
@@ -65,5 +66,6 @@ def load(
         given_test=given_test,
         image_size=image_size,
         skip_bad_images=skip_bad_images,
+        lazy=lazy,
         recall_ks=RECALL_KS,
     )
