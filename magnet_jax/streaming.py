@@ -98,6 +98,17 @@ def center_crop(image, size: int, *, crop_fraction: float = DEFAULT_CROP_FRACTIO
 # --------------------------------------------------------------------------------------
 
 
+def require_grain() -> None:
+    """Raises ImportError with the install command when Grain is missing."""
+    try:
+        import grain  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "--input stream reads the data with Grain, which is not installed: "
+            'pip install "magnet-jax[stream]" (or pip install grain)'
+        ) from error
+
+
 @dataclasses.dataclass(frozen=True)
 class Loader:
     """Reads rows of a training or test set on the host through a Grain pipeline.

@@ -19,6 +19,11 @@ Sharding: one ``data`` mesh axis over all devices (all hosts after
 training set are replicated; the sampled batch is constrained to be split along ``data``,
 so the forward and backward passes are data-parallel and XLA inserts the collectives. The
 loss is the loss of the global batch whatever the number of devices.
+
+Input: ``--input memory`` (the default) holds the training set on every device and the
+step gathers its batch there; ``--input stream`` keeps it on the host and reads each
+batch's rows there (:mod:`magnet_jax.streaming`), the step split into a jitted sampler and
+a step that consumes the rows read.
 """
 
 from __future__ import annotations
@@ -511,6 +516,8 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         )
     replicated = NamedSharding(mesh, P())
     stream = config.input == "stream"
+    if stream:
+        streaming.require_grain()
     # Image files are cropped from their full resolution on the host; arrays on the device.
     host_crop = stream and config.augment_crop and is_lazy(x_train)
     # A label-free method gets no labels at all: the step cannot read them by mistake.

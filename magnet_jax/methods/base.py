@@ -33,7 +33,9 @@ class TrainingData(NamedTuple):
     """The training set as the jitted step sees it (replicated on every device).
 
     Attributes:
-        x: [N, ...] inputs.
+        x: [N, ...] inputs; with ``--input stream`` a :class:`magnet_jax.streaming.Loader`
+            on the host, which the jitted step never sees (the trainer passes None there
+            and reads the sampled rows itself).
         labels: [N] int32 classes, or None for a method that reads no labels.
         class_table: examples grouped by class (class-balanced batches), or None with
             ``labels``.
