@@ -1,6 +1,6 @@
 """Images/s the streaming input delivers against what the train step consumes.
 
-    python benchmarks/input_pipeline.py                 # 64/96/224 px, 0/1/2 workers
+    python benchmarks/input_pipeline.py                 # 96/64/224 px, 0/1/2 workers
     python benchmarks/input_pipeline.py --sizes 96 --step-repeats 2
     python benchmarks/input_pipeline.py --quick         # tiny sizes, seconds (CI smoke test)
 
@@ -75,24 +75,31 @@ def write_jpegs(root: Path, *, classes: int, per_class: int, side: tuple[int, in
             )
 
 
-def loader_rate(files, *, workers: int, batches: int, seed: int) -> dict:
-    """Images/s of ``batches`` training batches of random rows (one warm-up batch first)."""
-    loader = streaming.Loader(files, workers=workers, host_crop=True, seed=seed)
+def loader_rates(files, *, workers: list[int], batches: int, seed: int) -> list[dict]:
+    """Images/s of training batches of random rows for every thread count, timed in turn
+    (one batch with each count, then the next round) so that load changes hit all alike."""
+    loaders = [streaming.Loader(files, workers=w, host_crop=True, seed=seed) for w in workers]
     rng = np.random.default_rng(seed)
     batch = BATCH[0] * BATCH[1]
-    loader.batch(rng.integers(0, len(files), batch), step=0)
-    seconds = []
+    for loader in loaders:  # warm-up: imports, thread pools, the page cache
+        loader.batch(rng.integers(0, len(files), batch), step=0)
+    seconds = [[] for _ in workers]
     for step in range(1, batches + 1):
-        started = time.perf_counter()
-        loader.batch(rng.integers(0, len(files), batch), step=step)
-        seconds.append(time.perf_counter() - started)
-    return {
-        "workers": workers,
-        "batch": batch,
-        "batches": batches,
-        "seconds_per_batch": seconds,
-        "images_per_s": batch / statistics.median(seconds),
-    }
+        indices = rng.integers(0, len(files), batch)
+        for loader, times in zip(loaders, seconds):
+            started = time.perf_counter()
+            loader.batch(indices, step=step)
+            times.append(time.perf_counter() - started)
+    return [
+        {
+            "workers": count,
+            "batch": batch,
+            "batches": batches,
+            "seconds_per_batch": times,
+            "images_per_s": batch / statistics.median(times),
+        }
+        for count, times in zip(workers, seconds)
+    ]
 
 
 def step_rates(folder: Path, size: int, *, steps: int, repeats: int, quick: bool) -> dict:
@@ -183,7 +190,7 @@ def environment() -> dict:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 224])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[96, 64, 224])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--per-class", type=int, default=24, help="JPEGs per class (12 classes)")
     parser.add_argument("--batches", type=int, default=8, help="loader batches timed per case")
@@ -199,17 +206,23 @@ def main(argv=None) -> dict:
         side = (300, 500)
 
     load_before = list(os.getloadavg())
+    path = RESULTS / ("input_pipeline_quick.json" if args.quick else "input_pipeline.json")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "jpegs"
         write_jpegs(folder, classes=CLASSES, per_class=args.per_class, side=side, seed=0)
         for size in args.sizes:
             files = load_dataset(f"folder:{folder}", image_size=size, lazy=True).x_train
-            row = {"image_size": size, "train_images": len(files), "loader": []}
-            for workers in args.workers:
-                rate = loader_rate(files, workers=workers, batches=args.batches, seed=size)
-                row["loader"].append(rate)
-                print(f"{size}px loader, {workers} workers: {rate['images_per_s']:.0f} images/s")
+            row = {"image_size": size, "train_images": len(files)}
+            row["loader"] = loader_rates(
+                files, workers=args.workers, batches=args.batches, seed=size
+            )
+            for rate in row["loader"]:
+                print(
+                    f"{size}px loader, {rate['workers']} workers: "
+                    f"{rate['images_per_s']:.0f} images/s",
+                    flush=True,
+                )
             if not args.no_step:
                 row["train_step"] = step_rates(
                     folder, size, steps=args.steps, repeats=args.step_repeats, quick=args.quick
@@ -218,21 +231,23 @@ def main(argv=None) -> dict:
                 print(
                     f"{size}px step alone {step['step_alone_s']:.3f} s "
                     f"({step['step_images_per_s']:.0f} images/s), streamed "
-                    f"{step['streamed_step_s']:.3f} s: waiting {100 * step['waiting_share']:.0f}%"
+                    f"{step['streamed_step_s']:.3f} s: waiting {100 * step['waiting_share']:.0f}%",
+                    flush=True,
                 )
             rows.append(row)
-    result = {
-        "benchmark": "input_pipeline",
-        "quick": args.quick,
-        "environment": environment(),
-        "load_average_before": load_before,
-        "load_average_after": list(os.getloadavg()),
-        "jpeg_side_px": list(side),
-        "rows": rows,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / ("input_pipeline_quick.json" if args.quick else "input_pipeline.json")
-    path.write_text(json.dumps(result, indent=2) + "\n")
+            # written after every size: the 224 px step is slow on a CPU
+            result = {
+                "benchmark": "input_pipeline",
+                "quick": args.quick,
+                "complete": len(rows) == len(args.sizes),
+                "environment": environment(),
+                "load_average_before": load_before,
+                "load_average_after": list(os.getloadavg()),
+                "jpeg_side_px": list(side),
+                "rows": rows,
+            }
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return result
 
