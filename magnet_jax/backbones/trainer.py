@@ -141,8 +141,9 @@ def prefix_is_current(setup_: FinetuneSetup | None, graphdef, params) -> bool:
     )
 
 
-def pooled_features(graphdef, params, x: jax.Array, chunk_size: int) -> np.ndarray:
-    """The backbone's pooled features (before the embedding head) of every row of ``x``."""
+def pooled_features(graphdef, params, x, chunk_size: int) -> np.ndarray:
+    """The backbone's pooled features (before the embedding head) of every row of ``x``
+    (an array, or a :class:`~magnet_jax.streaming.Loader` read on the host)."""
     model = nnx.merge(graphdef, nnx.State(params))
     if not finetune.find_backbones(model):
         raise ValueError("features are a backbone's: this run has no --backbone")
@@ -151,11 +152,17 @@ def pooled_features(graphdef, params, x: jax.Array, chunk_size: int) -> np.ndarr
     def run(params, rows):
         return nnx.merge(graphdef, nnx.State(params)).trunk.features(rows)
 
-    count = x.shape[0]
+    from magnet_jax import streaming
+
+    count = len(x) if isinstance(x, streaming.Loader) else x.shape[0]
     chunk = max(1, min(chunk_size, count))
-    parts = []
-    for start in range(0, count, chunk):
-        stop = min(start + chunk, count)
-        rows = jax.lax.dynamic_slice_in_dim(x, stop - chunk, chunk)  # the last chunk overlaps
-        parts.append(np.asarray(run(params, rows))[chunk - (stop - start) :])
+    spans = [(start, min(start + chunk, count)) for start in range(0, count, chunk)]
+    if isinstance(x, streaming.Loader):  # --input stream: read on the host, chunk by chunk
+        chunks = x.chunks([stop - chunk for _, stop in spans], chunk)
+    else:  # the last chunk overlaps
+        chunks = (jax.lax.dynamic_slice_in_dim(x, stop - chunk, chunk) for _, stop in spans)
+    parts = [
+        np.asarray(run(params, rows))[chunk - (stop - start) :]
+        for (start, stop), rows in zip(spans, chunks)
+    ]
     return np.concatenate(parts, axis=0)
