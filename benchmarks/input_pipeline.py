@@ -2,6 +2,7 @@
 
     python benchmarks/input_pipeline.py                 # 96/64/224 px, 0/1/2 workers
     python benchmarks/input_pipeline.py --sizes 96 --step-repeats 2
+    python benchmarks/input_pipeline.py --model convnet --step-sizes 96 64  # light step
     python benchmarks/input_pipeline.py --quick         # tiny sizes, seconds (CI smoke test)
 
 A folder of JPEGs (photograph-like: smooth colour fields plus noise, 300-500 px a side,
@@ -18,6 +19,10 @@ measured at every image size:
   ``--input stream`` (the host reads every batch while the device runs the step before).
   The share of a streamed step that the step alone does not account for is the time the
   device waits for input. The two are timed alternately so that machine noise hits both.
+  ``--model convnet`` times the small default convnet instead (a step that needs far less
+  memory and time: an input-bound case). Each streamed call reads its first batch before
+  its first step, as a training run does once per log/refresh/checkpoint interval, so
+  ``--steps`` short calls overstate the wait a little.
 
 On a CPU-only machine the "device" is the same CPU that decodes: the waiting share there
 measures contention for the cores as much as the loader's speed. Writes
@@ -102,13 +107,13 @@ def loader_rates(files, *, workers: list[int], batches: int, seed: int) -> list[
     ]
 
 
-def step_rates(folder: Path, size: int, *, steps: int, repeats: int, quick: bool) -> dict:
+def step_rates(folder: Path, size: int, *, steps: int, repeats: int, model_name: str) -> dict:
     """Seconds per step of the step alone and of the streamed loop, alternately timed."""
     with tempfile.TemporaryDirectory() as workdir:
         model = (
-            {"architecture": "convnet"}
-            if quick
-            else {"backbone": "efficientnet_lite0", "pretrained": True}
+            {"architecture": model_name}
+            if model_name == "convnet"
+            else {"backbone": model_name, "pretrained": True}
         )
         config = TrainConfig(
             dataset=f"folder:{folder}",
@@ -196,12 +201,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--batches", type=int, default=8, help="loader batches timed per case")
     parser.add_argument("--steps", type=int, default=3, help="train steps per timing")
     parser.add_argument("--step-repeats", type=int, default=3, help="alternating timings")
-    parser.add_argument("--no-step", action="store_true", help="time the loader only")
+    parser.add_argument(
+        "--step-sizes", type=int, nargs="*", default=None, help="sizes with a step (default: all)"
+    )
+    parser.add_argument(
+        "--model",
+        default="efficientnet_lite0",
+        choices=("efficientnet_lite0", "convnet"),
+        help="the step's network: the pretrained backbone, or the small default convnet",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sizes, args.per_class, args.batches = [32], 4, 2
         args.steps, args.step_repeats, side = 2, 1, (40, 60)
+        args.model = "convnet"
     else:
         side = (300, 500)
 
@@ -223,9 +237,9 @@ def main(argv=None) -> dict:
                     f"{rate['images_per_s']:.0f} images/s",
                     flush=True,
                 )
-            if not args.no_step:
+            if args.step_sizes is None or size in args.step_sizes:
                 row["train_step"] = step_rates(
-                    folder, size, steps=args.steps, repeats=args.step_repeats, quick=args.quick
+                    folder, size, steps=args.steps, repeats=args.step_repeats, model_name=args.model
                 )
                 step = row["train_step"]
                 print(
