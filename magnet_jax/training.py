@@ -28,6 +28,7 @@ a step that consumes the rows read.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -43,7 +44,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from magnet_jax import augment, distributed, methods, sampling, streaming
+from magnet_jax import augment, distributed, finite, methods, sampling, streaming
 from magnet_jax.backbones import finetune
 from magnet_jax.backbones import trainer as backbone_trainer
 from magnet_jax.checkpoint import Checkpointer
@@ -99,6 +100,9 @@ class StepFunctions(NamedTuple):
     consume: (state, method_state, batch, rows [B, ...], positions [B]) -> (state,
         method_state, loss []), the second half: the step on the batch ``rows[positions]``
         read on the host (:meth:`magnet_jax.streaming.Loader.batch`).
+    run_steps_with_metrics: as ``run_steps``, returning also the mean over the steps of
+        each of the method's step metrics (:meth:`~magnet_jax.methods.Method.step_metrics`),
+        ``{name: []}``.
     """
 
     run_steps: Any
@@ -106,6 +110,7 @@ class StepFunctions(NamedTuple):
     embed: Any
     sample: Any = None
     consume: Any = None
+    run_steps_with_metrics: Any = None
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -165,6 +170,24 @@ def model_params(params: dict) -> dict:
 
 
 _METHOD_PARAMS = "method"  # the key of a method's own parameters in TrainState.params
+
+
+class _Means:
+    """Running sums of the loss and the step metrics of a stretch of steps, on device."""
+
+    def __init__(self):
+        self.loss, self.metrics = jnp.zeros(()), None
+
+    def add(self, loss: jax.Array, metrics: dict) -> None:
+        self.loss = self.loss + loss
+        self.metrics = (
+            metrics if self.metrics is None else jax.tree.map(jnp.add, self.metrics, metrics)
+        )
+
+    def result(self, num_steps: int) -> tuple[jax.Array, dict]:
+        """(mean loss [], {name: mean []}) over ``num_steps`` steps."""
+        count = max(num_steps, 1)
+        return self.loss / count, {k: v / count for k, v in (self.metrics or {}).items()}
 
 
 def build_step_functions(
@@ -241,12 +264,24 @@ def build_step_functions(
         if batch_stats is not None:
             params = finetune.with_batch_stats(params, batch_stats)
         method_state = method.update(method_state, batch, stats, params)
-        return TrainState(state.step + 1, params, opt_state, state.rng), method_state, loss
+        new_state = TrainState(state.step + 1, params, opt_state, state.rng)
+        return new_state, method_state, loss, method.step_metrics(stats)
 
     jitted_step = jax.jit(train_step, donate_argnums=(0, 1))
     jitted_sample = jax.jit(sample_step)
     jitted_consume = jax.jit(consume_step, donate_argnums=(0, 1))
     jitted_consume_current = jax.jit(consume_current_step, donate_argnums=(0, 1))
+
+    # The public one-step functions keep returning (state, method_state, loss); the step
+    # metrics are read by the multi-step loops.
+    def one_step(state: TrainState, method_state, data: TrainingData):
+        state, method_state, loss, _ = jitted_step(state, method_state, data)
+        return state, method_state, loss
+
+    def consume_one(state: TrainState, method_state, batch, rows, positions):
+        state, method_state, loss, _ = jitted_consume(state, method_state, batch, rows, positions)
+        return state, method_state, loss
+
     # XLA:CPU runs the per-device parts of all dispatched programs, and the intra-op work
     # of their convolutions, on one shared thread pool. With several CPU devices, a program
     # whose device-0 part waits in a collective can hold the thread that device 1's part of
@@ -256,22 +291,22 @@ def build_step_functions(
     # programs per device and keep asynchronous dispatch.
     serialize = num_devices > 1 and mesh.devices.flat[0].platform == "cpu"
 
-    def run_steps(state: TrainState, method_state, data: TrainingData, num_steps):
+    def run_steps_with_metrics(state: TrainState, method_state, data: TrainingData, num_steps):
         # A host loop over the jitted step rather than one jitted fori_loop: XLA on CPU runs
         # convolutions inside a while-loop body ~10x slower (measured: the Fashion-MNIST
         # convnet at batch 48, 208 ms vs 17-21 ms per step), and asynchronous dispatch keeps
         # the host off the critical path (the MLP on digits: 0.6 vs 0.7 ms per step).
         num_steps = int(num_steps)
-        loss_sum = jnp.zeros(())
+        means = _Means()
         for _ in range(num_steps):
-            state, method_state, loss = jitted_step(state, method_state, data)
+            state, method_state, loss, metrics = jitted_step(state, method_state, data)
             if serialize:
                 loss.block_until_ready()
-            loss_sum = loss_sum + loss
-        return state, method_state, loss_sum / max(num_steps, 1)
+            means.add(loss, metrics)
+        return state, method_state, *means.result(num_steps)
 
     def run_stream_steps(state: TrainState, method_state, data: TrainingData, num_steps):
-        """``run_steps`` with ``data.x`` a :class:`~magnet_jax.streaming.Loader`.
+        """``run_steps_with_metrics`` with ``data.x`` a :class:`~magnet_jax.streaming.Loader`.
 
         The batch of step ``t`` is drawn from the method state entering step
         ``t - sample_ahead`` (but never from one before this call's first step), so that its
@@ -296,31 +331,37 @@ def build_step_functions(
             rows, positions, read = loader.batch(np.asarray(jax.device_get(drawn[t].indices)), t)
             return jax.device_put((rows, positions, read), replicated)
 
-        loss_sum = jnp.zeros(())
+        means = _Means()
         for t in range(start, end):
             if t + ahead < end:  # before the step below donates this method state
                 drawn[t + ahead] = jitted_sample(method_state, state.rng, t + ahead, on_device)
             rows, positions, rows_read = read.pop(t) if t in read else load(t)
             if ahead == 0:
                 drawn.pop(t)
-                state, method_state, loss = jitted_consume_current(
+                state, method_state, loss, metrics = jitted_consume_current(
                     state, method_state, on_device, rows, rows_read
                 )
             else:
-                state, method_state, loss = jitted_consume(
+                state, method_state, loss, metrics = jitted_consume(
                     state, method_state, drawn.pop(t), rows, positions
                 )
             if t + 1 in drawn:  # read the next batch while the device runs this step
                 read[t + 1] = load(t + 1)
             if serialize:
                 loss.block_until_ready()
-            loss_sum = loss_sum + loss
-        return state, method_state, loss_sum / max(end - start, 1)
+            means.add(loss, metrics)
+        return state, method_state, *means.result(end - start)
 
-    def run_any_steps(state: TrainState, method_state, data: TrainingData, num_steps):
+    def run_any_steps_with_metrics(state: TrainState, method_state, data: TrainingData, num_steps):
         if isinstance(data.x, streaming.Loader):
             return run_stream_steps(state, method_state, data, num_steps)
-        return run_steps(state, method_state, data, num_steps)
+        return run_steps_with_metrics(state, method_state, data, num_steps)
+
+    def run_any_steps(state: TrainState, method_state, data: TrainingData, num_steps):
+        state, method_state, loss, _ = run_any_steps_with_metrics(
+            state, method_state, data, num_steps
+        )
+        return state, method_state, loss
 
     # The embedding output stays sharded like the input rows: a per-row model needs no
     # collective inside a chunk.
@@ -372,10 +413,11 @@ def build_step_functions(
 
     return StepFunctions(
         run_steps=run_any_steps,
-        train_step=jitted_step,
+        train_step=one_step,
         embed=embed,
         sample=jitted_sample,
-        consume=jitted_consume,
+        consume=consume_one,
+        run_steps_with_metrics=run_any_steps_with_metrics,
     )
 
 
@@ -608,11 +650,14 @@ def refresh(
     diagnostics)`` where diagnostics are what the method reports of its refresh (the
     Magnet loss: :func:`magnet_jax.clustering.clustering_diagnostics` and the number of
     valid clusters) plus ``refresh_seconds``, the wall time of the whole refresh.
+
+    Raises:
+        magnet_jax.finite.NonFiniteError: the training set's embeddings hold NaN or inf.
     """
     started = time.perf_counter()
     new_state, diagnostics = run.method.refresh(
         method_state,
-        embed=run.steps.embed,
+        embed=_checked_embed(run.steps.embed, "training set"),
         params=state.params,
         data=run.data,
         key=_refresh_key(run.config, step),
@@ -623,6 +668,15 @@ def refresh(
         return new_state
     jax.block_until_ready(new_state)
     return new_state, {**diagnostics, "refresh_seconds": time.perf_counter() - started}
+
+
+def _checked_embed(embed, what: str):
+    """``embed`` that raises :class:`~magnet_jax.finite.NonFiniteError` on NaN or inf."""
+
+    def checked(params, x: jax.Array) -> jax.Array:
+        return finite.check_embeddings(embed(params, x), what)
+
+    return checked
 
 
 def evaluate(run: Run, params, method_state, evaluators=None) -> dict[str, float]:
@@ -636,15 +690,20 @@ def evaluate(run: Run, params, method_state, evaluators=None) -> dict[str, float
     errors. When the test classes were not seen in training (``--split classes``) only the
     retrieval metrics apply: classifying by the training set cannot name an unseen class,
     and the training set is then not even embedded.
+
+    Raises:
+        magnet_jax.finite.NonFiniteError: an embedding the evaluators read holds NaN or inf
+            (metrics of non-finite embeddings would be meaningless, not an error).
     """
     if evaluators is None:
         evaluators = default_evaluators(run.method, knn_k=run.config.knn_k)
+    embed = run.steps.embed
     context = EvalContext(
         params=params,
         method_state=method_state,
         model=run.model(params),
-        train_embeddings=lambda: run.steps.embed(params, run.data.x),
-        test_embeddings=lambda: run.steps.embed(params, run.x_test),
+        train_embeddings=lambda: _checked_embed(embed, "training set")(params, run.data.x),
+        test_embeddings=lambda: _checked_embed(embed, "test set")(params, run.x_test),
         dataset=run.dataset,
     )
     return run_evaluators(evaluators, context)
@@ -740,10 +799,12 @@ def train(
 ) -> dict[str, float]:
     """Trains (or resumes) the run described by ``config``; returns the final metrics.
 
-    Writes ``config.json``, ``history.jsonl`` (one JSON line per logged step, refresh and
-    evaluation, a ``"start"`` line with the number and kind of devices each time the run
-    starts or resumes, and first an ``"init"`` line when ``config.init_from`` warm-starts a
-    fresh run, see :meth:`WarmStart.record`), ``metrics.json`` (final metrics) and
+    Writes ``config.json``, ``history.jsonl`` (one JSON line per logged step, with the mean
+    loss and the method's step metrics such as ``active`` over the steps since the previous
+    event; one per refresh and evaluation; a ``"start"`` line with the number and kind of
+    devices each time the run starts or resumes, and first an ``"init"`` line when
+    ``config.init_from`` warm-starts a fresh run, see :meth:`WarmStart.record`),
+    ``metrics.json`` (final metrics) and
     ``checkpoints/`` under ``config.workdir``. Running it again with the same work directory
     resumes from the newest checkpoint that restores (:mod:`magnet_jax.workdir` says what may
     change) and ends with the same parameters and metrics as an uninterrupted run.
@@ -751,7 +812,10 @@ def train(
     Raises:
         ValueError: a bad config, or one that the run in the work directory cannot resume.
         OSError: the work directory or a checkpoint cannot be written.
-        FloatingPointError: the loss became non-finite.
+        FloatingPointError: the loss, the train state (checked after every stretch of
+            steps, so before any checkpoint) or the embeddings at a refresh or an
+            evaluation became non-finite; nothing non-finite is saved, and the message
+            names the step and the checkpoint kept.
         TrainingInterrupted: Ctrl-C; a checkpoint of the steps taken was saved first.
     """
     from tqdm.auto import tqdm
@@ -826,18 +890,21 @@ def train(
     # One process alone stops cleanly at a checkpoint on Ctrl-C; several must all save
     # together, and a Ctrl-C reaches only one of them, so there it interrupts at once (the
     # run resumes from the last periodic checkpoint).
+    stopping = _Stopping(workdir, checkpointer)
     stop = StopOnInterrupt()
     if distributed.num_processes() == 1:
         stop.install()
     try:
         while True:
             if _refresh_due(run, step, config.steps):
-                method_state, diagnostics = refresh(
-                    run, state, method_state, step, with_diagnostics=True
-                )
+                with _stop_if_nonfinite(f"at the refresh of step {step}", step, stopping):
+                    method_state, diagnostics = refresh(
+                        run, state, method_state, step, with_diagnostics=True
+                    )
                 log({"kind": "refresh", "step": step, **diagnostics})
             if step == config.steps or (step > 0 and step % config.eval_every == 0):
-                metrics = evaluate(run, state.params, method_state)
+                with _stop_if_nonfinite(f"at the evaluation of step {step}", step, stopping):
+                    metrics = evaluate(run, state.params, method_state)
                 log({"kind": "eval", "step": step, **metrics})
                 bar.set_postfix(
                     {k: f"{metrics[k]:.4f}" for k in ("knn_error", "knc_error") if k in metrics}
@@ -845,17 +912,27 @@ def train(
             if step == config.steps:
                 break
             target = _next_event(step, run)
-            state, method_state, loss = run.steps.run_steps(
+            state, method_state, loss, step_metrics = run.steps.run_steps_with_metrics(
                 state, method_state, run.data, jnp.asarray(target - step, jnp.int32)
             )
             loss = float(loss)
             if not math.isfinite(loss):
-                raise FloatingPointError(_diverged(loss, step, target, workdir, checkpointer))
+                raise FloatingPointError(
+                    f"the training loss became {loss} between steps {step} and {target}; "
+                    f"{stopping.kept()}"
+                )
+            # The loss is that of the parameters before each update: the last update can
+            # still have left NaN or inf, which must not reach a checkpoint.
+            with _stop_if_nonfinite(
+                f"between steps {step} and {target}, while the loss stayed finite", None, stopping
+            ):
+                finite.check_state(state.params, state.opt_state)
             bar.update(target - step)
             step = target
             if step % config.log_every == 0 or step == config.steps:
-                log({"kind": "train", "step": step, "loss": loss})
-                bar.set_postfix_str(f"loss={loss:.4f}", refresh=False)
+                step_metrics = {name: float(value) for name, value in step_metrics.items()}
+                log({"kind": "train", "step": step, "loss": loss, **step_metrics})
+                bar.set_postfix_str(_train_postfix(loss, step_metrics), refresh=False)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 seconds = seconds_before + time.perf_counter() - started
                 checkpointer.save(
@@ -888,16 +965,54 @@ def train(
     return final
 
 
-def _diverged(loss: float, step: int, target: int, workdir: Workdir, checkpointer) -> str:
-    kept = checkpointer.latest_step()
-    where = (
-        f"the last checkpoint, step {kept}, is kept in {workdir.checkpoints}; rerun with a "
-        f"lower --lr in another --workdir (--init-from {workdir.path} warm starts from it)"
-        if kept is not None
-        else f"no checkpoint was written, so {workdir.path} holds no run: rerun the command "
-        f"there with a lower --lr"
-    )
-    return f"the training loss became {loss} between steps {step} and {target}; {where}"
+def _train_postfix(loss: float, step_metrics: dict[str, float]) -> str:
+    """``loss=0.0000 active=37%``: a saturated hinge reads 0 while examples still count."""
+    parts = [f"loss={loss:.4f}"]
+    for name, value in step_metrics.items():
+        parts.append(f"{name}={value:.0%}" if name == "active" else f"{name}={value:.4g}")
+    return " ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stopping:
+    """What a run that stops on a non-finite value keeps, and what to do next."""
+
+    workdir: Workdir
+    checkpointer: Checkpointer
+
+    def kept(self, produced_at: int | None = None) -> str:
+        """The checkpoint kept and a hint; ``produced_at``: the step whose parameters gave
+        the non-finite values, when they came from parameters rather than from a step."""
+        kept, workdir = self.checkpointer.latest_step(), self.workdir
+        if produced_at == 0 and kept is None:
+            return (
+                f"no training step had run, so the inputs (or the --init-from parameters) "
+                f"give them: check their scale; {workdir.path} holds no run"
+            )
+        if kept is None:
+            return (
+                f"no checkpoint was written, so {workdir.path} holds no run: rerun the command "
+                f"there with a lower --lr"
+            )
+        if kept == produced_at:
+            return (
+                f"the last checkpoint, step {kept}, holds the parameters that gave them and is "
+                f"kept in {workdir.checkpoints} (resuming it stops here again); rerun with a "
+                f"lower --lr in another --workdir"
+            )
+        return (
+            f"the last checkpoint, step {kept}, is kept in {workdir.checkpoints}; rerun with a "
+            f"lower --lr in another --workdir (--init-from {workdir.path} warm starts from it)"
+        )
+
+
+@contextlib.contextmanager
+def _stop_if_nonfinite(where: str, produced_at: int | None, stopping: _Stopping):
+    """Turns a :class:`~magnet_jax.finite.NonFiniteError` into the run's one-line stop."""
+    try:
+        yield
+    except finite.NonFiniteError as error:
+        raise FloatingPointError(f"{error} {where}; {stopping.kept(produced_at)}") from error
 
 
 def method_state_template(run: Run):

@@ -20,7 +20,7 @@ from magnet_jax import clustering, config, evaluators, methods, names, training
 from magnet_jax.checkpoint import Checkpointer
 from magnet_jax.config import TrainConfig
 from magnet_jax.data import Dataset, load_dataset
-from magnet_jax.index import build_index, refresh_index
+from magnet_jax.index import NeighbourhoodBatch, build_index, refresh_index
 from magnet_jax.losses import triplet
 from magnet_jax.methods.base import DataInfo, Method
 
@@ -166,6 +166,88 @@ def test_stateless_methods_checkpoint_no_method_state():
         info = DataInfo(10, 2, ("a", "b"), np.zeros(10, np.int32), 4)
         assert not methods.has_state(method.init_state(info)), name
         assert not jax.tree.leaves(method.abstract_state(info)), name
+
+
+# --------------------------------------------------------------------------------------
+# Step metrics: the share of examples with a non-zero loss ("active").
+# --------------------------------------------------------------------------------------
+
+
+def _active(method, embeddings, labels, cluster_ids=None):
+    embeddings = jnp.asarray(embeddings, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    if cluster_ids is None:
+        batch = methods.LabelledBatch(jnp.arange(len(labels)), labels)
+    else:
+        batch = NeighbourhoodBatch(jnp.arange(len(labels)), labels, jnp.asarray(cluster_ids))
+    _, stats = jax.jit(lambda e: method.loss(None, None, e, batch))(embeddings)
+    metrics = method.step_metrics(stats)
+    assert set(metrics) == {"active"}
+    return float(metrics["active"])
+
+
+def test_magnet_active_share_of_a_hand_computed_batch():
+    # Clusters {0, 2}, {3, 5}, {20, 22} of classes 0, 1, 2: every squared distance to the
+    # own mean is 1, so σ̂² = 6 / 5 = 1.2 and 2σ̂² = 2.4. With α = 2, ℓ_i > 0 when
+    # 1/2.4 + 2 > -log Σ exp(-d²/2.4) over the other clusters' means (1, 4, 21):
+    # x=2 (nearest other mean 4, d²=4) and x=3 (mean 1, d²=4): 0.42 + 2 - 1.67 > 0;
+    # x=0 (d²=16) and x=5 (d²=16): 0.42 + 2 - 6.67 < 0; x=20, 22: far from all. 2 of 6.
+    x = [[0.0], [2.0], [3.0], [5.0], [20.0], [22.0]]
+    labels, clusters = [0, 0, 1, 1, 2, 2], [0, 0, 4, 4, 8, 8]
+    assert _active(methods.Magnet(alpha=2.0), x, labels, clusters) == pytest.approx(2 / 6)
+    # With α = 1 the margin is met everywhere (x=2: 0.42 + 1 - 1.67 < 0): the mean loss is 0.
+    assert _active(methods.Magnet(alpha=1.0), x, labels, clusters) == 0.0
+
+
+@pytest.mark.parametrize(
+    "mining, margin, expected",
+    [
+        # Class 0 at {0, 1}, class 1 at {3, 10}; squared distances. Margin 0.2: only anchor
+        # 3 (positive 10 at 49, negatives at 9 and 4) violates it, whatever the mining.
+        ("batch_all", 0.2, 1 / 4),
+        ("batch_hard", 0.2, 1 / 4),
+        ("semi_hard", 0.2, 1 / 4),
+        # Margin 9: anchor 0 (1 - 9 + 9 > 0) and 1 (1 - 4 + 9) too; anchor 10 (49 - 81 + 9) not.
+        ("batch_all", 9.0, 3 / 4),
+    ],
+)
+def test_triplet_active_share_of_a_hand_computed_batch(mining, margin, expected):
+    method = methods.Triplet(margin=margin, mining=mining)
+    assert _active(method, [[0.0], [1.0], [3.0], [10.0]], [0, 0, 1, 1]) == expected
+
+
+def test_pair_losses_active_share_of_hand_computed_batches():
+    # Contrastive, positive margin 0: a positive pair apart always counts, a negative pair
+    # only within the margin. Class 0 identical, class 1 apart, classes 5 apart: 2 of 4.
+    contrastive = methods.Contrastive(margin=0.2)
+    assert _active(contrastive, [[0.0], [0.0], [5.0], [5.1]], [0, 0, 1, 1]) == 0.5
+    # Multi-similarity (cosine): a0 = (1, 0), a1 = (0.6, 0.8), b0 = b1 = (0, 1). Only a1
+    # keeps a pair: its positive (S = 0.6) is within ε = 0.1 of its hardest negative (0.8).
+    # a0's positive is far above its negatives (S = 0); b's positive (S = 1) is above
+    # their hardest negative (0.8) by more than ε. 1 of 4.
+    x = [[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [0.0, 1.0]]
+    assert _active(methods.MultiSimilarity(), x, [0, 0, 1, 1]) == 0.25
+
+
+def test_softmax_type_losses_report_no_step_metrics():
+    for name in ("softmax", "proxy_nca", "normalized_softmax", "arcface"):
+        method = methods.from_config(TrainConfig(loss=name))
+        assert method.step_metrics(()) == {}, name
+
+
+def test_step_metrics_do_not_change_the_loss_or_its_gradient():
+    x = jax.random.normal(jax.random.PRNGKey(0), (16, 3))
+    labels = jnp.repeat(jnp.arange(4), 4)
+    batch = methods.LabelledBatch(jnp.arange(16), labels)
+    method = methods.Triplet(margin=0.5)
+
+    def loss(e):
+        return method.loss(None, None, e, batch)[0]
+
+    np.testing.assert_array_equal(loss(x), triplet.triplet_loss(x, labels, margin=0.5))
+    np.testing.assert_array_equal(
+        jax.grad(loss)(x), jax.grad(lambda e: triplet.triplet_loss(e, labels, margin=0.5))(x)
+    )
 
 
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import jax
@@ -13,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from magnet_jax import checkpoint, cli, training
+from magnet_jax import checkpoint, cli, finite, training
 from magnet_jax.checkpoint import Checkpointer, CheckpointError
 from magnet_jax.config import TrainConfig
 from magnet_jax.workdir import Workdir, check_same_run, resolve_config
@@ -91,6 +93,80 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(tmp_path, part):
     assert checkpoint.complete_steps(tmp_path / "ckpt") == [1, 2]
 
 
+_REPO = Path(__file__).resolve().parents[1]
+# A digits run long enough that a later checkpoint exists well before it ends.
+_KILL_RUN = [
+    "train",
+    "--dataset", "digits",
+    "--steps", "300",
+    "--checkpoint-every", "50",
+    "--refresh-every", "50",
+    "--eval-every", "300",
+    "--log-every", "50",
+    "--kmeans-iterations", "5",
+    "--embedding-dim", "8",
+    "--num-devices", "1",
+    "--no-progress",
+]  # fmt: skip
+
+
+def _cli_process(workdir, **popen) -> subprocess.Popen:
+    """``magnet-jax train`` of this checkout in a process of its own."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(_REPO)}
+    command = [sys.executable, "-m", "magnet_jax.cli", *_KILL_RUN, "--workdir", str(workdir)]
+    return subprocess.Popen(command, cwd=_REPO, env=env, text=True, **popen)
+
+
+def _train_records(workdir) -> list[dict]:
+    return [h for h in _history(workdir) if h["kind"] == "train"]
+
+
+@pytest.mark.slow
+def test_kill_9_and_a_damaged_checkpoint_through_the_cli(tmp_path):
+    """The issue's repro, scaled down: kill -9 once a later checkpoint exists, delete the
+    largest data file of the newest checkpoint, run the same command again."""
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    straight = _cli_process(tmp_path / "straight", **quiet)  # the uninterrupted run, alongside
+    workdir = tmp_path / "killed"
+    killed = _cli_process(workdir, **quiet)
+    deadline = time.time() + 120
+    while time.time() < deadline and killed.poll() is None:
+        if any(step >= 100 for step in checkpoint.complete_steps(workdir / "checkpoints")):
+            break
+        time.sleep(0.01)
+    was_running = killed.poll() is None
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert was_running, "the run finished before it could be killed; make it longer"
+
+    steps = checkpoint.complete_steps(workdir / "checkpoints")
+    damaged, previous = steps[-1], steps[-2]
+    _damage(workdir / "checkpoints" / str(damaged), "data")
+    resumed = _cli_process(workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert straight.wait(timeout=300) == 0
+
+    assert f"checkpoint {damaged} cannot be restored (" in out
+    assert f"and resumed from checkpoint {previous}" in out
+    assert f"resuming at step {previous} in" in out
+    moved = [p.name for p in (workdir / "checkpoints").iterdir() if ".damaged-" in p.name]
+    assert len(moved) == 1 and moved[0].startswith(f"{damaged}.damaged-") and moved[0] in out
+    assert (workdir / "checkpoints" / moved[0] / "state").is_dir()  # moved whole, not deleted
+
+    # Ends where the uninterrupted run ends: every logged loss, the metrics, the parameters.
+    assert _train_records(workdir) == _train_records(tmp_path / "straight")
+    final = [json.loads((w / "metrics.json").read_text()) for w in (workdir, tmp_path / "straight")]
+    for metrics in final:
+        del metrics["seconds"]
+    assert final[0] == final[1]
+    params = [
+        checkpoint.restore_params(w / "checkpoints", 300) for w in (workdir, tmp_path / "straight")
+    ]
+    for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_no_restorable_checkpoint_moves_nothing(tmp_path):
     checkpointer = Checkpointer(tmp_path / "ckpt")
     checkpointer.save(1, _tiny_state(1), None, {})
@@ -116,6 +192,117 @@ def test_training_resumes_past_a_damaged_checkpoint(tmp_path, capsys):
     assert checkpoint.complete_steps(workdir / "checkpoints") == [10, 20]
     assert any(p.name.startswith("20.damaged-") for p in (workdir / "checkpoints").iterdir())
     assert json.loads((workdir / "metrics.json").read_text())["steps"] == 20
+
+
+# --------------------------------------------------------------------------------------
+# 2. Non-finite values during training: one line naming the step and what, nothing
+#    non-finite saved. (NaN/inf in the data: tests/test_data_sources.py.)
+# --------------------------------------------------------------------------------------
+
+
+def _one_line(err: str) -> str:
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def _restored_finite(workdir):
+    """The latest checkpoint restores, and every array of it is finite."""
+    config = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+    run = training.prepare(config, warm_start=False)
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    restored = checkpointer.restore_latest(run.initial_state, training.method_state_template(run))
+    checkpointer.close()
+    for leaf in jax.tree.leaves((restored.state, restored.index)):
+        if jnp.issubdtype(leaf.dtype, jnp.inexact):
+            assert np.isfinite(np.asarray(leaf)).all()
+    return restored
+
+
+def test_nonfinite_checks_name_the_rows_and_the_arrays():
+    embeddings = jnp.ones((8, 3)).at[2, 1].set(jnp.nan).at[6, 0].set(-jnp.inf)
+    with pytest.raises(
+        finite.NonFiniteError, match=r"test set became NaN or inf in 2 of 8 rows \(rows 2, 6\)"
+    ):
+        finite.check_embeddings(embeddings, "test set")
+    fine = jnp.ones((4, 2))
+    assert finite.check_embeddings(fine, "test set") is fine
+    params = {"trunk": {"bias": jnp.array([0.0, jnp.inf]), "kernel": jnp.ones(3)}}
+    opt_state = {"count": jnp.int32(3), "mu": jnp.zeros(3)}
+    with pytest.raises(
+        finite.NonFiniteError,
+        match=r"^1 of 4 arrays of the train state became NaN or inf \(params/trunk/bias\)$",
+    ):
+        finite.check_state(params, opt_state)
+    finite.check_state({"w": jnp.ones(2)}, opt_state)
+
+
+def test_progress_bar_shows_the_share_of_active_examples():
+    assert training._train_postfix(0.0, {"active": 0.371}) == "loss=0.0000 active=37%"
+    assert training._train_postfix(2.5, {}) == "loss=2.5000"  # softmax-type losses
+
+
+@pytest.mark.slow
+def test_nonfinite_embeddings_at_a_refresh_stop_the_run(tmp_path, capsys, monkeypatch):
+    prepare = training.prepare
+
+    def prepare_with_overflow(*args, **kwargs):
+        run = prepare(*args, **kwargs)
+        embed, calls = run.steps.embed, []
+
+        def embed_overflowing(params, x):
+            calls.append(1)
+            embeddings = embed(params, x)
+            # The second embedding is the refresh at step 10: as if the parameters had
+            # grown until one example's embedding overflows, with every loss finite.
+            return embeddings.at[3].set(jnp.inf) if len(calls) >= 2 else embeddings
+
+        run.steps = run.steps._replace(embed=embed_overflowing)
+        return run
+
+    monkeypatch.setattr(training, "prepare", prepare_with_overflow)
+    workdir = tmp_path / "run"
+    assert _train(workdir, "--refresh-every", "10") == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "the embeddings of the training set became NaN or inf in 1 of" in err
+    assert "rows (rows 3) at the refresh of step 10" in err
+    assert "the last checkpoint, step 10, holds the parameters that gave them" in err
+    assert "resuming it stops here again" in err and "lower --lr" in err
+    monkeypatch.undo()
+    assert _restored_finite(workdir).step == 10  # saved before the refresh, and intact
+    assert not (workdir / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_nonfinite_train_state_is_never_checkpointed(tmp_path, capsys):
+    # Adam's first update is about lr in size: 1e39 overflows float32, so the parameters
+    # become inf after step 0, whose loss (of the initial parameters) is finite.
+    workdir = tmp_path / "run"
+    assert _train(workdir, "--lr", "1e39", "--log-every", "1") == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "arrays of the train state became NaN or inf (params/" in err
+    assert "between steps 0 and 1, while the loss stayed finite" in err
+    assert "no checkpoint was written" in err and "lower --lr" in err
+    assert checkpoint.complete_steps(workdir / "checkpoints") == []
+    history = _history(workdir)
+    assert [h["kind"] for h in history] == ["start", "refresh"]  # no step logged
+
+
+@pytest.mark.slow
+def test_inputs_that_overflow_stop_before_the_first_step(tmp_path, capsys):
+    from magnet_jax.data import load_dataset
+
+    digits = load_dataset("digits")
+    # Finite inputs (the loader's check passes) whose embeddings overflow float32.
+    x = np.concatenate([digits.x_train, digits.x_test]).reshape(-1, 64) * np.float32(1e37)
+    path = tmp_path / "huge.npz"
+    np.savez(path, x=x, y=np.concatenate([digits.y_train, digits.y_test]))
+    workdir = tmp_path / "run"
+    assert _train(workdir, "--dataset", f"npz:{path}") == 2
+    err = _one_line(capsys.readouterr().err)
+    assert "the embeddings of the training set became NaN or inf" in err
+    assert "at the refresh of step 0; no training step had run" in err
+    assert "check their scale" in err and "holds no run" in err
+    assert checkpoint.complete_steps(workdir / "checkpoints") == []
 
 
 # --------------------------------------------------------------------------------------
@@ -382,3 +569,6 @@ def test_devices_are_printed_and_recorded(tmp_path, capsys):
         "device_kind": jax.devices()[0].device_kind,
     }
     assert Workdir(workdir).checkpoint_steps() == [10]
+    # Item 10: each train line also records the share of examples with non-zero loss.
+    (train,) = [h for h in _history(workdir) if h["kind"] == "train"]
+    assert set(train) == {"kind", "step", "loss", "active"} and 0 < train["active"] <= 1

@@ -14,11 +14,12 @@ from magnet_jax.methods.base import (
     LabelledBatch,
     Method,
     TrainingData,
+    active_share,
     has_state,
 )
 from magnet_jax.methods.classification import ArcFace, NormalizedSoftmax, ProxyNCA, Softmax
 from magnet_jax.methods.magnet import Magnet, MagnetStats
-from magnet_jax.methods.pairs import Contrastive, MultiSimilarity, Triplet
+from magnet_jax.methods.pairs import Contrastive, HingeStats, MultiSimilarity, Triplet
 from magnet_jax.names import LOSSES
 
 __all__ = [
@@ -36,6 +37,8 @@ __all__ = [
     "ProxyNCA",
     "NormalizedSoftmax",
     "ArcFace",
+    "HingeStats",
+    "active_share",
     "from_config",
     "get_method_class",
     "has_state",

@@ -14,7 +14,7 @@ Inside the jitted step, one step is::
     method_state = method.update(method_state, batch, stats, new_params)
 
 ``stats`` is the method's own pytree (the Magnet loss's per-example losses and σ̂²);
-nothing in the trainer reads it.
+the trainer reads it only through :meth:`Method.step_metrics`, the scalars it logs.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from magnet_jax import sampling
@@ -169,11 +170,37 @@ class Method:
         """The state after a step: ``stats`` of :meth:`loss`, ``params`` the new ones."""
         return state
 
+    def step_metrics(self, stats: Any) -> dict[str, jax.Array]:
+        """Scalars ``[]`` of one step, from the ``stats`` of :meth:`loss`, that the trainer
+        averages over the steps it logs (``history.jsonl``, the progress bar). Default: none.
+
+        The hinge and mined losses report ``active``, the share of the batch's examples
+        with a non-zero loss (:func:`active_share`): their loss can sit near zero for most
+        of a run while fewer and fewer examples still contribute. The softmax-type losses
+        report nothing: every example has a positive cross-entropy.
+        """
+        return {}
+
     # -- evaluation ----------------------------------------------------------------
 
     def evaluators(self) -> tuple:
         """Evaluators (:mod:`magnet_jax.evaluators`) that only this method can run."""
         return ()
+
+
+def active_share(losses: jax.Array) -> jax.Array:
+    """The share of the batch's examples with a non-zero loss.
+
+    Args:
+        losses: [B, ...] non-negative losses with the example (the anchor) first: [B] per
+            example, or [B, B] / [B, B, B] per pair or triplet, zero where a term is not
+            one of the loss's.
+
+    Returns:
+        [] the fraction of the B examples with at least one positive term.
+    """
+    active = jnp.any(jnp.reshape(losses, (losses.shape[0], -1)) > 0, axis=1)
+    return jnp.mean(active.astype(jnp.float32))
 
 
 def has_state(state: Any) -> bool:

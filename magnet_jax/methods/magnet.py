@@ -23,7 +23,7 @@ from magnet_jax import index as index_lib
 from magnet_jax.clustering import Agglomerative, KMeans, cluster_purity, clustering_diagnostics
 from magnet_jax.evaluators import EvalContext, Metric
 from magnet_jax.losses import magnet as magnet_losses
-from magnet_jax.methods.base import DataInfo, Embed, Method, TrainingData
+from magnet_jax.methods.base import DataInfo, Embed, Method, TrainingData, active_share
 
 
 class MagnetStats(NamedTuple):
@@ -210,6 +210,10 @@ class Magnet(Method):
         return index_lib.record_batch(
             state, batch.cluster_ids, stats.example_losses, stats.variance
         )
+
+    def step_metrics(self, stats: MagnetStats) -> dict[str, jax.Array]:
+        # The hinge saturates: the mean loss nears 0 long before training is over.
+        return {"active": active_share(stats.example_losses)}
 
     def evaluators(self) -> tuple:
         return (KncError(num_nearest_clusters=self.num_nearest_clusters),)

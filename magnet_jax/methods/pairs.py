@@ -1,19 +1,33 @@
 """Pair and triplet losses as training methods: class-balanced batches, no state.
 
 A batch is M classes × D examples (:func:`magnet_jax.sampling.class_balanced_batch`), so
-every anchor has positives; the loss is computed on the batch's embeddings and labels.
+every anchor has positives; the loss is computed on the batch's embeddings and labels. Each
+reports ``active``, the share of the batch's examples with a non-zero loss as an anchor:
+the mean over the non-zero terms (batch-all triplets, contrastive pairs) hides how many
+terms are left.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from magnet_jax import sampling
 from magnet_jax.losses import pairs, triplet
-from magnet_jax.methods.base import DataInfo, LabelledBatch, Method, TrainingData
+from magnet_jax.methods.base import DataInfo, LabelledBatch, Method, TrainingData, active_share
+
+
+class HingeStats(NamedTuple):
+    """A class-balanced loss's step statistics.
+
+    Attributes:
+        active: [] the share of the batch's examples with a non-zero loss.
+    """
+
+    active: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +59,9 @@ class ClassBalanced(Method):
         )
         return LabelledBatch(indices, labels)
 
+    def step_metrics(self, stats: HingeStats) -> dict[str, jax.Array]:
+        return {"active": stats.active}
+
 
 @dataclasses.dataclass(frozen=True)
 class Triplet(ClassBalanced):
@@ -55,10 +72,13 @@ class Triplet(ClassBalanced):
     mining: str = "batch_all"
 
     def loss(self, model, params, embeddings, batch):
-        loss = triplet.triplet_loss(
-            embeddings, batch.labels, margin=self.margin, mining=self.mining
+        options = {"margin": self.margin, "mining": self.mining}
+        loss = triplet.triplet_loss(embeddings, batch.labels, **options)
+        # Per anchor, [B, B, B] / [B] / [B, B] by mining; no gradient flows into the stats.
+        terms = triplet.triplet_loss(
+            jax.lax.stop_gradient(embeddings), batch.labels, reduction="none", **options
         )
-        return loss, ()
+        return loss, HingeStats(active_share(terms))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +89,15 @@ class Contrastive(ClassBalanced):
     margin: float = 0.2
 
     def loss(self, model, params, embeddings, batch):
-        return pairs.contrastive_loss(embeddings, batch.labels, neg_margin=self.margin), ()
+        loss = pairs.contrastive_loss(embeddings, batch.labels, neg_margin=self.margin)
+        # [B, B] pair terms: with the positive margin 0, any positive pair apart counts.
+        terms = pairs.contrastive_loss(
+            jax.lax.stop_gradient(embeddings),
+            batch.labels,
+            neg_margin=self.margin,
+            reduction="none",
+        )
+        return loss, HingeStats(active_share(terms))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,4 +107,9 @@ class MultiSimilarity(ClassBalanced):
     name = "multi_similarity"
 
     def loss(self, model, params, embeddings, batch):
-        return pairs.multi_similarity_loss(embeddings, batch.labels), ()
+        loss = pairs.multi_similarity_loss(embeddings, batch.labels)
+        # [B] per anchor: non-zero exactly when the miner kept one of its pairs.
+        terms = pairs.multi_similarity_loss(
+            jax.lax.stop_gradient(embeddings), batch.labels, reduction="none"
+        )
+        return loss, HingeStats(active_share(terms))
