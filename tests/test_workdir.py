@@ -94,14 +94,15 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(tmp_path, part):
 
 
 _REPO = Path(__file__).resolve().parents[1]
-# A digits run long enough that a later checkpoint exists well before it ends.
+# A digits run long enough that a later checkpoint exists well before it ends. The index
+# is built once (compiling k-means is most of a tiny run's time) and checkpointed.
 _KILL_RUN = [
     "train",
     "--dataset", "digits",
-    "--steps", "300",
+    "--steps", "400",
     "--checkpoint-every", "50",
-    "--refresh-every", "50",
-    "--eval-every", "300",
+    "--refresh-every", "1000",
+    "--eval-every", "400",
     "--log-every", "50",
     "--kmeans-iterations", "5",
     "--embedding-dim", "8",
@@ -110,9 +111,18 @@ _KILL_RUN = [
 ]  # fmt: skip
 
 
-def _cli_process(workdir, **popen) -> subprocess.Popen:
-    """``magnet-jax train`` of this checkout in a process of its own."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(_REPO)}
+def _cli_process(workdir, cache, **popen) -> subprocess.Popen:
+    """``magnet-jax train`` of this checkout in a process of its own, sharing compiled
+    programs through the persistent cache in ``cache`` (the same executables, so the same
+    numbers, and a resumed run that does not compile again)."""
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(_REPO),
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
     command = [sys.executable, "-m", "magnet_jax.cli", *_KILL_RUN, "--workdir", str(workdir)]
     return subprocess.Popen(command, cwd=_REPO, env=env, text=True, **popen)
 
@@ -126,10 +136,11 @@ def test_kill_9_and_a_damaged_checkpoint_through_the_cli(tmp_path):
     """The issue's repro, scaled down: kill -9 once a later checkpoint exists, delete the
     largest data file of the newest checkpoint, run the same command again."""
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    straight = _cli_process(tmp_path / "straight", **quiet)  # the uninterrupted run, alongside
+    cache = tmp_path / "jax-cache"
+    straight = _cli_process(tmp_path / "straight", cache, **quiet)  # uninterrupted, alongside
     workdir = tmp_path / "killed"
-    killed = _cli_process(workdir, **quiet)
-    deadline = time.time() + 120
+    killed = _cli_process(workdir, cache, **quiet)
+    deadline = time.time() + 600
     while time.time() < deadline and killed.poll() is None:
         if any(step >= 100 for step in checkpoint.complete_steps(workdir / "checkpoints")):
             break
@@ -140,9 +151,10 @@ def test_kill_9_and_a_damaged_checkpoint_through_the_cli(tmp_path):
     assert was_running, "the run finished before it could be killed; make it longer"
 
     steps = checkpoint.complete_steps(workdir / "checkpoints")
+    assert steps[-1] >= 100 and len(steps) >= 2, steps
     damaged, previous = steps[-1], steps[-2]
     _damage(workdir / "checkpoints" / str(damaged), "data")
-    resumed = _cli_process(workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    resumed = _cli_process(workdir, cache, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     assert straight.wait(timeout=300) == 0
@@ -161,7 +173,7 @@ def test_kill_9_and_a_damaged_checkpoint_through_the_cli(tmp_path):
         del metrics["seconds"]
     assert final[0] == final[1]
     params = [
-        checkpoint.restore_params(w / "checkpoints", 300) for w in (workdir, tmp_path / "straight")
+        checkpoint.restore_params(w / "checkpoints", 400) for w in (workdir, tmp_path / "straight")
     ]
     for a, b in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1]), strict=True):
         np.testing.assert_array_equal(a, b)
