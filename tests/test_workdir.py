@@ -3,6 +3,7 @@ failed first runs, file-system and type errors, Ctrl-C, resuming and extending a
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -584,3 +585,21 @@ def test_devices_are_printed_and_recorded(tmp_path, capsys):
     # Item 10: each train line also records the share of examples with non-zero loss.
     (train,) = [h for h in _history(workdir) if h["kind"] == "train"]
     assert set(train) == {"kind", "step", "loss", "active"} and 0 < train["active"] <= 1
+
+
+# --------------------------------------------------------------------------------------
+# 11. Documentation: no citation of a file the repository lacks, no stray control bytes.
+# --------------------------------------------------------------------------------------
+
+
+def test_sources_cite_no_missing_design_file_and_hold_no_control_bytes():
+    # A docstring written as a plain string turns "\theta", "\frac", "\begin" into TAB,
+    # form-feed and backspace bytes; a raw string keeps them.
+    control = re.compile(r"[\x00-\x09\x0b\x0c\x0e-\x1f]")
+    files = [_REPO / "README.md", *sorted((_REPO / "magnet_jax").rglob("*.py"))]
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        assert "DESIGN.md" not in text, path
+        match = control.search(text)
+        assert match is None, f"{path}: byte {match.group()!r} at offset {match.start()}"
+    assert len(files) > 20
