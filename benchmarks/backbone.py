@@ -37,6 +37,7 @@ import optax
 from flax import nnx
 
 from magnet_jax import backbones
+from magnet_jax.backbones import torch_resnet
 
 # MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
 RESULTS = Path(os.environ.get("MAGNET_JAX_RESULTS", Path(__file__).resolve().parent / "results"))
@@ -98,48 +99,7 @@ def _torch_resnet50(torch):
         return torchvision.models.resnet50(), "torchvision.models.resnet50"
     except ImportError:
         pass
-    nn = torch.nn
-
-    class Bottleneck(nn.Module):
-        def __init__(self, inplanes, planes, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, stride, padding=1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-            self.bn3 = nn.BatchNorm2d(planes * 4)
-            self.relu = nn.ReLU(inplace=True)
-            self.downsample = None
-            if stride != 1 or inplanes != planes * 4:
-                self.downsample = nn.Sequential(
-                    nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
-                    nn.BatchNorm2d(planes * 4),
-                )
-
-        def forward(self, x):
-            identity = x if self.downsample is None else self.downsample(x)
-            out = self.relu(self.bn1(self.conv1(x)))
-            out = self.relu(self.bn2(self.conv2(out)))
-            return self.relu(self.bn3(self.conv3(out)) + identity)
-
-    layers, inplanes = [], 64
-    for index, (blocks, planes) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
-        layer = []
-        for block in range(blocks):
-            layer.append(Bottleneck(inplanes, planes, 2 if index > 0 and block == 0 else 1))
-            inplanes = planes * 4
-        layers.append(nn.Sequential(*layer))
-    model = nn.Sequential(
-        nn.Conv2d(3, 64, 7, 2, padding=3, bias=False),
-        nn.BatchNorm2d(64),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(3, 2, padding=1),
-        *layers,
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(2048, 1000),
-    )
+    model = torch_resnet.resnet50(torch)
     return model, "torch.nn ResNet-50 (torchvision layout; torchvision not installed)"
 
 

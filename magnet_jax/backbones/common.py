@@ -213,11 +213,39 @@ class Backbone(nnx.Module):
     std: tuple[float, ...]
     dtype: Any
 
+    def __init__(
+        self,
+        *,
+        resolution: int = 224,
+        num_classes: int = 1000,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        """Builds the stages, then the ``num_classes``-way classifier ``fc``.
+
+        Args:
+          resolution: the side of the square images the stages see (others are resized).
+          num_classes: outputs of the classifier (1,000 for ImageNet weights).
+          dtype: the compute dtype; parameters are float32 whatever it is.
+          rngs: the initialisation's random streams.
+        """
+        self.resolution = int(resolution)
+        self.dtype = dtype
+        self.num_features = self.build_stages(dtype=dtype, rngs=rngs)
+        self.fc = nnx.Linear(
+            self.num_features, num_classes, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
+        )
+
     @property
     def num_stages(self) -> int:
         return len(self.stage_names)
 
     # -- subclasses provide these -------------------------------------------------------
+    def build_stages(self, *, dtype, rngs: nnx.Rngs) -> int:
+        """Creates every stage's layers and sets ``stage_names``; returns ``num_features``
+        (the channels the last stage gives)."""
+        raise NotImplementedError
+
     def run_stage(self, index: int, x: jax.Array) -> jax.Array:
         raise NotImplementedError
 

@@ -102,20 +102,11 @@ class EfficientNetLite0(Backbone):
     """EfficientNet-Lite0 (4.65 M parameters). Stages: ``stem``, ``group1`` ... ``group7``
     (the MBConv groups), ``head`` (1x1 convolution to 1280 channels); 1280 features."""
 
+    name = "efficientnet_lite0"
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
 
-    def __init__(
-        self,
-        *,
-        resolution: int = 224,
-        num_classes: int = 1000,
-        dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        self.name = "efficientnet_lite0"
-        self.resolution = int(resolution)
-        self.dtype = dtype
+    def build_stages(self, *, dtype, rngs: nnx.Rngs) -> int:
         self.conv_stem = conv(3, 32, 3, 2, padding="SAME", dtype=dtype, rngs=rngs)
         self.bn0 = batch_norm(32, **_BN, dtype=dtype, rngs=rngs)
         blocks = []
@@ -138,9 +129,8 @@ class EfficientNetLite0(Backbone):
         self.group_of_block = tuple(group_of_block)
         self.conv_head = conv(LITE0_GROUPS[-1][5], 1280, 1, padding="SAME", dtype=dtype, rngs=rngs)
         self.bn1 = batch_norm(1280, **_BN, dtype=dtype, rngs=rngs)
-        self.num_features = 1280
-        self.fc = nnx.Linear(1280, num_classes, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
         self.stage_names = ("stem", *(f"group{g + 1}" for g in range(len(LITE0_GROUPS))), "head")
+        return 1280
 
     def _blocks_of_stage(self, index: int) -> list[int]:
         return [b for b, g in enumerate(self.group_of_block) if g + 1 == index]

@@ -16,7 +16,6 @@ Preprocessing: images in 0-255, ``(x / 255 - mean) / std`` with ImageNet's mean
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from magnet_jax.backbones.common import (
@@ -71,20 +70,11 @@ class ResNet50(Backbone):
     """ResNet-50 (25.6 M parameters). Stages: ``stem``, ``layer1`` ... ``layer4``; 2048
     features."""
 
+    name = "resnet50"
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
 
-    def __init__(
-        self,
-        *,
-        resolution: int = 224,
-        num_classes: int = 1000,
-        dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        self.name = "resnet50"
-        self.resolution = int(resolution)
-        self.dtype = dtype
+    def build_stages(self, *, dtype, rngs: nnx.Rngs) -> int:
         self.conv1 = conv(3, 64, 7, 2, padding=_pad(3), dtype=dtype, rngs=rngs)
         self.bn1 = batch_norm(64, **_BN, dtype=dtype, rngs=rngs)
         in_channels = 64
@@ -97,11 +87,8 @@ class ResNet50(Backbone):
                 in_channels = planes * Bottleneck.expansion
             layers.append(nnx.List(layer))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
-        self.num_features = in_channels
-        self.fc = nnx.Linear(
-            in_channels, num_classes, dtype=dtype, param_dtype=jnp.float32, rngs=rngs
-        )
         self.stage_names = ("stem", "layer1", "layer2", "layer3", "layer4")
+        return in_channels
 
     def _layer(self, index: int) -> nnx.List:
         return (self.layer1, self.layer2, self.layer3, self.layer4)[index - 1]

@@ -9,13 +9,11 @@ split is that file's (in-class, 5,994 / 5,794); the metric-learning standard is
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from magnet_jax.data.core import Pool
-from magnet_jax.data.images import find_root, pool_from_files, resolve_inside
+from magnet_jax.data.images import Listing, Release, resolve_inside
 
-SUBDIRS = ("CUB_200_2011", "cub200", "CUB200", "cub")
+NAME = "cub200"
 
 
 def read_id_table(path: Path, *, dataset: str) -> dict[int, str]:
@@ -33,47 +31,37 @@ def read_id_table(path: Path, *, dataset: str) -> dict[int, str]:
     return table
 
 
-def load(
-    argument: str,
-    data_dir: str | os.PathLike | None = None,
-    *,
-    image_size: int | None = None,
-    skip_bad_images: bool = False,
-    lazy: bool = False,
-) -> Pool:
-    name = "cub200"
-    root = find_root(
-        "CUB-200-2011",
-        data_dir,
-        SUBDIRS,
-        "images.txt",
-        "Extract CUB_200_2011.tgz (https://www.vision.caltech.edu/datasets/cub_200_2011/).",
-    )
-    images = read_id_table(root / "images.txt", dataset=name)
-    labels = read_id_table(root / "image_class_labels.txt", dataset=name)
-    is_train = read_id_table(root / "train_test_split.txt", dataset=name)
-    classes = read_id_table(root / "classes.txt", dataset=name)
+def read(root: Path) -> Listing:
+    """The listing of the CUB-200-2011 folder ``root`` (its four annotation files)."""
+    images = read_id_table(root / "images.txt", dataset=NAME)
+    labels = read_id_table(root / "image_class_labels.txt", dataset=NAME)
+    is_train = read_id_table(root / "train_test_split.txt", dataset=NAME)
+    classes = read_id_table(root / "classes.txt", dataset=NAME)
     ids = sorted(images)
     for table, file in ((labels, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
         missing = [i for i in ids if i not in table]
         if missing:
-            raise ValueError(f"dataset {name!r}: {root / file} lacks image ids {missing[:10]}")
-    class_ids = sorted(classes)
-    names = [classes[c].split(".", 1)[-1] for c in class_ids]
-    index_of = {c: i for i, c in enumerate(class_ids)}
-    unknown = sorted({int(labels[i]) for i in ids} - set(class_ids))
+            raise ValueError(f"dataset {NAME!r}: {root / file} lacks image ids {missing[:10]}")
+    unknown = sorted({int(labels[i]) for i in ids} - set(classes))
     if unknown:
-        raise ValueError(f"dataset {name!r}: classes {unknown[:10]} are not in classes.txt")
-    return pool_from_files(
-        name,
-        [
-            resolve_inside(root / "images", images[i], dataset=name, listed_in="images.txt")
+        raise ValueError(f"dataset {NAME!r}: classes {unknown[:10]} are not in classes.txt")
+    return Listing(
+        paths=[
+            resolve_inside(root / "images", images[i], dataset=NAME, listed_in="images.txt")
             for i in ids
         ],
-        [index_of[int(labels[i])] for i in ids],
-        class_names=names,
+        class_ids=[int(labels[i]) for i in ids],
+        class_names={c: value.split(".", 1)[-1] for c, value in classes.items()},
         given_test=[is_train[i] == "0" for i in ids],
-        image_size=image_size,
-        skip_bad_images=skip_bad_images,
-        lazy=lazy,
     )
+
+
+RELEASE = Release(
+    NAME,
+    "CUB-200-2011",
+    ("CUB_200_2011", "cub200", "CUB200", "cub"),
+    ("images.txt",),
+    "Extract CUB_200_2011.tgz (https://www.vision.caltech.edu/datasets/cub_200_2011/).",
+    read,
+)
+load = RELEASE.load

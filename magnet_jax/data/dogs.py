@@ -9,66 +9,43 @@ without the WordNet id.
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
 import numpy as np
 
-from magnet_jax.data.core import Pool
-from magnet_jax.data.images import pool_from_class_ids, read_mat, resolve_inside
+from magnet_jax.data.images import Listing, Release, read_mat, resolve_inside
 
-SUBDIRS = ("stanford_dogs", "StanfordDogs", "dogs")
-
-
-def _find_lists(data_dir) -> tuple:
-    from pathlib import Path
-
-    from magnet_jax.data.core import candidate_dirs, default_data_dir
-
-    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    looked = []
-    for directory in candidate_dirs(root, SUBDIRS):
-        for lists in (directory, directory / "lists"):
-            looked.append(str(lists / "train_list.mat"))
-            if (lists / "train_list.mat").is_file():
-                return directory, lists
-    raise FileNotFoundError(
-        f"Stanford Dogs not found in {root} (looked for {', '.join(looked)}). Extract "
-        "images.tar and lists.tar (http://vision.stanford.edu/aditya86/ImageNetDogs/) into "
-        "one folder. Pass --data-dir (data_dir=) pointing at it or its parent."
-    )
+NAME = "stanford_dogs"
 
 
-def load(
-    argument: str,
-    data_dir: str | os.PathLike | None = None,
-    *,
-    image_size: int | None = None,
-    skip_bad_images: bool = False,
-    lazy: bool = False,
-) -> Pool:
-    name = "stanford_dogs"
-    root, lists = _find_lists(data_dir)
+def read(root: Path) -> Listing:
+    """The listing of the Stanford Dogs folder ``root`` (``train_list.mat`` and
+    ``test_list.mat``, at its top or under ``lists/``)."""
+    lists = root if (root / "train_list.mat").is_file() else root / "lists"
     paths, labels, given_test, names = [], [], [], {}
     for file, test in (("train_list.mat", False), ("test_list.mat", True)):
-        content = read_mat(lists / file, dataset=name, keys=["file_list", "labels"])
+        content = read_mat(lists / file, dataset=NAME, keys=["file_list", "labels"])
         files = [str(f) for f in np.atleast_1d(content["file_list"])]
         ids = np.atleast_1d(content["labels"]).astype(np.int64).tolist()
         if len(files) != len(ids):
             raise ValueError(
-                f"dataset {name!r}: {lists / file} has {len(files)} files but {len(ids)} labels"
+                f"dataset {NAME!r}: {lists / file} has {len(files)} files but {len(ids)} labels"
             )
         for path, class_id in zip(files, ids):
-            paths.append(resolve_inside(root / "Images", path, dataset=name, listed_in=file))
+            paths.append(resolve_inside(root / "Images", path, dataset=NAME, listed_in=file))
             labels.append(class_id)
             given_test.append(test)
             names.setdefault(class_id, path.split("/")[0].split("-", 1)[-1])
-    return pool_from_class_ids(
-        name,
-        paths,
-        labels,
-        names,
-        given_test=given_test,
-        image_size=image_size,
-        skip_bad_images=skip_bad_images,
-        lazy=lazy,
-    )
+    return Listing(paths, labels, names, given_test)
+
+
+RELEASE = Release(
+    NAME,
+    "Stanford Dogs",
+    ("stanford_dogs", "StanfordDogs", "dogs"),
+    ("train_list.mat", "lists/train_list.mat"),
+    "Extract images.tar and lists.tar (http://vision.stanford.edu/aditya86/ImageNetDogs/) "
+    "into one folder.",
+    read,
+)
+load = RELEASE.load

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import dataclasses
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -239,22 +240,94 @@ def find_root(
     title: str,
     data_dir: str | os.PathLike | None,
     subdirs: Sequence[str],
-    marker: str,
+    markers: Sequence[str],
     how: str,
 ) -> Path:
-    """The folder of a dataset: ``data_dir`` or one of its ``subdirs`` holding ``marker``."""
+    """The folder of a dataset: ``data_dir`` or one of its ``subdirs`` holding one of the
+    ``markers`` (paths relative to the folder), tried in that order."""
     from magnet_jax.data.core import default_data_dir
 
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     looked = []
     for directory in candidate_dirs(root, subdirs):
-        looked.append(str(directory / marker))
-        if (directory / marker).exists():
-            return directory
+        for marker in markers:
+            looked.append(str(directory / marker))
+            if (directory / marker).exists():
+                return directory
     raise FileNotFoundError(
         f"{title} not found in {root} (looked for {', '.join(looked)}). {how} Pass --data-dir "
         "(data_dir=) pointing at the extracted folder or its parent."
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """What a released layout's annotation files list.
+
+    Attributes:
+      paths: ``[N]`` image files.
+      class_ids: ``[N]`` the layout's own class ids (any sortable values).
+      class_names: the name of every class id; classes are numbered ``0..C-1`` in the
+        order of their ids.
+      given_test: ``[N]`` the release's own split (True: test).
+    """
+
+    paths: Sequence[Path]
+    class_ids: Sequence
+    class_names: dict
+    given_test: Sequence[bool]
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """A dataset as its authors distribute it: where its folder is and how to read it.
+
+    Attributes:
+      name: the dataset's name (``cub200``), in the pool and in messages.
+      title: what the not-found message calls it (``CUB-200-2011``).
+      subdirs: the dataset's own folder names, tried under ``data_dir`` before it.
+      markers: files (relative to the folder) of which one marks the folder.
+      how: what to download and extract, for the not-found message.
+      read: ``read(root) -> Listing``, the parser of the annotation files in ``root``.
+      recall_ks: the Recall@k to report.
+    """
+
+    name: str
+    title: str
+    subdirs: tuple[str, ...]
+    markers: tuple[str, ...]
+    how: str
+    read: Callable[[Path], Listing]
+    recall_ks: tuple[int, ...] = DEFAULT_RECALL_KS
+
+    def load(
+        self,
+        argument: str,
+        data_dir: str | os.PathLike | None = None,
+        *,
+        image_size: int | None = None,
+        skip_bad_images: bool = False,
+        lazy: bool = False,
+    ) -> Pool:
+        """The registry's loader: finds the folder, reads its listing, decodes the images.
+
+        ``argument`` is the dataset's name (a release takes no ``<name>:<argument>``);
+        ``image_size``, ``skip_bad_images`` and ``lazy`` are :func:`pool_from_files`'.
+        """
+        del argument
+        root = find_root(self.title, data_dir, self.subdirs, self.markers, self.how)
+        listing = self.read(root)
+        return pool_from_class_ids(
+            self.name,
+            listing.paths,
+            listing.class_ids,
+            listing.class_names,
+            given_test=listing.given_test,
+            image_size=image_size,
+            skip_bad_images=skip_bad_images,
+            recall_ks=self.recall_ks,
+            lazy=lazy,
+        )
 
 
 def _resolve_argument(kind: str, text: str, data_dir: str | os.PathLike | None) -> Path:

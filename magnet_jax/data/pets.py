@@ -9,58 +9,45 @@
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-from magnet_jax.data.core import Pool
-from magnet_jax.data.images import find_root, pool_from_class_ids, resolve_inside
+from magnet_jax.data.images import Listing, Release, resolve_inside
 
-SUBDIRS = ("oxford-iiit-pet", "oxford_iiit_pet", "pets")
+NAME = "oxford_iiit_pet"
 
 
-def load(
-    argument: str,
-    data_dir: str | os.PathLike | None = None,
-    *,
-    image_size: int | None = None,
-    skip_bad_images: bool = False,
-    lazy: bool = False,
-) -> Pool:
-    name = "oxford_iiit_pet"
-    root = find_root(
-        "Oxford-IIIT Pet",
-        data_dir,
-        SUBDIRS,
-        "annotations/trainval.txt",
-        "Extract images.tar.gz and annotations.tar.gz "
-        "(https://www.robots.ox.ac.uk/~vgg/data/pets/) into one folder.",
-    )
+def read(root: Path) -> Listing:
+    """The listing of the Oxford-IIIT Pet folder ``root`` (its two annotation lists)."""
     paths, labels, given_test, names = [], [], [], {}
     for file, test in (("trainval.txt", False), ("test.txt", True)):
         listing = root / "annotations" / file
         if not listing.is_file():
-            raise FileNotFoundError(f"dataset {name!r}: annotation file {listing} is missing")
+            raise FileNotFoundError(f"dataset {NAME!r}: annotation file {listing} is missing")
         for number, line in enumerate(listing.read_text().splitlines(), start=1):
             if not line.strip() or line.startswith("#"):
                 continue
             parts = line.split()
             if len(parts) != 4 or not parts[1].isdigit():
-                raise ValueError(f"dataset {name!r}: {listing} line {number} is not 4 fields")
+                raise ValueError(f"dataset {NAME!r}: {listing} line {number} is not 4 fields")
             image, class_id = parts[0], int(parts[1])
             paths.append(
                 resolve_inside(
-                    root / "images", f"{image}.jpg", dataset=name, listed_in=str(listing)
+                    root / "images", f"{image}.jpg", dataset=NAME, listed_in=str(listing)
                 )
             )
             labels.append(class_id)
             given_test.append(test)
             names.setdefault(class_id, image.rsplit("_", 1)[0])
-    return pool_from_class_ids(
-        name,
-        paths,
-        labels,
-        names,
-        given_test=given_test,
-        image_size=image_size,
-        skip_bad_images=skip_bad_images,
-        lazy=lazy,
-    )
+    return Listing(paths, labels, names, given_test)
+
+
+RELEASE = Release(
+    NAME,
+    "Oxford-IIIT Pet",
+    ("oxford-iiit-pet", "oxford_iiit_pet", "pets"),
+    ("annotations/trainval.txt",),
+    "Extract images.tar.gz and annotations.tar.gz "
+    "(https://www.robots.ox.ac.uk/~vgg/data/pets/) into one folder.",
+    read,
+)
+load = RELEASE.load

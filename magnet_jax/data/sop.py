@@ -9,63 +9,49 @@ classes; the given split is class-disjoint (11,318 / 11,316 products), so Recall
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-from magnet_jax.data.core import Pool
-from magnet_jax.data.images import find_root, pool_from_class_ids, resolve_inside
+from magnet_jax.data.images import Listing, Release, resolve_inside
 
-SUBDIRS = ("Stanford_Online_Products", "sop", "SOP", "stanford_online_products")
-RECALL_KS = (1, 2, 4, 8, 10, 100)
+NAME = "sop"
 HEADER = ["image_id", "class_id", "super_class_id", "path"]
 
 
-def load(
-    argument: str,
-    data_dir: str | os.PathLike | None = None,
-    *,
-    image_size: int | None = None,
-    skip_bad_images: bool = False,
-    lazy: bool = False,
-) -> Pool:
-    name = "sop"
-    root = find_root(
-        "Stanford Online Products",
-        data_dir,
-        SUBDIRS,
-        "Ebay_train.txt",
-        "Extract Stanford_Online_Products.zip (https://cvgl.stanford.edu/projects/lifted_struct/).",
-    )
+def read(root: Path) -> Listing:
+    """The listing of the Stanford Online Products folder ``root`` (``Ebay_*.txt``)."""
     paths, labels, given_test, names = [], [], [], {}
     for file, test in (("Ebay_train.txt", False), ("Ebay_test.txt", True)):
         listing = root / file
         if not listing.is_file():
-            raise FileNotFoundError(f"dataset {name!r}: annotation file {listing} is missing")
+            raise FileNotFoundError(f"dataset {NAME!r}: annotation file {listing} is missing")
         lines = listing.read_text().splitlines()
         if not lines or lines[0].split() != HEADER:
             raise ValueError(
-                f"dataset {name!r}: {listing} does not start with '{' '.join(HEADER)}'"
+                f"dataset {NAME!r}: {listing} does not start with '{' '.join(HEADER)}'"
             )
         for number, line in enumerate(lines[1:], start=2):
             parts = line.split()
             if not parts:
                 continue
             if len(parts) != 4 or not parts[1].isdigit():
-                raise ValueError(f"dataset {name!r}: {listing} line {number} is not 4 fields")
+                raise ValueError(f"dataset {NAME!r}: {listing} line {number} is not 4 fields")
             class_id = int(parts[1])
-            paths.append(resolve_inside(root, parts[3], dataset=name, listed_in=str(listing)))
+            paths.append(resolve_inside(root, parts[3], dataset=NAME, listed_in=str(listing)))
             labels.append(class_id)
             given_test.append(test)
             names.setdefault(
                 class_id, f"{parts[3].split('/')[0].removesuffix('_final')}/{class_id}"
             )
-    return pool_from_class_ids(
-        name,
-        paths,
-        labels,
-        names,
-        given_test=given_test,
-        image_size=image_size,
-        skip_bad_images=skip_bad_images,
-        lazy=lazy,
-        recall_ks=RECALL_KS,
-    )
+    return Listing(paths, labels, names, given_test)
+
+
+RELEASE = Release(
+    NAME,
+    "Stanford Online Products",
+    ("Stanford_Online_Products", "sop", "SOP", "stanford_online_products"),
+    ("Ebay_train.txt",),
+    "Extract Stanford_Online_Products.zip (https://cvgl.stanford.edu/projects/lifted_struct/).",
+    read,
+    recall_ks=(1, 2, 4, 8, 10, 100),
+)
+load = RELEASE.load
