@@ -503,6 +503,14 @@ def main(argv=None) -> int:
         help="emoji regimes: leave out the classes of fewer images (magnet needs >= K per class)",
     )
     parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="run only these methods (magnet, triplet, softmax; multi_similarity and proxy_nca "
+        "in the emoji regimes); default all",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="emoji regimes: only the first grid point of every method (a rehearsal of the "
@@ -549,18 +557,17 @@ def main(argv=None) -> int:
     if emoji and regime.get("sweep_steps", steps) is None:
         sweep_steps = None
         path = args.settings_from or _common.RESULTS / "convergence_emoji_subcategory.json"
-        try:
-            settings_from = {
-                "file": str(path),
-                "chosen": {
-                    name: m["chosen"]
-                    for name, m in json.loads(Path(path).read_text())["methods"].items()
-                    if "note" not in m  # the pseudo-methods re-score another's runs
-                },
-            }
-        except (OSError, ValueError, KeyError) as error:
-            print(f"convergence.py: error: --settings-from {path}: {error}", file=sys.stderr)
-            return 2
+        if str(path) == "none":  # every method at its first grid point (lr = --lrs[0])
+            settings_from = {"file": None, "chosen": {}}
+        else:
+            try:
+                methods_file = json.loads(Path(path).read_text())["methods"]
+            except (OSError, ValueError, KeyError) as error:
+                print(f"convergence.py: error: --settings-from {path}: {error}", file=sys.stderr)
+                return 2
+            # The pseudo-methods (with a note) re-score another method's runs.
+            chosen = {name: m["chosen"] for name, m in methods_file.items() if "note" not in m}
+            settings_from = {"file": str(path), "chosen": chosen}
     output = (
         Path(args.output) if args.output else _common.RESULTS / f"convergence_{regime_name}.json"
     )
@@ -613,6 +620,11 @@ def main(argv=None) -> int:
         init_trunk, pretrain_info = pretrain(source, regime, base)
 
     methods = methods_for(regime, lrs)
+    if args.methods:
+        unknown = sorted(set(args.methods) - {m.name for m in methods})
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}; choose from {[m.name for m in methods]}")
+        methods = [m for m in methods if m.name in args.methods]
     if args.smoke:
         methods = [dataclasses.replace(m, grid=m.grid[:1]) for m in methods]
     eval_steps = list(range(0, steps + 1, eval_every))
