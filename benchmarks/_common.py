@@ -199,14 +199,17 @@ def learning_curve(
 # subcategories with fewer images than this (7 of 95, each of at most 3 emoji, 68 images)
 # are left out of the emoji regimes.
 EMOJI_MIN_IMAGES = 20
-# CPU: 64 px, the first 8 of EfficientNet-Lite0's 9 stages (stem, 7 block groups, head)
-# frozen and their output cached once per image; the 1x1 head convolution, its batch norm
-# and the embedding layer train. GPU (--full-resolution): 224 px, every stage trains, no cache.
+# CPU: 64 px, all 9 of EfficientNet-Lite0's stages (stem, 7 block groups, 1x1 head
+# convolution) frozen and their output cached once per image: the linear embedding layer
+# (and softmax's classifier, ProxyNCA's proxies) train on the pretrained features. On the
+# shared 2-core machine an evaluation or refresh through a trainable head convolution cost
+# 10-30 s each, too much for 3 regimes x 5 methods x 3 seeds (the README says so).
+# GPU (--full-resolution): 224 px, every stage trains (backbone lr x0.1), no cache.
 CPU_BACKBONE = dict(
     backbone="efficientnet_lite0",
     pretrained=True,
     image_size=64,
-    freeze_stages=8,
+    freeze_stages=9,
     cache_prefix=True,
 )
 GPU_BACKBONE = dict(
@@ -275,13 +278,50 @@ class PrefixMemo:
     """A benchmark's many runs share one pretrained backbone, so the frozen prefix of an
     image is the same in every run: this computes it once per distinct image (rows keyed
     by their bytes) instead of once per run, and checks that the frozen parameters are
-    the same as when it was first computed. Install with :meth:`install`."""
+    the same as when it was first computed. Install with :meth:`install`.
 
-    def __init__(self):
+    ``path`` (default: the environment variable MAGNET_JAX_PREFIX_CACHE, else none) keeps
+    the rows in an .npz file too, so the processes of a benchmark split by method share
+    them; the file records the settings and a digest of the frozen parameters it holds
+    rows for, and is ignored when either differs."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
         self.rows: dict[bytes, np.ndarray] = {}
         self.key = None
         self.frozen = None
         self.original = None
+        path = path or os.environ.get("MAGNET_JAX_PREFIX_CACHE")
+        self.path = Path(path) if path else None
+
+    @staticmethod
+    def _frozen_digest(key, frozen: dict) -> str:
+        import hashlib
+
+        h = hashlib.blake2b(repr(key).encode(), digest_size=16)
+        for name in sorted(frozen, key=repr):
+            h.update(repr(name).encode())
+            h.update(np.ascontiguousarray(frozen[name]).tobytes())
+        return h.hexdigest()
+
+    def _load(self, digest: str) -> None:
+        if self.path is None or not self.path.is_file():
+            return
+        with np.load(self.path, allow_pickle=False) as f:
+            if str(f["frozen_digest"]) != digest:
+                return
+            for d, row in zip(f["digests"], f["rows"]):
+                self.rows.setdefault(d.tobytes(), row)
+
+    def _save(self, digest: str) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp.npz")
+        digests = np.array([np.frombuffer(d, np.uint8) for d in self.rows])
+        np.savez(
+            tmp, frozen_digest=digest, digests=digests, rows=np.stack(list(self.rows.values()))
+        )
+        os.replace(tmp, self.path)
 
     @staticmethod
     def _digest(row: np.ndarray) -> bytes:
@@ -301,15 +341,19 @@ class PrefixMemo:
             and frozen.keys() == self.frozen.keys()
             and all(np.array_equal(frozen[k], self.frozen[k]) for k in frozen)
         )
+        digest = self._frozen_digest(key, frozen)
         if not same:
             self.rows, self.key, self.frozen = {}, key, frozen
         x = np.concatenate([np.asarray(x_train), np.asarray(x_test)])
         digests = [self._digest(row) for row in x]
+        if any(d not in self.rows for d in digests):
+            self._load(digest)
         missing = sorted({i for i, d in enumerate(digests) if d not in self.rows})
         if missing:
             computed, _ = self.original(config, setup_, graphdef, params, x[missing], x[:1])
             for i, row in zip(missing, computed):
                 self.rows[digests[i]] = row
+            self._save(digest)
         setup_.prefix_stages = config.freeze_stages
         setup_.prefix_params = frozen
         out = np.stack([self.rows[d] for d in digests])
@@ -590,6 +634,43 @@ def busy_warning() -> str | None:
         f"machine busy: load average {load:.2f} on {cores} cores (> "
         f"{BUSY_LOAD_PER_CORE * cores:.2f}); timings and their ratios are not reliable"
     )
+
+
+def merge_parts(paths: Sequence[Path]) -> dict:
+    """One results dict from the files of a benchmark run split by method (``--methods``,
+    one process each): the methods of all, the rest from the first; every part's command,
+    time and environment kept under ``parts``. The parts must agree on the protocol."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    same = ("regime", "dataset", "steps", "eval_every", "seeds", "batch_size")
+    merged = {k: v for k, v in first.items() if k not in ("command", "seconds")}
+    merged["methods"] = {}
+    for path, part in zip(paths, parts):
+        for key in same:
+            if part.get(key) != first.get(key):
+                raise ValueError(
+                    f"{path}: {key} = {part.get(key)!r}, but {paths[0]} has {first.get(key)!r}"
+                )
+        overlap = set(part["methods"]) & set(merged["methods"])
+        if overlap:
+            raise ValueError(f"{path}: methods {sorted(overlap)} are in an earlier part too")
+        merged["methods"].update(part["methods"])
+        for key in ("grids",):
+            if key in part:
+                merged[key] = {**merged.get(key, {}), **part[key]}
+    merged["parts"] = [
+        {
+            "file": str(Path(p).name),
+            "command": part["command"],
+            "seconds": part["seconds"],
+            "methods": list(part["methods"]),
+            "environment": part["environment"],
+        }
+        for p, part in zip(paths, parts)
+    ]
+    merged["command"] = " && ".join(part["command"] for part in parts)
+    merged["seconds"] = round(sum(part["seconds"] for part in parts), 1)
+    return merged
 
 
 def write_json(path: Path, value: Any) -> None:

@@ -163,6 +163,7 @@ EMOJI_MAGNET_GRID = [
     {"lr": 3e-4},
     {"lr": 3e-3},
     {"lr": 1e-3, "clusters_per_class": 2},
+    {"lr": 1e-3, "clusters_per_class": 4},
     {"lr": 1e-3, "clusters_per_batch": 6, "examples_per_cluster": 8},
     {"lr": 1e-3, "alpha": 4.0},
 ]
@@ -173,7 +174,7 @@ EMOJI_REGIMES = {
     "emoji_subcategory": dict(
         emoji=("subcategory", "default"),
         steps=600,
-        eval_every=100,
+        eval_every=50,
         seeds=3,
         lrs=(3e-4, 1e-3, 3e-3),
         sweep_steps=300,
@@ -191,7 +192,7 @@ EMOJI_REGIMES = {
     "emoji_zero_shot": dict(
         emoji=("emoji", "classes"),
         steps=600,
-        eval_every=100,
+        eval_every=50,
         seeds=3,
         lrs=(1e-3,),
         sweep_steps=None,
@@ -201,6 +202,7 @@ EMOJI_REGIMES = {
         embedding_dim=64,
         modern=True,
         score="recall_at_1_error",
+        min_images=0,
     ),
 }
 REGIMES.update(EMOJI_REGIMES)
@@ -379,6 +381,8 @@ def print_summary(results: dict, summary: dict) -> None:
         print(
             f"| {name} | {method['evaluator']} | {chosen} | {100 * f['mean']:.2f} ± {100 * f['std']:.2f}% |"
         )
+    if "speedup_vs_triplet" not in summary:  # a part of a run split by method
+        return
     s = summary["speedup_vs_triplet"]
     print(f"speed-up vs triplet (mean curves): {_common.format_speedup(s['mean'])}")
     for p in s["per_seed"]:
@@ -405,6 +409,30 @@ def check(path: Path) -> int:
         f"\nstored summary {'equals' if same else 'DIFFERS FROM'} the one recomputed from the curves"
     )
     return 0 if same else 1
+
+
+def merge(paths, output) -> int:
+    """``--merge``: one results file from a regime's per-method files."""
+    if output is None:
+        print("convergence.py: error: --merge needs --output", file=sys.stderr)
+        return 2
+    try:
+        results = _common.merge_parts(paths)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"convergence.py: error: --merge: {error}", file=sys.stderr)
+        return 2
+    for key in list(results):
+        if key.startswith(("speedup_vs_", "relative_error_reduction_vs_", "final_")) or key in (
+            "cluster_fine_purity",
+        ):
+            del results[key]
+    results.update(summary_of(results))
+    output = Path(output)
+    _common.write_json(output, results)
+    plot(results, output.with_suffix(".png"))
+    print_summary(results, summary_of(json.loads(output.read_text())))
+    log(f"merged {len(paths)} files into {output}")
+    return 0
 
 
 def plot(results: dict, path: Path) -> None:
@@ -499,8 +527,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--min-images",
         type=int,
-        default=_common.EMOJI_MIN_IMAGES,
-        help="emoji regimes: leave out the classes of fewer images (magnet needs >= K per class)",
+        default=None,
+        help="emoji regimes: leave out the classes of fewer images (magnet needs >= K per "
+        f"class; default {_common.EMOJI_MIN_IMAGES}, emoji_zero_shot 0)",
     )
     parser.add_argument(
         "--methods",
@@ -520,9 +549,20 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--check", type=Path, default=None, help="recompute the summary of a results JSON"
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="merge the results files of one regime run method by method (--methods, "
+        "--output) into --output, recomputing the summary",
+    )
     args = parser.parse_args(argv)
     if args.check:
         return check(args.check)
+    if args.merge:
+        return merge(args.merge, args.output)
     regime_name = "quick" if args.quick else args.regime
     regime = copy.deepcopy(REGIMES[regime_name])
     paper_scale = bool(regime.get("paper_scale"))
@@ -582,6 +622,8 @@ def main(argv=None) -> int:
         data_dir = str(_common.DEFAULT_DATA_DIR)
     try:
         init_trunk, init_info = load_init_trunk(args.init_from) if args.init_from else (None, None)
+        if args.min_images is None:
+            args.min_images = regime.get("min_images", _common.EMOJI_MIN_IMAGES)
         dataset, source = load(regime_name, data_dir, args.manual_dir, regime, args.min_images)
     except (ImportError, FileNotFoundError, ValueError) as error:
         print(f"convergence.py: error: {error}", file=sys.stderr)

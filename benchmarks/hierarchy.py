@@ -69,7 +69,7 @@ DATASETS = {
 DATASETS["emoji_category"] = dict(
     emoji=("category", "default"),
     steps=600,
-    eval_every=100,
+    eval_every=50,
     seeds=3,
     lrs=(1e-3, 3e-3),
     mining="semi_hard",
@@ -313,6 +313,21 @@ def main(argv=None) -> int:
         help="emoji_category: leave out the classes of fewer images",
     )
     parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="run only these methods (magnet, triplet, softmax); default all",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="merge the results files of one dataset run method by method into --output",
+    )
+    parser.add_argument(
         "--from-convergence",
         type=Path,
         default=None,
@@ -329,6 +344,19 @@ def main(argv=None) -> int:
         return check(args.check)
     if args.from_convergence:
         return from_convergence(args.from_convergence, args.output)
+    if args.merge:
+        if args.output is None:
+            parser.error("--merge needs --output")
+        try:
+            results = _common.merge_parts(args.merge)
+        except (OSError, ValueError, KeyError) as error:
+            print(f"hierarchy.py: error: --merge: {error}", file=sys.stderr)
+            return 2
+        results.update(summary_of(results))
+        _common.write_json(Path(args.output), results)
+        plot(results, Path(args.output).with_suffix(".png"))
+        print_summary(results, summary_of(json.loads(Path(args.output).read_text())))
+        return 0
     name = "quick" if args.quick else args.dataset
     spec = copy.deepcopy(DATASETS[name])
     emoji = bool(spec.get("emoji"))
@@ -401,7 +429,13 @@ def main(argv=None) -> int:
         )
     validation = split_validation(dataset, fraction=0.1, seed=0) if len(lrs) > 1 else None
     mining = spec.get("mining", "batch_all")
-    for method in methods_for(dataset.num_classes, lrs, args.clusters_per_class, mining):
+    methods = methods_for(dataset.num_classes, lrs, args.clusters_per_class, mining)
+    if args.methods:
+        unknown = sorted(set(args.methods) - {m.name for m in methods})
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}; choose from {[m.name for m in methods]}")
+        methods = [m for m in methods if m.name in args.methods]
+    for method in methods:
         if validation is not None:
             log(
                 f"{method.name}: sweep of {len(method.grid)} learning rates on validation ({steps} it.)"
