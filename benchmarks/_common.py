@@ -359,6 +359,13 @@ class PrefixMemo:
         out = np.stack([self.rows[d] for d in digests])
         return out[: len(x_train)], out[len(x_train) :]
 
+    def uninstall(self) -> None:
+        """Puts the library's own cache_prefix back (a no-op when not installed)."""
+        from magnet_jax import training
+
+        if self.original is not None and training.backbone_trainer.cache_prefix is self:
+            training.backbone_trainer.cache_prefix = self.original
+
     def install(self) -> PrefixMemo:
         from magnet_jax import training
 

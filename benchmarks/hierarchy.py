@@ -271,6 +271,14 @@ def from_convergence(path: Path, output: str | None) -> int:
 
 
 def main(argv=None) -> int:
+    memo = _common.PrefixMemo()  # installed by the emoji regimes; undone on the way out
+    try:
+        return _main(argv, memo)
+    finally:
+        memo.uninstall()
+
+
+def _main(argv, memo) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="quick")
     parser.add_argument("--quick", action="store_true", help="same as --dataset quick")
@@ -395,7 +403,7 @@ def main(argv=None) -> int:
         # The index is refreshed at every evaluation (its purity is recorded there).
         base.update(embedding_dim=spec["embedding_dim"], refresh_every=eval_every, **backbone)
         if backbone["cache_prefix"]:
-            _common.PrefixMemo().install()
+            memo.install()
     eval_steps = list(range(0, steps + 1, eval_every))
     if eval_steps[-1] != steps:
         eval_steps.append(steps)

@@ -143,9 +143,12 @@ def test_prefix_memo_equals_the_uncached_prefix():
     rng = np.random.default_rng(0)
     x = rng.random((10, 32, 32, 3), dtype=np.float32)
     y = np.repeat(np.arange(2), 5).astype(np.int32)
-    dataset = Dataset(name="tiny", x_train=x[:6], y_train=y[:6], x_test=x[6:], y_test=y[6:])
+    names = ("a", "b")
+    dataset = Dataset(
+        name="tiny", x_train=x[:6], y_train=y[:6], x_test=x[6:], y_test=y[6:], class_names=names
+    )
     again = Dataset(name="tiny", x_train=x[[6, 0, 9]], y_train=y[[6, 0, 9]], x_test=x[[1, 1]],
-                    y_test=y[[1, 1]])  # fmt: skip
+                    y_test=y[[1, 1]], class_names=names)  # fmt: skip
     config = TrainConfig(
         dataset="tiny", backbone="efficientnet_lite0", image_size=32, freeze_stages=3,
         cache_prefix=True, loss="softmax", clusters_per_batch=2, examples_per_cluster=2,
