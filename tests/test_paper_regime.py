@@ -132,6 +132,7 @@ def test_hierarchy_view_and_tables_from_the_smoke_run(smoke_result, tmp_path):
         tables.replace_block("no block", block, readme)
 
 
+@pytest.mark.slow  # 4.5 min at load 20 (three EfficientNet compiles); unmeasured idle
 def test_prefix_memo_equals_the_uncached_prefix():
     """The memo returns exactly what the library's cache_prefix computes, also for a
     dataset whose rows repeat and come from an earlier one (then nothing is recomputed)."""
