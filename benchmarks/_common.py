@@ -75,7 +75,31 @@ def evaluators(method, ks: Sequence[int] = KS) -> tuple:
         *method.evaluators(),
         *extra,
         ev.FineLabelErrors(ks=tuple(ks)),
+        UnseenClassRetrieval(),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class UnseenClassRetrieval:
+    """Under a class-disjoint split (nothing otherwise): Recall@k, MAP@R and R-precision
+    of the test set as its own gallery, and ``recall_at_1_error`` = 1 − Recall@1, the
+    error the zero-shot regime's curves and speed-ups use."""
+
+    def __call__(self, context):
+        from magnet_jax import evaluation
+
+        if context.test_classes_seen:
+            return
+        dataset = context.dataset
+        metrics = evaluation.retrieval_metrics(
+            context.test_embeddings,
+            np.asarray(dataset.y_test),
+            ks=dataset.recall_ks,
+            clustering=False,  # NMI's k-means over hundreds of classes at every evaluation
+        )
+        for name, value in metrics.items():
+            yield name, float(value)
+        yield "recall_at_1_error", 1.0 - float(metrics["recall_at_1"])
 
 
 def evaluate(run, params, method_state, ks: Sequence[int] = KS) -> dict[str, float]:
@@ -165,6 +189,190 @@ def learning_curve(
         "init": init_note,
         "params": curve["state"].params,
     }
+
+
+# --------------------------------------------------------------------------------------
+# The paper's regime: a pretrained backbone on the emoji set.
+# --------------------------------------------------------------------------------------
+
+# Magnet's k-means needs at least K training images in every class: the emoji
+# subcategories with fewer images than this (7 of 95, each of at most 3 emoji, 68 images)
+# are left out of the emoji regimes.
+EMOJI_MIN_IMAGES = 20
+# CPU: 64 px, all 9 of EfficientNet-Lite0's stages (stem, 7 block groups, 1x1 head
+# convolution) frozen and their output cached once per image: the linear embedding layer
+# (and softmax's classifier, ProxyNCA's proxies) train on the pretrained features. On the
+# shared 2-core machine an evaluation or refresh through a trainable head convolution cost
+# 10-30 s each, too much for 3 regimes x 5 methods x 3 seeds (the README says so).
+# GPU (--full-resolution): 224 px, every stage trains (backbone lr x0.1), no cache.
+CPU_BACKBONE = dict(
+    backbone="efficientnet_lite0",
+    pretrained=True,
+    image_size=64,
+    freeze_stages=9,
+    cache_prefix=True,
+)
+GPU_BACKBONE = dict(
+    backbone="efficientnet_lite0",
+    pretrained=True,
+    image_size=224,
+    freeze_stages=0,
+    cache_prefix=False,
+    backbone_lr_multiplier=0.1,
+)
+
+
+def backbone_settings(full_resolution: bool) -> dict:
+    """The TrainConfig fields of the emoji regimes' backbone (see CPU_BACKBONE)."""
+    return dict(GPU_BACKBONE if full_resolution else CPU_BACKBONE)
+
+
+def keep_classes(dataset, classes, name: str):
+    """The examples of ``classes`` only, relabelled ``0..len(classes)-1`` in that order;
+    fine labels kept as they are."""
+    from magnet_jax.data import Dataset
+
+    classes = np.asarray(classes)
+    remap = np.full(dataset.num_classes, -1, np.int32)
+    remap[classes] = np.arange(len(classes), dtype=np.int32)
+    train, test = np.isin(dataset.y_train, classes), np.isin(dataset.y_test, classes)
+    fine = dataset.fine_train is not None
+    return Dataset(
+        name=name,
+        x_train=dataset.x_train[train],
+        y_train=remap[dataset.y_train[train]],
+        x_test=dataset.x_test[test],
+        y_test=remap[dataset.y_test[test]],
+        class_names=tuple(dataset.class_names[c] for c in classes),
+        fine_train=dataset.fine_train[train] if fine else None,
+        fine_test=dataset.fine_test[test] if fine else None,
+        fine_class_names=dataset.fine_class_names,
+        recall_ks=dataset.recall_ks,
+    )
+
+
+def load_emoji(
+    level: str,
+    split: str,
+    data_dir: str | None,
+    *,
+    min_images: int = EMOJI_MIN_IMAGES,
+):
+    """The emoji set at ``level`` (``subcategory``, ``category`` or ``emoji``) under the
+    protocol ``split`` (``default``: 20% of every class's images to test, seed 0;
+    ``classes``: the set's own class-disjoint split), without the classes of fewer than
+    ``min_images`` images (train + test; 0 keeps all). The emoji stay the fine labels."""
+    from magnet_jax.data import load_dataset
+
+    dataset = load_dataset("emoji", data_dir, label_level=level, split=split)
+    counts = np.bincount(
+        np.concatenate([dataset.y_train, dataset.y_test]), minlength=dataset.num_classes
+    )
+    keep = np.flatnonzero(counts >= min_images)
+    if len(keep) == dataset.num_classes:
+        return dataset
+    return keep_classes(dataset, keep, f"{dataset.name}/min{min_images}")
+
+
+class PrefixMemo:
+    """A benchmark's many runs share one pretrained backbone, so the frozen prefix of an
+    image is the same in every run: this computes it once per distinct image (rows keyed
+    by their bytes) instead of once per run, and checks that the frozen parameters are
+    the same as when it was first computed. Install with :meth:`install`.
+
+    ``path`` (default: the environment variable MAGNET_JAX_PREFIX_CACHE, else none) keeps
+    the rows in an .npz file too, so the processes of a benchmark split by method share
+    them; the file records the settings and a digest of the frozen parameters it holds
+    rows for, and is ignored when either differs."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.rows: dict[bytes, np.ndarray] = {}
+        self.key = None
+        self.frozen = None
+        self.original = None
+        path = path or os.environ.get("MAGNET_JAX_PREFIX_CACHE")
+        self.path = Path(path) if path else None
+
+    @staticmethod
+    def _frozen_digest(key, frozen: dict) -> str:
+        import hashlib
+
+        h = hashlib.blake2b(repr(key).encode(), digest_size=16)
+        for name in sorted(frozen, key=repr):
+            h.update(repr(name).encode())
+            h.update(np.ascontiguousarray(frozen[name]).tobytes())
+        return h.hexdigest()
+
+    def _load(self, digest: str) -> None:
+        if self.path is None or not self.path.is_file():
+            return
+        with np.load(self.path, allow_pickle=False) as f:
+            if str(f["frozen_digest"]) != digest:
+                return
+            for d, row in zip(f["digests"], f["rows"]):
+                self.rows.setdefault(d.tobytes(), row)
+
+    def _save(self, digest: str) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp.npz")
+        digests = np.array([np.frombuffer(d, np.uint8) for d in self.rows])
+        np.savez(
+            tmp, frozen_digest=digest, digests=digests, rows=np.stack(list(self.rows.values()))
+        )
+        os.replace(tmp, self.path)
+
+    @staticmethod
+    def _digest(row: np.ndarray) -> bytes:
+        import hashlib
+
+        return hashlib.blake2b(np.ascontiguousarray(row).tobytes(), digest_size=16).digest()
+
+    def __call__(self, config, setup_, graphdef, params, x_train, x_test):
+        from magnet_jax.backbones import trainer
+
+        key = (config.backbone, config.freeze_stages, config.image_size, config.dtype)
+        frozen = trainer._prefix_params(
+            dataclasses.replace(setup_, prefix_stages=config.freeze_stages), graphdef, params
+        )
+        same = (
+            self.key == key
+            and frozen.keys() == self.frozen.keys()
+            and all(np.array_equal(frozen[k], self.frozen[k]) for k in frozen)
+        )
+        digest = self._frozen_digest(key, frozen)
+        if not same:
+            self.rows, self.key, self.frozen = {}, key, frozen
+        x = np.concatenate([np.asarray(x_train), np.asarray(x_test)])
+        digests = [self._digest(row) for row in x]
+        if any(d not in self.rows for d in digests):
+            self._load(digest)
+        missing = sorted({i for i, d in enumerate(digests) if d not in self.rows})
+        if missing:
+            computed, _ = self.original(config, setup_, graphdef, params, x[missing], x[:1])
+            for i, row in zip(missing, computed):
+                self.rows[digests[i]] = row
+            self._save(digest)
+        setup_.prefix_stages = config.freeze_stages
+        setup_.prefix_params = frozen
+        out = np.stack([self.rows[d] for d in digests])
+        return out[: len(x_train)], out[len(x_train) :]
+
+    def uninstall(self) -> None:
+        """Puts the library's own cache_prefix back (a no-op when not installed)."""
+        from magnet_jax import training
+
+        if self.original is not None and training.backbone_trainer.cache_prefix is self:
+            training.backbone_trainer.cache_prefix = self.original
+
+    def install(self) -> PrefixMemo:
+        from magnet_jax import training
+
+        if self.original is None:
+            self.original = training.backbone_trainer.cache_prefix
+            training.backbone_trainer.cache_prefix = self
+        return self
 
 
 # --------------------------------------------------------------------------------------
@@ -328,6 +536,49 @@ def summarise(methods: dict, reference: str = "triplet", candidate: str = "magne
     return out
 
 
+# The final numbers of the emoji regimes besides each method's own evaluator: kNN for all,
+# the hierarchy view, unseen-class retrieval, and the index's fine-label purity.
+EMOJI_FINAL_METRICS = (
+    "knn1_error",
+    "knn5_error",
+    "fine_error_at_1",
+    "fine_error_at_5",
+    "recall_at_1",
+    "recall_at_2",
+    "recall_at_4",
+    "recall_at_8",
+    "mean_average_precision_at_r",
+)
+
+
+def emoji_summary(methods: dict) -> dict:
+    """From the stored per-seed ``all_metrics``: each metric of EMOJI_FINAL_METRICS at
+    the final iteration (mean, std, per seed), and magnet's cluster fine purity at every
+    evaluation (mean over seeds; the index is refreshed at each)."""
+    final, purity = {}, {}
+    for name, method in methods.items():
+        seeds = [s for s in method["seeds"] if "all_metrics" in s]
+        if not seeds:
+            continue
+        row = {}
+        for metric in EMOJI_FINAL_METRICS:
+            values = [s["all_metrics"].get(metric, [None])[-1] for s in seeds]
+            if all(v is not None for v in values):
+                row[metric] = {
+                    "mean": float(np.mean(values)),
+                    "std": float(np.std(values)),
+                    "per_seed": values,
+                }
+        final[name] = row
+        curves = [s["all_metrics"].get("cluster_fine_purity") for s in seeds]
+        if all(c is not None for c in curves):
+            purity[name] = {
+                "iterations": seeds[0]["iterations"],
+                "mean": np.mean(curves, axis=0).tolist(),
+            }
+    return {"final_other": final, "cluster_fine_purity": purity}
+
+
 def format_speedup(s: dict) -> str:
     if s["speedup"] is None:
         return f"not reached (target {100 * s['target_error']:.2f}% at {s['reference_iterations']:.0f} it.)"
@@ -390,6 +641,43 @@ def busy_warning() -> str | None:
         f"machine busy: load average {load:.2f} on {cores} cores (> "
         f"{BUSY_LOAD_PER_CORE * cores:.2f}); timings and their ratios are not reliable"
     )
+
+
+def merge_parts(paths: Sequence[Path]) -> dict:
+    """One results dict from the files of a benchmark run split by method (``--methods``,
+    one process each): the methods of all, the rest from the first; every part's command,
+    time and environment kept under ``parts``. The parts must agree on the protocol."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    same = ("regime", "dataset", "steps", "eval_every", "seeds", "batch_size")
+    merged = {k: v for k, v in first.items() if k not in ("command", "seconds")}
+    merged["methods"] = {}
+    for path, part in zip(paths, parts):
+        for key in same:
+            if part.get(key) != first.get(key):
+                raise ValueError(
+                    f"{path}: {key} = {part.get(key)!r}, but {paths[0]} has {first.get(key)!r}"
+                )
+        overlap = set(part["methods"]) & set(merged["methods"])
+        if overlap:
+            raise ValueError(f"{path}: methods {sorted(overlap)} are in an earlier part too")
+        merged["methods"].update(part["methods"])
+        for key in ("grids",):
+            if key in part:
+                merged[key] = {**merged.get(key, {}), **part[key]}
+    merged["parts"] = [
+        {
+            "file": str(Path(p).name),
+            "command": part["command"],
+            "seconds": part["seconds"],
+            "methods": list(part["methods"]),
+            "environment": part["environment"],
+        }
+        for p, part in zip(paths, parts)
+    ]
+    merged["command"] = " && ".join(part["command"] for part in parts)
+    merged["seconds"] = round(sum(part["seconds"] for part in parts), 1)
+    return merged
 
 
 def write_json(path: Path, value: Any) -> None:

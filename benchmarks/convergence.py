@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -149,6 +150,63 @@ PAPER_REGIMES = {
 }
 REGIMES.update(PAPER_REGIMES)
 
+# The paper's regime on this machine: the ImageNet-pretrained EfficientNet-Lite0 (see
+# _common.CPU_BACKBONE for what trains and what is cached; --full-resolution: 224 px,
+# everything trains) on the emoji set. Magnet's grid varies one setting at a time around
+# K=8, M=12, D=4, alpha=1, lr=1e-3; the others sweep their learning rate. The index is
+# refreshed at every evaluation, so the purity recorded there is the current index's.
+_MAGNET_CENTRE = dict(
+    clusters_per_class=8, clusters_per_batch=12, examples_per_cluster=4, alpha=1.0
+)
+EMOJI_MAGNET_GRID = [  # the most telling first (--grid-points N keeps the first N)
+    {"lr": 1e-3},
+    {"lr": 1e-3, "clusters_per_class": 2},
+    {"lr": 3e-3},
+    {"lr": 1e-3, "alpha": 4.0},
+    {"lr": 1e-3, "clusters_per_batch": 6, "examples_per_cluster": 8},
+    {"lr": 1e-3, "clusters_per_class": 4},
+    {"lr": 3e-4},
+]
+EMOJI_REGIMES = {
+    # 88 subcategories (those of >= 20 images), 20% of every subcategory's images to test
+    # (seed 0; so the test images' emoji occur in training too, which the fine Error@k
+    # of the hierarchy view of these same runs needs).
+    "emoji_subcategory": dict(
+        emoji=("subcategory", "default"),
+        steps=600,
+        eval_every=50,
+        seeds=3,
+        lrs=(3e-4, 1e-3, 3e-3),
+        sweep_steps=300,
+        triplet_minings=("semi_hard",),
+        magnet=_MAGNET_CENTRE,
+        magnet_grid=EMOJI_MAGNET_GRID,
+        classes_per_batch=12,
+        embedding_dim=64,
+        modern=True,
+    ),
+    # The set's own class-disjoint split (818 emoji to train, the 818 others to test),
+    # Recall@k and MAP@R on the unseen emoji. Magnet K=2: most emoji have 4 images.
+    # No sweep of its own: a validation split of 4-image classes leaves one image per
+    # class, too few for retrieval; each method's settings come from --settings-from.
+    "emoji_zero_shot": dict(
+        emoji=("emoji", "classes"),
+        steps=600,
+        eval_every=50,
+        seeds=3,
+        lrs=(1e-3,),
+        sweep_steps=None,
+        triplet_minings=("semi_hard",),
+        magnet=dict(_MAGNET_CENTRE, clusters_per_class=2),
+        classes_per_batch=12,
+        embedding_dim=64,
+        modern=True,
+        score="recall_at_1_error",
+        min_images=0,
+    ),
+}
+REGIMES.update(EMOJI_REGIMES)
+
 
 def subset_classes(dataset, classes, name):
     """The examples of ``classes`` only, relabelled 0..len(classes)-1 in that order."""
@@ -175,8 +233,16 @@ def methods_for(regime: dict, lrs) -> list[Method]:
     triplet_grid = [
         {"lr": lr, "mining": mining} for mining in regime["triplet_minings"] for lr in lrs
     ]
+    modern = []
+    if regime.get("modern"):  # the modern baselines, class-balanced / uniform batches
+        balanced = dict(clusters_per_batch=classes, examples_per_cluster=BATCH // classes)
+        modern = [
+            Method("multi_similarity", dict(loss="multi_similarity", **balanced), lr_grid),
+            Method("proxy_nca", dict(loss="proxy_nca", **balanced), lr_grid),
+        ]
+    magnet_grid = regime.get("magnet_grid", lr_grid)
     return [
-        Method("magnet", dict(loss="magnet", **m), lr_grid),
+        Method("magnet", dict(loss="magnet", **m), magnet_grid),
         Method(
             "triplet",
             dict(
@@ -193,6 +259,7 @@ def methods_for(regime: dict, lrs) -> list[Method]:
             dict(loss="softmax", clusters_per_batch=classes, examples_per_cluster=BATCH // classes),
             lr_grid,
         ),
+        *modern,
     ]
 
 
@@ -201,10 +268,14 @@ def load(
     data_dir: str | None,
     manual_dir: str | None = None,
     regime: dict | None = None,
+    min_images: int = _common.EMOJI_MIN_IMAGES,
 ):
     from magnet_jax.data import load_dataset
 
     regime = regime if regime is not None else REGIMES[regime_name]
+    if regime.get("emoji"):
+        level, split = regime["emoji"]
+        return _common.load_emoji(level, split, data_dir, min_images=min_images), None
     if regime.get("paper_scale"):
         size = regime["image_size"]
         return load_dataset(
@@ -292,6 +363,8 @@ def summary_of(results: dict) -> dict:
     for key in ("speedup_vs_softmax", "relative_error_reduction_vs_softmax"):
         if key in vs_softmax:
             out[key] = vs_softmax[key]
+    if results.get("emoji"):
+        out.update(_common.emoji_summary(results["methods"]))
     return out
 
 
@@ -308,6 +381,8 @@ def print_summary(results: dict, summary: dict) -> None:
         print(
             f"| {name} | {method['evaluator']} | {chosen} | {100 * f['mean']:.2f} ± {100 * f['std']:.2f}% |"
         )
+    if "speedup_vs_triplet" not in summary:  # a part of a run split by method
+        return
     s = summary["speedup_vs_triplet"]
     print(f"speed-up vs triplet (mean curves): {_common.format_speedup(s['mean'])}")
     for p in s["per_seed"]:
@@ -336,6 +411,30 @@ def check(path: Path) -> int:
     return 0 if same else 1
 
 
+def merge(paths, output) -> int:
+    """``--merge``: one results file from a regime's per-method files."""
+    if output is None:
+        print("convergence.py: error: --merge needs --output", file=sys.stderr)
+        return 2
+    try:
+        results = _common.merge_parts(paths)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"convergence.py: error: --merge: {error}", file=sys.stderr)
+        return 2
+    for key in list(results):
+        if key.startswith(("speedup_vs_", "relative_error_reduction_vs_", "final_")) or key in (
+            "cluster_fine_purity",
+        ):
+            del results[key]
+    results.update(summary_of(results))
+    output = Path(output)
+    _common.write_json(output, results)
+    plot(results, output.with_suffix(".png"))
+    print_summary(results, summary_of(json.loads(output.read_text())))
+    log(f"merged {len(paths)} files into {output}")
+    return 0
+
+
 def plot(results: dict, path: Path) -> None:
     from magnet_jax.plotting import plot_learning_curves
 
@@ -353,6 +452,14 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    memo = _common.PrefixMemo()  # installed by the emoji regimes; undone on the way out
+    try:
+        return _main(argv, memo)
+    finally:
+        memo.uninstall()
+
+
+def _main(argv, memo) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--regime", choices=sorted(REGIMES), default="quick")
     parser.add_argument("--quick", action="store_true", help="same as --regime quick")
@@ -406,19 +513,85 @@ def main(argv=None) -> int:
         "`magnet-jax train` run (its --workdir or checkpoints/ folder), e.g. a pretrained "
         "backbone; replaces finetune_upper_body's own pretraining",
     )
+    parser.add_argument(
+        "--full-resolution",
+        action="store_true",
+        help="emoji regimes: 224 px, every backbone stage trains, no cached prefix (for a GPU); "
+        "default: 64 px, the first 8 stages frozen and cached (CPU)",
+    )
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="emoji regimes: the backbone without its ImageNet weights (a control; the tests)",
+    )
+    parser.add_argument(
+        "--settings-from",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="emoji_zero_shot: each method's chosen settings (lr, ...) from this results JSON "
+        "(default results/convergence_emoji_subcategory.json)",
+    )
+    parser.add_argument(
+        "--min-images",
+        type=int,
+        default=None,
+        help="emoji regimes: leave out the classes of fewer images (magnet needs >= K per "
+        f"class; default {_common.EMOJI_MIN_IMAGES}, emoji_zero_shot 0)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="run only these methods (magnet, triplet, softmax; multi_similarity and proxy_nca "
+        "in the emoji regimes); default all",
+    )
+    parser.add_argument(
+        "--grid-points",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sweep only the first N points of every method's grid (a reduced run)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="emoji regimes: only the first grid point of every method (a rehearsal of the "
+        "code path with small --steps, e.g. of --full-resolution on a CPU)",
+    )
     parser.add_argument("--output", default=None, help="default results/convergence_<regime>.json")
     parser.add_argument(
         "--check", type=Path, default=None, help="recompute the summary of a results JSON"
     )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="merge the results files of one regime run method by method (--methods, "
+        "--output) into --output, recomputing the summary",
+    )
     args = parser.parse_args(argv)
     if args.check:
         return check(args.check)
+    if args.merge:
+        return merge(args.merge, args.output)
     regime_name = "quick" if args.quick else args.regime
     regime = copy.deepcopy(REGIMES[regime_name])
     paper_scale = bool(regime.get("paper_scale"))
+    emoji = bool(regime.get("emoji"))
+    if (args.full_resolution or args.random_init or args.settings_from or args.smoke) and not emoji:
+        parser.error(
+            "--full-resolution, --random-init, --settings-from and --smoke apply to the emoji regimes "
+            f"({', '.join(EMOJI_REGIMES)}) only"
+        )
     if args.manual_dir is not None and not paper_scale:
         parser.error(f"--manual-dir applies to the tfds regimes ({', '.join(PAPER_REGIMES)}) only")
-    if args.image_size is not None:
+    if args.image_size is not None and emoji:
+        regime["image_size"] = args.image_size
+    elif args.image_size is not None:
         if not paper_scale:
             parser.error(
                 f"--image-size applies to the tfds regimes ({', '.join(PAPER_REGIMES)}) only"
@@ -435,6 +608,21 @@ def main(argv=None) -> int:
     seeds = list(range(args.seeds or regime["seeds"]))
     lrs = tuple(args.lrs or regime["lrs"])
     sweep_steps = args.sweep_steps or regime.get("sweep_steps") or steps
+    settings_from = None
+    if emoji and regime.get("sweep_steps", steps) is None:
+        sweep_steps = None
+        path = args.settings_from or _common.RESULTS / "convergence_emoji_subcategory.json"
+        if str(path) == "none":  # every method at its first grid point (lr = --lrs[0])
+            settings_from = {"file": None, "chosen": {}}
+        else:
+            try:
+                methods_file = json.loads(Path(path).read_text())["methods"]
+            except (OSError, ValueError, KeyError) as error:
+                print(f"convergence.py: error: --settings-from {path}: {error}", file=sys.stderr)
+                return 2
+            # The pseudo-methods (with a note) re-score another method's runs.
+            chosen = {name: m["chosen"] for name, m in methods_file.items() if "note" not in m}
+            settings_from = {"file": str(path), "chosen": chosen}
     output = (
         Path(args.output) if args.output else _common.RESULTS / f"convergence_{regime_name}.json"
     )
@@ -449,7 +637,9 @@ def main(argv=None) -> int:
         data_dir = str(_common.DEFAULT_DATA_DIR)
     try:
         init_trunk, init_info = load_init_trunk(args.init_from) if args.init_from else (None, None)
-        dataset, source = load(regime_name, data_dir, args.manual_dir, regime)
+        if args.min_images is None:
+            args.min_images = regime.get("min_images", _common.EMOJI_MIN_IMAGES)
+        dataset, source = load(regime_name, data_dir, args.manual_dir, regime, args.min_images)
     except (ImportError, FileNotFoundError, ValueError) as error:
         print(f"convergence.py: error: {error}", file=sys.stderr)
         return 2
@@ -470,12 +660,31 @@ def main(argv=None) -> int:
     )
     if paper_scale:
         base.update(embedding_dim=regime["embedding_dim"], architecture=regime["architecture"])
+    backbone = None
+    if emoji:
+        backbone = _common.backbone_settings(args.full_resolution)
+        if args.random_init:
+            backbone["pretrained"] = False
+        if "image_size" in regime:
+            backbone["image_size"] = regime["image_size"]
+        # The index is refreshed at every evaluation (its purity is recorded there).
+        base.update(embedding_dim=regime["embedding_dim"], refresh_every=eval_every, **backbone)
+        if backbone["cache_prefix"]:
+            memo.install()
     pretrain_info = None
     # --pretrain-steps 0: the random-init control. --init-from replaces the pretraining.
     if init_trunk is None and source is not None and regime["pretrain_steps"] > 0:
         init_trunk, pretrain_info = pretrain(source, regime, base)
 
     methods = methods_for(regime, lrs)
+    if args.methods:
+        unknown = sorted(set(args.methods) - {m.name for m in methods})
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}; choose from {[m.name for m in methods]}")
+        methods = [m for m in methods if m.name in args.methods]
+    points = 1 if args.smoke else args.grid_points
+    if points is not None:
+        methods = [dataclasses.replace(m, grid=m.grid[:points]) for m in methods]
     eval_steps = list(range(0, steps + 1, eval_every))
     if eval_steps[-1] != steps:
         eval_steps.append(steps)
@@ -497,6 +706,31 @@ def main(argv=None) -> int:
         "pretrain": pretrain_info,
         "methods": {},
     }
+    if emoji:
+        level, split = regime["emoji"]
+        results.update(
+            emoji={
+                "label_level": level,
+                "split": split,
+                "protocol": (
+                    "stratified by image: 20% of every class's images to test (seed 0)"
+                    if split == "default"
+                    else "the set's own class-disjoint split: emoji class id < C/2 train, "
+                    "the rest test (unseen classes)"
+                ),
+                "min_images_per_class": args.min_images,
+                "num_classes": dataset.num_classes,
+                "num_train_classes": int(len(np.unique(dataset.y_train))),
+                "num_test_classes": int(len(np.unique(dataset.y_test))),
+            },
+            backbone=backbone,
+            full_resolution=args.full_resolution,
+            refresh_every=eval_every,
+            embedding_dim=regime["embedding_dim"],
+            grids={m.name: m.grid for m in methods},
+        )
+        if settings_from is not None:
+            results["sweep"] = {"none": "settings taken from another regime", **settings_from}
     if init_info is not None:
         results["init_from"] = init_info
     if paper_scale:
@@ -507,9 +741,20 @@ def main(argv=None) -> int:
             embedding_dim=regime["embedding_dim"],
         )
     pseudo = {}
+    score = regime.get("score")
     for method in methods:
-        log(f"{method.name}: sweep of {len(method.grid)} points on validation ({sweep_steps} it.)")
-        chosen = _common.sweep(base, method, validation, sweep_steps, init_trunk=init_trunk)
+        if sweep_steps is None:  # settings from another regime; its evaluator: `score`
+            given = settings_from["chosen"].get(method.name, method.grid[0])
+            # K and the batch shape are this regime's (K <= the smallest class).
+            given = {k: v for k, v in given.items() if k in ("lr", "alpha", "mining")}
+            chosen = {"chosen": given, "metric": score, "trials": None, "chosen_validation": {}}
+        else:
+            log(
+                f"{method.name}: sweep of {len(method.grid)} points on validation ({sweep_steps} it.)"
+            )
+            chosen = _common.sweep(
+                base, method, validation, sweep_steps, score=score, init_trunk=init_trunk
+            )
         entry = {
             "fixed": method.fixed,
             "chosen": chosen["chosen"],
@@ -518,7 +763,9 @@ def main(argv=None) -> int:
             "seeds": [],
         }
         extra_metric, extra_name = None, None
-        if method.name == "softmax" and chosen["metric"] != "classifier_error":
+        if score is not None:  # one evaluator for all (retrieval on unseen classes)
+            pass
+        elif method.name == "softmax" and chosen["metric"] != "classifier_error":
             extra_metric, extra_name = "classifier_error", "softmax_classifier"
         elif method.name == "softmax":  # the classifier won: keep the best kNN curve too
             vals = chosen["chosen_validation"]

@@ -62,14 +62,30 @@ DATASETS = {
         lrs=(1e-3, 3e-3),
     ),
 }
+# The paper's regime: the pretrained EfficientNet-Lite0 (_common.CPU_BACKBONE) on the
+# emoji set's 8 categories, 20% of every category's images to test (seed 0); the fine
+# labels are the emoji. Training on the subcategories is convergence.py's emoji_subcategory
+# regime: --from-convergence turns its runs into this script's view (no new training).
+DATASETS["emoji_category"] = dict(
+    emoji=("category", "default"),
+    steps=600,
+    eval_every=50,
+    seeds=3,
+    lrs=(1e-3, 3e-3),
+    mining="semi_hard",
+    embedding_dim=64,
+)
 BATCH = 48
 FINE = ("fine_error_at_1", "fine_error_at_5")
 
 
-def load(name: str, data_dir: str):
+def load(name: str, data_dir: str, min_images: int = _common.EMOJI_MIN_IMAGES):
     from magnet_jax import data
 
     spec = DATASETS[name]
+    if spec.get("emoji"):
+        level, split = spec["emoji"]
+        return _common.load_emoji(level, split, data_dir, min_images=min_images)
     grouping = getattr(data, spec["grouping"])
     dataset = data.load_dataset(spec["source"], data_dir)
     return data.coarsen(
@@ -80,7 +96,9 @@ def load(name: str, data_dir: str):
     )
 
 
-def methods_for(num_coarse: int, lrs, clusters_per_class: int) -> list[Method]:
+def methods_for(
+    num_coarse: int, lrs, clusters_per_class: int, mining: str = "batch_all"
+) -> list[Method]:
     grid = [{"lr": lr} for lr in lrs]
     return [
         Method(
@@ -99,7 +117,7 @@ def methods_for(num_coarse: int, lrs, clusters_per_class: int) -> list[Method]:
                 loss="triplet",
                 normalize=True,
                 margin=0.2,
-                mining="batch_all",
+                mining=mining,
                 clusters_per_batch=num_coarse,
                 examples_per_cluster=BATCH // num_coarse,
             ),
@@ -190,7 +208,77 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def from_convergence(path: Path, output: str | None) -> int:
+    """The hierarchy view of a convergence.py emoji result whose runs trained on coarse
+    labels: the same runs' fine Error@1/@5 and coarse error, re-read from its curves."""
+    source = json.loads(path.read_text())
+    if not source.get("emoji") or source["emoji"]["label_level"] == "emoji":
+        print(
+            f"hierarchy.py: error: --from-convergence {path}: not an emoji result trained on "
+            "coarse labels (subcategory or category)",
+            file=sys.stderr,
+        )
+        return 2
+    level = source["emoji"]["label_level"]
+    results = {
+        "dataset": source["dataset"],
+        "regime": f"emoji_{level}",
+        "from_convergence": str(path),
+        "note": f"the runs of {path.name} (trained on the {level} labels), re-read: each "
+        "method's settings were chosen there on validation by the coarse-label error",
+        "num_train": source["num_train"],
+        "num_test": source["num_test"],
+        "num_coarse": source["emoji"]["num_classes"],
+        "steps": source["steps"],
+        "eval_every": source["eval_every"],
+        "seeds": source["seeds"],
+        "batch_size": source["batch_size"],
+        "backbone": source.get("backbone"),
+        "emoji": source["emoji"],
+        "methods": {},
+        "environment": source["environment"],
+        "command": "python benchmarks/hierarchy.py --from-convergence " + str(path),
+    }
+    for name, method in source["methods"].items():
+        if "note" in method:  # a pseudo-method: the same runs under another evaluator
+            continue
+        seeds = []
+        for s in method["seeds"]:
+            metrics = s["all_metrics"]
+            seeds.append(
+                {
+                    "seed": s["seed"],
+                    "iterations": s["iterations"],
+                    **{m: metrics[m] for m in FINE},
+                    "coarse_error": s["test_error"],
+                    "all_metrics": metrics,
+                }
+            )
+        results["methods"][name] = {
+            "fixed": method["fixed"],
+            "chosen": method["chosen"],
+            "evaluator": method["evaluator"],
+            "seeds": seeds,
+        }
+    results = json.loads(json.dumps(results))
+    results.update(summary_of(results))
+    out = Path(output) if output else _common.RESULTS / f"hierarchy_emoji_{level}.json"
+    _common.write_json(out, results)
+    plot(results, out.with_suffix(".png"))
+    print_summary(results, summary_of(json.loads(out.read_text())))
+    log(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
 def main(argv=None) -> int:
+    memo = _common.PrefixMemo()  # installed by the emoji regimes; undone on the way out
+    try:
+        return _main(argv, memo)
+    finally:
+        memo.uninstall()
+
+
+def _main(argv, memo) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="quick")
     parser.add_argument("--quick", action="store_true", help="same as --dataset quick")
@@ -213,6 +301,48 @@ def main(argv=None) -> int:
         "test set is kept): a reduced-scale run",
     )
     parser.add_argument("--data-dir", default=str(_common.DEFAULT_DATA_DIR))
+    parser.add_argument(
+        "--full-resolution",
+        action="store_true",
+        help="emoji_category: 224 px, every backbone stage trains, no cached prefix (a GPU)",
+    )
+    parser.add_argument(
+        "--random-init",
+        action="store_true",
+        help="emoji_category: the backbone without its ImageNet weights (a control; the tests)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="emoji_category: backbone resolution"
+    )
+    parser.add_argument(
+        "--min-images",
+        type=int,
+        default=_common.EMOJI_MIN_IMAGES,
+        help="emoji_category: leave out the classes of fewer images",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="run only these methods (magnet, triplet, softmax); default all",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="merge the results files of one dataset run method by method into --output",
+    )
+    parser.add_argument(
+        "--from-convergence",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="write the hierarchy view (fine Error@k of the emoji) of a convergence.py emoji "
+        "results file whose runs trained on coarse labels (emoji_subcategory), no training",
+    )
     parser.add_argument("--output", default=None, help="default results/hierarchy_<dataset>.json")
     parser.add_argument(
         "--check", type=Path, default=None, help="recompute the summary of a results JSON"
@@ -220,8 +350,26 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.check:
         return check(args.check)
+    if args.from_convergence:
+        return from_convergence(args.from_convergence, args.output)
+    if args.merge:
+        if args.output is None:
+            parser.error("--merge needs --output")
+        try:
+            results = _common.merge_parts(args.merge)
+        except (OSError, ValueError, KeyError) as error:
+            print(f"hierarchy.py: error: --merge: {error}", file=sys.stderr)
+            return 2
+        results.update(summary_of(results))
+        _common.write_json(Path(args.output), results)
+        plot(results, Path(args.output).with_suffix(".png"))
+        print_summary(results, summary_of(json.loads(Path(args.output).read_text())))
+        return 0
     name = "quick" if args.quick else args.dataset
     spec = copy.deepcopy(DATASETS[name])
+    emoji = bool(spec.get("emoji"))
+    if (args.full_resolution or args.random_init or args.image_size) and not emoji:
+        parser.error("--full-resolution, --random-init and --image-size apply to emoji_category")
     steps = args.steps or spec["steps"]
     eval_every = args.eval_every or spec["eval_every"]
     seeds = list(range(args.seeds or spec["seeds"]))
@@ -233,7 +381,7 @@ def main(argv=None) -> int:
 
     from magnet_jax.data import split_validation
 
-    dataset = _common.subsample_train(load(name, args.data_dir), args.train_size)
+    dataset = _common.subsample_train(load(name, args.data_dir, args.min_images), args.train_size)
     # A constant learning rate: a schedule tied to the total would distort the curves' middle.
     base = dict(
         dataset=dataset.name,
@@ -245,6 +393,17 @@ def main(argv=None) -> int:
         log_every=10**9,
         num_nearest_clusters=128,
     )
+    backbone = None
+    if emoji:
+        backbone = _common.backbone_settings(args.full_resolution)
+        if args.random_init:
+            backbone["pretrained"] = False
+        if args.image_size:
+            backbone["image_size"] = args.image_size
+        # The index is refreshed at every evaluation (its purity is recorded there).
+        base.update(embedding_dim=spec["embedding_dim"], refresh_every=eval_every, **backbone)
+        if backbone["cache_prefix"]:
+            memo.install()
     eval_steps = list(range(0, steps + 1, eval_every))
     if eval_steps[-1] != steps:
         eval_steps.append(steps)
@@ -263,8 +422,28 @@ def main(argv=None) -> int:
         "lrs": list(lrs),
         "methods": {},
     }
+    if emoji:
+        results.update(
+            emoji={
+                "label_level": spec["emoji"][0],
+                "protocol": "stratified by image: 20% of every class's images to test (seed 0)",
+                "min_images_per_class": args.min_images,
+            },
+            backbone=backbone,
+            full_resolution=args.full_resolution,
+            refresh_every=eval_every,
+            embedding_dim=spec["embedding_dim"],
+            sweep_split="stratified 10% of train, seed 0; chosen by the coarse-label error",
+        )
     validation = split_validation(dataset, fraction=0.1, seed=0) if len(lrs) > 1 else None
-    for method in methods_for(dataset.num_classes, lrs, args.clusters_per_class):
+    mining = spec.get("mining", "batch_all")
+    methods = methods_for(dataset.num_classes, lrs, args.clusters_per_class, mining)
+    if args.methods:
+        unknown = sorted(set(args.methods) - {m.name for m in methods})
+        if unknown:
+            parser.error(f"--methods: unknown {unknown}; choose from {[m.name for m in methods]}")
+        methods = [m for m in methods if m.name in args.methods]
+    for method in methods:
         if validation is not None:
             log(
                 f"{method.name}: sweep of {len(method.grid)} learning rates on validation ({steps} it.)"
