@@ -524,3 +524,16 @@ def test_checkpoint_written_before_the_interface_resumes(tmp_path):
     (workdir / "metrics.json").unlink()
     training.train(equality_config("magnet", str(workdir)), progress=False)
     _assert_matches_record("magnet", workdir)
+
+
+@pytest.mark.parametrize("labels", [np.zeros(0, np.int64), np.zeros(5, np.int64)])
+def test_magnet_refuses_a_training_set_with_fewer_than_two_classes(labels):
+    info = DataInfo(
+        num_examples=len(labels),
+        num_classes=3,
+        class_names=["a", "b", "c"],
+        labels=labels,
+        embedding_dim=2,
+    )
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        methods.Magnet(clusters_per_class=1, clusters_per_batch=1).check_data(info)

@@ -111,6 +111,11 @@ class Magnet(Method):
     def check_data(self, info: DataInfo) -> None:
         class_sizes = info.class_sizes()
         num_classes = int(np.count_nonzero(class_sizes))
+        if num_classes < 2:
+            raise ValueError(
+                f"the magnet loss needs training examples of at least 2 classes (impostor "
+                f"clusters come from other classes); the training set has {num_classes}"
+            )
         present = np.where(class_sizes > 0, class_sizes, np.iinfo(np.int64).max)
         smallest = int(np.argmin(present))
         if self.clusters_per_class > class_sizes[smallest]:
