@@ -361,30 +361,36 @@ def main(argv=None) -> None:
             "test_classes": int(len(np.unique(np.asarray(dataset.y_test)))),
         },
     }
-    results["pretrained_features"] = pretrained_features(args, dataset)
-    log(f"pooled pretrained features: {json.dumps(results['pretrained_features'])}")
-    # The clusterers' quality (minutes per call here) is measured on the first seed.
-    results["runs"] = [
-        one_run(args, dataset, seed, clusterers=seed == args.seeds[0]) for seed in args.seeds
-    ]
-    results["summary"] = summarise(results["runs"])
     path = RESULTS / f"{args.output}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
-    if args.ablations:
-        seed = args.seeds[0]
-        results["ablations"] = {
-            "no_subset_selection": one_run(
-                args, dataset, seed, clusterers=False, plm_subset_selection=False
-            ),
-            "binary_similarity": one_run(
-                args, dataset, seed, clusterers=False, plm_similarity="binary"
-            ),
-        }
-    results["load_after"] = loadavg()
-    results["seconds"] = time.perf_counter() - started
-    path.write_text(json.dumps(results, indent=1))
-    plot(results, RESULTS / f"{args.output}.png")
+
+    def save(complete: bool) -> None:
+        # Written after every run: a cut-short benchmark keeps what it measured.
+        results["complete"] = complete
+        results["load_after"] = loadavg()
+        results["seconds"] = time.perf_counter() - started
+        path.write_text(json.dumps(results, indent=1))
+        if results["runs"]:
+            plot(results, RESULTS / f"{args.output}.png")
+
+    results["pretrained_features"] = pretrained_features(args, dataset)
+    log(f"pooled pretrained features: {json.dumps(results['pretrained_features'])}")
+    results["runs"], results["ablations"] = [], {}
+    # The clusterers' quality (minutes per call here) is measured on the first seed.
+    for seed in args.seeds:
+        results["runs"].append(one_run(args, dataset, seed, clusterers=seed == args.seeds[0]))
+        results["summary"] = summarise(results["runs"])
+        save(complete=False)
+    ablations = {
+        "no_subset_selection": {"plm_subset_selection": False},
+        "binary_similarity": {"plm_similarity": "binary"},
+    }
+    for name, overrides in ablations.items() if args.ablations else ():
+        results["ablations"][name] = one_run(
+            args, dataset, args.seeds[0], clusterers=False, **overrides
+        )
+        save(complete=False)
+    save(complete=True)
     log(f"wrote {path}")
 
 

@@ -241,11 +241,13 @@ def test_step_jit_equals_eager(refreshed):
 
 
 def _curve(dataset, **overrides):
-    run = training.prepare(_config(refresh_every=3, **overrides), dataset)
-    curve = training.learning_curve(run, [7])
+    """Final parameters and method state of 5 steps (refreshes at 0, 2 and 4)."""
+    run = training.prepare(_config(refresh_every=2, **overrides), dataset)
+    curve = training.learning_curve(run, [5], evaluators=())
     return curve["state"].params, curve["method_state"]
 
 
+@pytest.mark.slow
 def test_labels_are_never_read():
     dataset = _lines()
     straight = _curve(dataset)
@@ -256,6 +258,7 @@ def test_labels_are_never_read():
     _leaves_equal(straight, _curve(zeroed))
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device():
     single = _curve(_lines())
     sharded = _curve(_lines(), num_devices=4)
