@@ -286,30 +286,22 @@ def plot(results: dict, path: Path) -> None:
         f"PLM on emoji unseen classes ({len(results['runs'])} seeds; dotted: pooled features)"
     )
     axes[0].legend(fontsize=7)
-    groups = ("plm", "knn_table", "kmeans", "agglomerative")
+    groups = ("plm", "knn_table", "kmeans", "kmeans_sklearn", "agglomerative")
     width = 0.2
-    for offset, (stage, hatch) in enumerate((("iteration_0", ""), ("final", "//"))):
-        purity = []
+    bars = [("purity", "iteration_0", ""), ("purity", "final", "//")]
+    bars += [("correlation", "iteration_0", ""), ("correlation", "final", "//")]
+    for offset, (measure, stage, hatch) in enumerate(bars):
+        heights = []
         for group in groups:
             values = []
             for run in results["runs"]:
                 quality = run["similarity_quality"]
-                key = stage if stage in quality else list(quality)[-1]
-                values.append(quality[key][group]["purity"])
-            purity.append(np.mean(values))
+                entry = quality[stage if stage in quality else list(quality)[-1]]
+                if group in entry:  # the clusterers ran on the first seed only
+                    values.append(entry[group][measure])
+            heights.append(np.mean(values) if values else np.nan)
         x = np.arange(len(groups)) + offset * width
-        axes[1].bar(x, purity, width, hatch=hatch, label=f"purity, {stage}")
-    for offset, (stage, hatch) in enumerate((("iteration_0", ""), ("final", "//"))):
-        correlation = []
-        for group in groups:
-            values = []
-            for run in results["runs"]:
-                quality = run["similarity_quality"]
-                key = stage if stage in quality else list(quality)[-1]
-                values.append(quality[key][group]["correlation"])
-            correlation.append(np.mean(values))
-        x = np.arange(len(groups)) + (2 + offset) * width
-        axes[1].bar(x, correlation, width, hatch=hatch, label=f"correlation, {stage}")
+        axes[1].bar(x, heights, width, hatch=hatch, label=f"{measure}, {stage}")
     axes[1].set_xticks(np.arange(len(groups)) + 1.5 * width, groups)
     axes[1].set_title("similarity quality on the training set (labels only to score)")
     axes[1].legend(fontsize=7)
