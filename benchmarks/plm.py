@@ -65,7 +65,7 @@ def base_config(args, seed: int, **overrides):
         dataset="emoji",
         data_dir=str(args.data_dir),
         split="classes",
-        image_size=64,
+        image_size=getattr(args, "image_size", 64),
         backbone="efficientnet_lite0",
         pretrained=True,
         freeze_stages=args.freeze_stages,
@@ -121,6 +121,27 @@ def share_prefix_cache() -> None:
         return outputs
 
     backbone_trainer.cache_prefix = cached
+
+
+def quick_dataset(image_size: int = 32):
+    """Seconds-sized stand-in for the emoji split (``--quick``): 8 classes of 12 random
+    uint8 images around a class pattern, the first 4 classes to train, the rest unseen."""
+    from magnet_jax.data import Dataset
+
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 256, size=(8, image_size, image_size, 3))
+    y = np.repeat(np.arange(8), 12).astype(np.int32)
+    x = np.clip(patterns[y] + rng.normal(0, 40, size=patterns[y].shape), 0, 255)
+    x = x.astype(np.uint8)
+    train = y < 4
+    return Dataset(
+        name="quick",
+        x_train=x[train],
+        y_train=y[train],
+        x_test=x[~train],
+        y_test=y[~train],
+        class_names=tuple(str(c) for c in range(8)),
+    )
 
 
 def similarity_quality(
@@ -327,7 +348,13 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--output", default="plm")
+    parser.add_argument("--quick", action="store_true", help="synthetic images, seconds")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.eval_steps, args.ablations = [0], [0, 2], False
+        args.anchors, args.examples_per_anchor, args.neighbours = 4, 3, 6
+        args.embedding_dim, args.proxies, args.refresh_every = 16, 5, 1
+        args.output = "plm_quick"
 
     from magnet_jax.data import load_dataset
 
@@ -335,7 +362,11 @@ def main(argv=None) -> None:
     load_before = loadavg()
     started = time.perf_counter()
     config = base_config(args, args.seeds[0])  # what prepare would load
-    dataset = load_dataset(config.dataset, config.data_dir, **config.load_options())
+    if args.quick:
+        dataset = quick_dataset()
+        args.image_size = 32
+    else:
+        dataset = load_dataset(config.dataset, config.data_dir, **config.load_options())
     log(f"emoji: {dataset.num_train} train / {len(dataset.y_test)} test images")
     results = {
         "command": " ".join([sys.executable, *sys.argv]),
