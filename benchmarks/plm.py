@@ -125,14 +125,14 @@ def share_prefix_cache() -> None:
 
 def quick_dataset(image_size: int = 32):
     """Seconds-sized stand-in for the emoji split (``--quick``): 8 classes of 12 random
-    uint8 images around a class pattern, the first 4 classes to train, the rest unseen."""
+    images (in [0, 1]) around a class pattern, the first 4 classes to train, the rest unseen."""
     from magnet_jax.data import Dataset
 
     rng = np.random.default_rng(0)
     patterns = rng.integers(0, 256, size=(8, image_size, image_size, 3))
     y = np.repeat(np.arange(8), 12).astype(np.int32)
     x = np.clip(patterns[y] + rng.normal(0, 40, size=patterns[y].shape), 0, 255)
-    x = x.astype(np.uint8)
+    x = (x / 255.0).astype(np.float32)  # as the image loaders give them
     train = y < 4
     return Dataset(
         name="quick",
