@@ -15,7 +15,15 @@ import re
 import typing
 from typing import Any, NamedTuple
 
-from magnet_jax.names import CLUSTERINGS, LINKAGES, LOSSES, LR_SCHEDULES, MININGS, OPTIMIZERS
+from magnet_jax.names import (
+    CLUSTERINGS,
+    LINKAGES,
+    LOSSES,
+    LR_SCHEDULES,
+    MININGS,
+    OPTIMIZERS,
+    PLM_SIMILARITIES,
+)
 
 # The same as magnet_jax.backbones.BACKBONES (not imported: config stays light).
 BACKBONES = ("efficientnet_lite0", "resnet50")
@@ -88,6 +96,19 @@ class TrainConfig:
     train_bn: bool = False  # batch statistics in the trainable stages (default: frozen)
     cache_prefix: bool = False  # compute the frozen stages' output once per dataset
     dtype: str = "float32"  # backbone compute dtype; parameters stay float32
+    # Piecewise-linear manifolds (--loss plm; magnet_jax.methods.plm).
+    plm_neighbours: int = 16  # k: neighbour table width, largest piece k + 1 points
+    plm_max_rank: int = 4  # largest dimension of a linear piece
+    plm_error_threshold: float = 0.2  # τ: relative reconstruction error of a piece
+    plm_subset_selection: bool = True  # grow pieces while linear (off: all k + 1 points)
+    plm_similarity: str = "continuous"  # continuous, binary or orthogonal_only
+    plm_orthogonal_exponent: float = 3.0  # N_α
+    plm_inplane_exponent: float = 0.5  # N_β
+    plm_proxies: int = 100  # N_ρ learnable proxies (0: no proxy term)
+    plm_delta: float = 1.0  # δ: distance of fully dissimilar points
+    plm_proxy_weight: float = 1.0
+    plm_neighbourhood_weight: float = 1.0
+    plm_momentum: float = 0.99  # EMA of the momentum network, per step
 
     verify: bool = True  # mnist / fashion_mnist: check the files' SHA-256
 
@@ -252,6 +273,32 @@ class TrainConfig:
             )
         self._validate_data_options()
         self._validate_backbone()
+        self._validate_plm()
+
+    def _validate_plm(self) -> None:
+        for name in ("plm_neighbours", "plm_max_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.plm_max_rank > self.plm_neighbours:
+            raise ValueError(
+                f"{flag('plm_max_rank')} {self.plm_max_rank} must be <= {flag('plm_neighbours')} "
+                f"{self.plm_neighbours} (a piece of rank r needs r + 1 points)"
+            )
+        if not 0.0 <= self.plm_error_threshold <= 1.0:
+            raise ValueError(
+                f"{flag('plm_error_threshold')} must be in [0, 1], got {self.plm_error_threshold}"
+            )
+        for name in ("plm_orthogonal_exponent", "plm_inplane_exponent", "plm_delta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
+        for name in ("plm_proxies",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("plm_proxy_weight", "plm_neighbourhood_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.plm_momentum <= 1.0:
+            raise ValueError(f"{flag('plm_momentum')} must be in [0, 1], got {self.plm_momentum}")
 
     def _validate_backbone(self) -> None:
         if self.dtype not in DTYPES:
@@ -410,6 +457,7 @@ GROUPS = {
     "model": "model",
     "method": "method (loss and batches)",
     "clustering": "clustering (Magnet Loss index)",
+    "plm": "piecewise-linear manifolds (--loss plm; label-free)",
     "schedule": "optimisation and schedule",
     "evaluation": "evaluation",
     "output": "output and devices",
@@ -554,6 +602,37 @@ FIELDS: dict[str, FieldInfo] = {
     ),
     "cluster_subsample": FieldInfo(
         "clustering", "agglomerative: cluster at most N points per class, assign the rest"
+    ),
+    "plm_neighbours": FieldInfo(
+        "plm",
+        "k nearest neighbours per point (momentum embeddings): a piece grows to at most k + 1 "
+        "points; the batch's D - 1 neighbours per anchor come from them",
+    ),
+    "plm_max_rank": FieldInfo("plm", "largest dimension of a linear piece (<= k)"),
+    "plm_error_threshold": FieldInfo(
+        "plm",
+        "τ in [0, 1]: a neighbourhood joins a piece while the piece leaves at most this share "
+        "of its variance unexplained; also picks the piece's rank",
+    ),
+    "plm_subset_selection": FieldInfo(
+        "plm",
+        "grow each piece while it stays linear (--no-plm-subset-selection: all k + 1 points, "
+        "the paper's ablation)",
+    ),
+    "plm_similarity": FieldInfo(
+        "plm",
+        "continuous: decays orthogonally (N_α) and in-plane (N_β); binary: 1 within one "
+        "length scale of the piece, else 0; orthogonal_only: no in-plane decay (ablations)",
+        choices=PLM_SIMILARITIES,
+    ),
+    "plm_orthogonal_exponent": FieldInfo("plm", "N_α: decay away from a piece"),
+    "plm_inplane_exponent": FieldInfo("plm", "N_β: decay along a piece"),
+    "plm_proxies": FieldInfo("plm", "N_ρ learnable proxies (0: no proxy term)"),
+    "plm_delta": FieldInfo("plm", "δ: the target distance of fully dissimilar points"),
+    "plm_proxy_weight": FieldInfo("plm", "weight of the proxy term"),
+    "plm_neighbourhood_weight": FieldInfo("plm", "weight of the neighbourhood term"),
+    "plm_momentum": FieldInfo(
+        "plm", "momentum of the EMA network that the pieces are fitted to, per step"
     ),
     "steps": FieldInfo("schedule", "training steps (the cosine schedule decays to 0 over them)"),
     "optimizer": FieldInfo("schedule", "adam, or sgd with momentum 0.9", choices=OPTIMIZERS),

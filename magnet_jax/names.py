@@ -18,7 +18,12 @@ LOSSES = (
     "normalized_softmax",
     "arcface",
     "softmax",
+    "plm",
 )
+
+# Similarities of the piecewise-linear manifold model (``--plm-similarity``):
+# magnet_jax.manifolds.piece_similarity's modes.
+PLM_SIMILARITIES = ("continuous", "binary", "orthogonal_only")
 
 # Clusterings of the Magnet index (``--clustering``): magnet_jax.clustering.CLUSTERERS.
 CLUSTERINGS = ("kmeans", "agglomerative")

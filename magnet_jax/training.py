@@ -540,6 +540,8 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         )
     graphdef, params_state = nnx.split(model)
     params = nnx.to_pure_dict(params_state)
+    # The model's structure, for a method whose state copies it (a momentum network).
+    info = dataclasses.replace(info, model_params=jax.eval_shape(lambda: params))
     warm = None
     if source is not None:
         params, warm = warm_start_params(config.init_from, *source, params)
@@ -554,7 +556,7 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
     x_train, x_test = dataset.x_train, dataset.x_test
     if config.cache_prefix:  # the frozen stages' output, once per dataset
         x_train, x_test = backbone_trainer.cache_prefix(
-            config, setup, graphdef, params, x_train, x_test
+            config, setup, graphdef, model_params(params), x_train, x_test
         )
     replicated = NamedSharding(mesh, P())
     stream = config.input == "stream"
@@ -620,6 +622,7 @@ def _loader(config: TrainConfig, x, host_crop: bool) -> streaming.Loader:
 def _with_current_prefix(run: Run, params) -> Run:
     """A resumed ``--cache-prefix`` run whose checkpoint holds other frozen values than the
     cache was computed from (e.g. warm-started by --init-from): the cache recomputed."""
+    params = model_params(params)  # a method's own parameters are no part of the graph
     if backbone_trainer.prefix_is_current(run.finetune, run.graphdef, params):
         return run
     x_train, x_test = backbone_trainer.cache_prefix(

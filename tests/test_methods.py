@@ -479,7 +479,8 @@ def _assert_matches_record(loss: str, workdir: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss", names.LOSSES)
+# The methods that existed before the interface (plm came after: nothing to compare with).
+@pytest.mark.parametrize("loss", [loss for loss in names.LOSSES if loss in EXPECTED])
 def test_same_results_as_before_the_interface(loss, tmp_path):
     workdir = tmp_path / "run"
     training.train(equality_config(loss, str(workdir)), progress=False)

@@ -20,6 +20,7 @@ from magnet_jax.methods.base import (
 from magnet_jax.methods.classification import ArcFace, NormalizedSoftmax, ProxyNCA, Softmax
 from magnet_jax.methods.magnet import Magnet, MagnetStats
 from magnet_jax.methods.pairs import Contrastive, HingeStats, MultiSimilarity, Triplet
+from magnet_jax.methods.plm import PLM, PLMState
 from magnet_jax.names import LOSSES
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "ArcFace",
     "HingeStats",
     "active_share",
+    "PLM",
+    "PLMState",
     "from_config",
     "get_method_class",
     "has_state",
@@ -55,6 +58,7 @@ METHODS: dict[str, type[Method]] = {
         NormalizedSoftmax,
         ArcFace,
         Softmax,
+        PLM,
     )
 }
 assert tuple(METHODS) == LOSSES, "magnet_jax.names.LOSSES and magnet_jax.methods.METHODS differ"
@@ -105,4 +109,22 @@ def from_config(config: TrainConfig, info: DataInfo | None = None, *, fine_label
         return Contrastive(**common, **balanced, margin=config.margin)
     if cls is MultiSimilarity:
         return MultiSimilarity(**common, **balanced)
+    if cls is PLM:
+        return PLM(
+            **common,
+            anchors_per_batch=config.clusters_per_batch,
+            neighbours_per_anchor=config.examples_per_cluster - 1,
+            num_neighbours=config.plm_neighbours,
+            max_rank=config.plm_max_rank,
+            error_threshold=config.plm_error_threshold,
+            subset_selection=config.plm_subset_selection,
+            similarity=config.plm_similarity,
+            orthogonal_exponent=config.plm_orthogonal_exponent,
+            inplane_exponent=config.plm_inplane_exponent,
+            num_proxies=config.plm_proxies,
+            delta=config.plm_delta,
+            proxy_weight=config.plm_proxy_weight,
+            neighbourhood_weight=config.plm_neighbourhood_weight,
+            momentum=config.plm_momentum,
+        )
     return cls(**common)

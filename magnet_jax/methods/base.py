@@ -69,6 +69,9 @@ class DataInfo:
         class_names: the name of every class id.
         labels: [N] int numpy labels, or None when the method reads no labels.
         embedding_dim: d, the width of the embeddings the model produces.
+        model_params: the model's parameters as ``jax.ShapeDtypeStruct`` leaves (the
+            structure of a momentum copy of the network), set once the model is built;
+            None before.
     """
 
     num_examples: int
@@ -76,6 +79,7 @@ class DataInfo:
     class_names: Sequence[str]
     labels: np.ndarray | None
     embedding_dim: int
+    model_params: Any = None
 
     def class_sizes(self) -> np.ndarray:
         """[C] training examples per class."""
