@@ -322,6 +322,8 @@ def cluster_per_class(
     min_cluster_size: int = 1,
     assignment: str = "neighbour",
     min_clusters: int = 1,
+    initial_centroids: jax.typing.ArrayLike | None = None,
+    initial_valid: jax.typing.ArrayLike | None = None,
 ) -> ClusteringResult:
     """Clusters every class into at most K clusters with the chosen method.
 
@@ -338,12 +340,17 @@ def cluster_per_class(
             per class).
         linkage, distance_threshold, max_points_per_class, min_cluster_size, assignment,
             min_clusters: agglomerative only.
+        initial_centroids, initial_valid: k-means only: ``[C, K, d]`` centroids and
+            ``[C, K]`` valid slots to start Lloyd from instead of k-means++ (a warm start,
+            e.g. the previous refresh's clusters), see
+            :func:`magnet_jax.kmeans.kmeans_per_class`.
 
     Returns:
         A :class:`ClusteringResult` (assignments [N], valid [C, K], counts [C, K]).
 
     Raises:
-        ValueError: on an unknown method, or as the chosen method does.
+        ValueError: on an unknown method, initial centroids for a method other than
+            k-means, or as the chosen method does.
     """
     if method == "kmeans":
         from magnet_jax.kmeans import kmeans_per_class
@@ -357,8 +364,14 @@ def cluster_per_class(
             max_iterations=max_iterations,
             tolerance=tolerance,
             num_restarts=num_restarts,
+            initial_centroids=initial_centroids,
+            initial_valid=initial_valid,
         )
         return ClusteringResult(result.assignments, result.counts > 0, result.counts)
+    if initial_centroids is not None or initial_valid is not None:
+        raise ValueError(
+            f"initial centroids (a warm start) apply to k-means only, not to method {method!r}"
+        )
     if method == "agglomerative":
         return agglomerative_per_class(
             embeddings,
@@ -404,11 +417,15 @@ class KMeans:
         key: jax.Array,
         num_classes: int | None = None,
         min_clusters: int = 1,
+        initial_centroids: jax.typing.ArrayLike | None = None,
+        initial_valid: jax.typing.ArrayLike | None = None,
     ) -> ClusteringResult:
         """Clusters ``embeddings`` [N, d] inside each class of ``labels`` [N] into K slots.
 
         ``min_clusters`` is accepted for the common signature; k-means always fills
-        ``min(K, distinct points)`` slots.
+        ``min(K, distinct points)`` slots. ``initial_centroids`` [C, K, d] and
+        ``initial_valid`` [C, K] start Lloyd there instead of k-means++ (a warm start;
+        needs ``num_restarts == 1``).
         """
         return cluster_per_class(
             embeddings,
@@ -420,6 +437,8 @@ class KMeans:
             max_iterations=self.max_iterations,
             tolerance=self.tolerance,
             num_restarts=self.num_restarts,
+            initial_centroids=initial_centroids,
+            initial_valid=initial_valid,
         )
 
 

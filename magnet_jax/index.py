@@ -436,6 +436,8 @@ def build_index(
     distance_threshold: float | None = None,
     max_points_per_class: int = 1000,
     clusterer=None,
+    initial_centroids: jax.typing.ArrayLike | None = None,
+    initial_valid: jax.typing.ArrayLike | None = None,
 ) -> ClusterIndex:
     """Runs k-means (k-means++ init) inside every class and builds the index from it.
 
@@ -467,6 +469,10 @@ def build_index(
         clusterer: a :class:`magnet_jax.clustering.KMeans` or
             :class:`~magnet_jax.clustering.Agglomerative` value; when given, it replaces
             ``clustering`` and the seven options above (which must then be left alone).
+        initial_centroids, initial_valid: k-means only: ``[C, K, d]`` centroids and
+            ``[C, K]`` valid slots that Lloyd starts from instead of k-means++ (a warm
+            start; ``num_restarts`` must be 1), see
+            :func:`magnet_jax.kmeans.kmeans_per_class`.
 
     Returns:
         The :class:`ClusterIndex`.
@@ -476,7 +482,7 @@ def build_index(
             for traced labels.
     """
     # Imported here so that the index (and sampling from it) does not depend on k-means.
-    from magnet_jax.clustering import clusterer_from_options
+    from magnet_jax.clustering import KMeans, clusterer_from_options
 
     if clusterer is None:
         clusterer = clusterer_from_options(
@@ -505,6 +511,14 @@ def build_index(
         present = int(np.count_nonzero(np.bincount(concrete_labels, minlength=num_classes)))
         if present > 1:
             min_clusters = max(1, min(clusters_per_class, -(-num_impostors // (present - 1))))
+    warm_start = {}
+    if initial_centroids is not None or initial_valid is not None:
+        if not isinstance(clusterer, KMeans):
+            raise ValueError(
+                f"a warm start (initial centroids) applies to k-means only, not to the "
+                f"{clusterer.name} clustering"
+            )
+        warm_start = {"initial_centroids": initial_centroids, "initial_valid": initial_valid}
     result = clusterer(
         embeddings,
         labels,
@@ -512,6 +526,7 @@ def build_index(
         key=key,
         num_classes=num_classes,
         min_clusters=min_clusters,
+        **warm_start,
     )
     return index_from_assignments(
         embeddings,
@@ -542,6 +557,7 @@ def refresh_index(
     distance_threshold: float | None = None,
     max_points_per_class: int = 1000,
     clusterer=None,
+    warm_start: bool = False,
 ) -> ClusterIndex:
     """Re-clusters the training set from new embeddings (the periodic refresh).
 
@@ -569,6 +585,9 @@ def refresh_index(
         impostor_chunk_size: as in :func:`index_from_assignments`.
         clustering, linkage, distance_threshold, max_points_per_class, clusterer: as in
             :func:`build_index`.
+        warm_start: k-means only: Lloyd starts from the index's centroids (its valid
+            slots) instead of k-means++, so a slowly moving embedding needs few
+            iterations; ``key`` is then unused and ``num_restarts`` must be 1.
 
     Returns:
         The refreshed :class:`ClusterIndex`.
@@ -603,6 +622,8 @@ def refresh_index(
         distance_threshold=distance_threshold,
         max_points_per_class=max_points_per_class,
         clusterer=clusterer,
+        initial_centroids=index.centroids if warm_start else None,
+        initial_valid=index.valid if warm_start else None,
     )
     refreshed = refreshed.replace(num_batches=index.num_batches)
     if inherit_cluster_loss:

@@ -388,6 +388,18 @@ def test_bfloat16_compute_close_to_float32():
     assert np.max(np.abs(unit(a) - unit(b))) <= 1e-2
 
 
+def _value_and_grads(layer_fn, conv, x):
+    """``layer_fn(conv, x)``, and the gradients of a non-linear scalar of it with respect to
+    the input and to the kernel (under jit)."""
+    graphdef, params = nnx.split(conv)
+
+    def scalar(params, x):
+        return jnp.sum(jnp.sin(layer_fn(nnx.merge(graphdef, params), x)))
+
+    grads = jax.jit(jax.grad(scalar, argnums=(0, 1)))(params, x)
+    return layer_fn(conv, x), grads[1], grads[0]["kernel"][...]
+
+
 @pytest.mark.parametrize("kernel, stride, size", [(3, 1, 8), (3, 2, 8), (5, 2, 7), (5, 1, 9)])
 def test_cpu_depthwise_path_equals_the_convolution(kernel, stride, size):
     from magnet_jax.backbones.common import depthwise_same
@@ -397,8 +409,26 @@ def test_cpu_depthwise_path_equals_the_convolution(kernel, stride, size):
         use_bias=False, rngs=nnx.Rngs(0),
     )  # fmt: skip
     x = jax.random.normal(jax.random.PRNGKey(1), (2, size, size + 1, 6))
-    np.testing.assert_allclose(depthwise_same(conv, x), conv(x), rtol=1e-5, atol=1e-5)
-    grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)  # noqa: E731
-    np.testing.assert_allclose(
-        grad(lambda x: depthwise_same(conv, x)), grad(conv), rtol=1e-5, atol=1e-5
-    )
+    ours = _value_and_grads(depthwise_same, conv, x)
+    reference = _value_and_grads(lambda conv, x: conv(x), conv, x)
+    for name, a, b in zip(("output", "input gradient", "kernel gradient"), ours, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    # jit fuses the multiply-adds (fused rounding): equal to float32 precision.
+    np.testing.assert_allclose(jax.jit(depthwise_same)(conv, x), ours[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "stride, padding", [(1, "SAME"), (2, "SAME"), (2, [(0, 0), (0, 0)]), (1, "VALID")]
+)
+def test_cpu_pointwise_path_equals_the_convolution(stride, padding):
+    from magnet_jax.backbones.common import pointwise
+
+    conv = nnx.Conv(5, 7, (1, 1), strides=stride, padding=padding, use_bias=False, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 7, 6, 5))
+    ours = _value_and_grads(pointwise, conv, x)
+    reference = _value_and_grads(lambda conv, x: conv(x), conv, x)
+    for name, a, b in zip(("output", "input gradient", "kernel gradient"), ours, reference):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+    # Anything that is not a bias-free, unpadded 1x1 convolution goes to the convolution.
+    padded = nnx.Conv(5, 7, (1, 1), padding=[(1, 1), (0, 0)], use_bias=False, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(pointwise(padded, x), padded(x))

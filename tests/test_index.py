@@ -575,3 +575,35 @@ def test_refresh_and_build_errors(index, data):
             key=jax.random.key(0),
             max_iterations=20,
         )
+
+
+def test_warm_refresh_starts_lloyd_from_the_index_centroids():
+    from magnet_jax.clustering import Agglomerative, KMeans
+    from magnet_jax.index import build_index, refresh_index
+    from magnet_jax.kmeans import kmeans_per_class
+    from magnet_jax.methods.magnet import Magnet
+
+    rng = np.random.default_rng(0)
+    embeddings = rng.normal(size=(60, 3)).astype(np.float32)
+    labels = np.repeat(np.arange(3), 20).astype(np.int32)
+    index = build_index(
+        embeddings, labels, clusters_per_class=3, num_impostors=2, key=jax.random.key(0)
+    )
+    moved = embeddings + 0.1 * rng.normal(size=embeddings.shape).astype(np.float32)
+    warm = refresh_index(index, moved, key=jax.random.key(1), max_iterations=20, warm_start=True)
+    reference = kmeans_per_class(
+        moved,
+        labels,
+        3,
+        key=jax.random.key(1),
+        max_iterations=20,
+        initial_centroids=index.centroids,
+        initial_valid=index.valid,
+    )
+    np.testing.assert_array_equal(warm.assignments, reference.assignments)
+    with pytest.raises(ValueError, match="k-means only"):
+        refresh_index(
+            index, moved, key=jax.random.key(1), warm_start=True, clusterer=Agglomerative()
+        )
+    assert Magnet(warm_start=True).warm_starts_kmeans
+    assert not Magnet(warm_start=True, clusterer=KMeans(num_restarts=2)).warm_starts_kmeans

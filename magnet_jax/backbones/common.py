@@ -4,6 +4,7 @@ interface, and the explicit PyTorch name map used to import and export weights."
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -74,40 +75,183 @@ def batch_norm(
     )
 
 
+def _use_cpu_formulations() -> bool:
+    # XLA:CPU lowers grouped and 1x1 convolutions, and above all their gradients, to slow
+    # code (transposed copies of whole activations, a kernel gradient computed as a
+    # convolution with a window the size of the image); the equivalent slices and matrix
+    # products below are fast there. Other platforms keep the convolutions.
+    return jax.default_backend() == "cpu"
+
+
+def _strides(conv: nnx.Conv) -> tuple[int, int]:
+    strides = conv.strides
+    return tuple(strides) if isinstance(strides, Sequence) else (strides, strides)
+
+
+def pointwise(conv: nnx.Conv, x: jax.Array) -> jax.Array:
+    """``conv(x)`` for a bias-free 1x1 ``nnx.Conv`` without padding (any stride).
+
+    On CPU it is a matrix product over the channels (after subsampling for a stride): the
+    same function, whose gradients are matrix products too. Other platforms, and any
+    other convolution, use ``conv``.
+
+    Args:
+        conv: the 1x1 convolution, kernel ``[1, 1, C_in, C_out]``.
+        x: ``[B, H, W, C_in]``.
+
+    Returns:
+        ``[B, ceil(H / stride), ceil(W / stride), C_out]``.
+    """
+    kernel = conv.kernel[...]
+    padding = conv.padding
+    zero_padding = padding in ("SAME", "VALID") or all(
+        tuple(pair) == (0, 0) for pair in (padding if not isinstance(padding, str) else ())
+    )
+    if (
+        not _use_cpu_formulations()
+        or kernel.shape[:2] != (1, 1)
+        or conv.feature_group_count != 1
+        or conv.use_bias
+        or not zero_padding
+    ):
+        return conv(x)
+    stride_h, stride_w = _strides(conv)
+    if (stride_h, stride_w) != (1, 1):
+        x = x[:, ::stride_h, ::stride_w]
+    dtype = conv.dtype or jnp.result_type(x, kernel)
+    # As a [B*H*W, C_in] @ [C_in, C_out] product: with the 4-D form XLA:CPU transposes a
+    # whole activation for the kernel gradient.
+    out = jnp.dot(
+        x.astype(dtype).reshape(-1, x.shape[-1]),
+        kernel[0, 0].astype(dtype),
+        precision=conv.precision,
+    )
+    return out.reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
+    """(output size, padding before, padding after) of TensorFlow's "SAME" rule."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return out, total // 2, total - total // 2
+
+
+def _windows(padded: jax.Array, kernel_hw, strides, out_hw, offset=(0, 0)):
+    """The ``kh * kw`` strided windows ``[B, out_h, out_w, C]`` of ``padded``, row-major."""
+    batch, _, _, channels = padded.shape
+    (kh, kw), (sh, sw), (out_h, out_w) = kernel_hw, strides, out_hw
+    for i in range(kh):
+        for j in range(kw):
+            start = (0, offset[0] + i, offset[1] + j, 0)
+            limit = (batch, start[1] + (out_h - 1) * sh + 1, start[2] + (out_w - 1) * sw + 1)
+            yield i, j, jax.lax.slice(padded, start, (*limit, channels), (1, sh, sw, 1))
+
+
+def _pad_same(x, kernel_hw, strides):
+    """``x`` padded by the "SAME" rule, the output size, and the padding before."""
+    (out_h, pad_h, pad_h2), (out_w, pad_w, pad_w2) = (
+        _same_padding(x.shape[1], kernel_hw[0], strides[0]),
+        _same_padding(x.shape[2], kernel_hw[1], strides[1]),
+    )
+    padded = jnp.pad(x, ((0, 0), (pad_h, pad_h2), (pad_w, pad_w2), (0, 0)))
+    return padded, (out_h, out_w), (pad_h, pad_w)
+
+
+def _depthwise_forward(x, kernel, strides):
+    kh, kw, _ = kernel.shape
+    padded, out_hw, _ = _pad_same(x, (kh, kw), strides)
+    out = None
+    for i, j, window in _windows(padded, (kh, kw), strides, out_hw):
+        term = window * kernel[i, j]
+        out = term if out is None else out + term
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_slices(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+    return _depthwise_forward(x, kernel, strides)
+
+
+def _depthwise_slices_fwd(x, kernel, strides):
+    # Only the input is kept for the backward pass: differentiating the slices directly
+    # would store all kh*kw windows (9-25 copies of the activation).
+    return _depthwise_forward(x, kernel, strides), (x, kernel)
+
+
+def _depthwise_slices_bwd(strides, residuals, grad):
+    x, kernel = residuals
+    kh, kw, _ = kernel.shape
+    sh, sw = strides
+    _, height, width, _ = x.shape
+    padded, (out_h, out_w), (pad_h, pad_w) = _pad_same(x, (kh, kw), strides)
+    zero = jnp.zeros((), grad.dtype)
+
+    def grad_at(i, j):
+        # The output gradient, dilated by the stride, at the input positions that window
+        # (i, j) reads, zero elsewhere: [B, H_padded, W_padded, C]. The kernel gradient
+        # reads the whole padded input against it instead of slicing the windows again,
+        # which XLA would merge with the forward pass's slices and store, one per window.
+        return jax.lax.pad(
+            grad,
+            zero,
+            (
+                (0, 0, 0),
+                (i, padded.shape[1] - i - (out_h - 1) * sh - 1, sh - 1),
+                (j, padded.shape[2] - j - (out_w - 1) * sw - 1, sw - 1),
+                (0, 0, 0),
+            ),
+        )
+
+    kernel_grad = jnp.stack(
+        [jnp.sum(padded * grad_at(i, j), axis=(0, 1, 2)) for i in range(kh) for j in range(kw)]
+    ).reshape(kernel.shape)
+    # The input gradient is the correlation of the output gradient, dilated by the stride
+    # and padded by kernel - 1, with the flipped kernel, read over the unpadded input.
+    grad_dilated = jax.lax.pad(
+        grad,
+        zero,
+        (
+            (0, 0, 0),
+            (kh - 1, padded.shape[1] - (out_h - 1) * sh - 1, sh - 1),
+            (kw - 1, padded.shape[2] - (out_w - 1) * sw - 1, sw - 1),
+            (0, 0, 0),
+        ),
+    )
+    x_grad = None
+    for i, j, window in _windows(
+        grad_dilated, (kh, kw), (1, 1), (height, width), offset=(pad_h, pad_w)
+    ):
+        term = window * kernel[kh - 1 - i, kw - 1 - j]
+        x_grad = term if x_grad is None else x_grad + term
+    return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
+
+
+_depthwise_slices.defvjp(_depthwise_slices_fwd, _depthwise_slices_bwd)
+
+
 def depthwise_same(conv: nnx.Conv, x: jax.Array) -> jax.Array:
     """``conv(x)`` for a depthwise ``nnx.Conv`` with "SAME" padding and no bias.
 
-    On CPU it is computed as k*k strided slices times per-channel weights, summed: the same
-    function (identical results in tests), but XLA:CPU's grouped convolution is slow,
-    its gradient especially (measured fwd+bwd on EfficientNet-Lite0's layers at batch 48:
-    2-6x faster this way). Other platforms use the convolution.
+    On CPU it is computed as k*k strided slices times per-channel weights, summed, with a
+    hand-written gradient of the same form (the input gradient a correlation of the
+    dilated output gradient with the flipped kernel, the kernel gradient k*k reductions):
+    the same function (tested against the convolution), but XLA:CPU's grouped
+    convolution and its gradient are slow, and automatic differentiation of the slices
+    would keep all k*k windows for the backward pass. Other platforms use the
+    convolution.
+
+    Args:
+        conv: the depthwise convolution, kernel ``[kh, kw, 1, C]``.
+        x: ``[B, H, W, C]``.
+
+    Returns:
+        ``[B, ceil(H / stride), ceil(W / stride), C]``.
     """
-    if jax.default_backend() != "cpu":
+    if not _use_cpu_formulations():
         return conv(x)
     kernel = conv.kernel[...]
-    kh, kw, _, channels = kernel.shape
-    (sh, sw) = conv.strides if isinstance(conv.strides, tuple) else (conv.strides,) * 2
     dtype = conv.dtype or jnp.result_type(x, kernel)
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    batch, height, width, _ = x.shape
-    out_h, out_w = -(-height // sh), -(-width // sw)
-    pad_h = max((out_h - 1) * sh + kh - height, 0)
-    pad_w = max((out_w - 1) * sw + kw - width, 0)
-    x = jnp.pad(
-        x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
-    )
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            window = jax.lax.slice(
-                x,
-                (0, i, j, 0),
-                (batch, i + (out_h - 1) * sh + 1, j + (out_w - 1) * sw + 1, channels),
-                (1, sh, sw, 1),
-            )
-            term = window * kernel[i, j, 0]
-            out = term if out is None else out + term
-    return out
+    return _depthwise_slices(x.astype(dtype), kernel[:, :, 0].astype(dtype), _strides(conv))
 
 
 def relu6(x: jax.Array) -> jax.Array:

@@ -39,6 +39,7 @@ from magnet_jax.backbones.common import (
     conv_entries,
     depthwise_same,
     linear_entries,
+    pointwise,
     relu6,
 )
 
@@ -92,9 +93,9 @@ class MBConv(nnx.Module):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         x = inputs
         if self.expand_conv is not None:
-            x = relu6(self.bn0(self.expand_conv(x)))
+            x = relu6(self.bn0(pointwise(self.expand_conv, x)))
         x = relu6(self.bn1(depthwise_same(self.depthwise_conv, x)))
-        x = self.bn2(self.project_conv(x))
+        x = self.bn2(pointwise(self.project_conv, x))
         return x + inputs if self.skip else x
 
 
@@ -139,7 +140,7 @@ class EfficientNetLite0(Backbone):
         if index == 0:
             return relu6(self.bn0(self.conv_stem(x)))
         if index == self.num_stages - 1:
-            return relu6(self.bn1(self.conv_head(x)))
+            return relu6(self.bn1(pointwise(self.conv_head, x)))
         for block in self._blocks_of_stage(index):
             x = self.blocks[block](x)
         return x

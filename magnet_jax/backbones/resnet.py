@@ -26,6 +26,7 @@ from magnet_jax.backbones.common import (
     conv,
     conv_entries,
     linear_entries,
+    pointwise,
 )
 
 _BN = {"epsilon": 1e-5, "torch_momentum": 0.1}
@@ -57,11 +58,13 @@ class Bottleneck(nnx.Module):
             self.downsample_bn = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = nnx.relu(self.bn1(self.conv1(x)))
+        y = nnx.relu(self.bn1(pointwise(self.conv1, x)))
         y = nnx.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
+        y = self.bn3(pointwise(self.conv3, y))
         shortcut = (
-            x if self.downsample_conv is None else self.downsample_bn(self.downsample_conv(x))
+            x
+            if self.downsample_conv is None
+            else self.downsample_bn(pointwise(self.downsample_conv, x))
         )
         return nnx.relu(y + shortcut)
 

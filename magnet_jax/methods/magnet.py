@@ -90,6 +90,9 @@ class Magnet(Method):
         examples_per_cluster: D examples per cluster.
         alpha: the margin α.
         clusterer: how each class is clustered at a refresh.
+        warm_start: with k-means and one restart, every refresh after the first starts
+            Lloyd from the previous refresh's centroids instead of k-means++ (the index
+            holds them, so a resumed run refreshes exactly as an uninterrupted one).
         num_classes: C, the class ids of the index (None: ``max(label) + 1``).
         num_nearest_clusters: L of the kNC evaluator.
         fine_labels: [N] fine labels of the training set, for the refresh diagnostics
@@ -104,6 +107,7 @@ class Magnet(Method):
     examples_per_cluster: int = 8
     alpha: float = 1.0
     clusterer: KMeans | Agglomerative = KMeans()
+    warm_start: bool = False
     num_classes: int | None = None
     num_nearest_clusters: int = 128
     fine_labels: Any = dataclasses.field(default=None, compare=False, hash=False)
@@ -157,6 +161,15 @@ class Magnet(Method):
             labels,
         )
 
+    @property
+    def warm_starts_kmeans(self) -> bool:
+        # Restarts are independent k-means++ draws; a warm start is a single run.
+        return (
+            self.warm_start
+            and isinstance(self.clusterer, KMeans)
+            and self.clusterer.num_restarts == 1
+        )
+
     def _num_classes(self, info: DataInfo) -> int:
         return self.num_classes if self.num_classes is not None else info.num_classes
 
@@ -182,7 +195,13 @@ class Magnet(Method):
                 clusterer=self.clusterer,
             )
         else:
-            index = index_lib.refresh_index(state, embeddings, key=key, clusterer=self.clusterer)
+            index = index_lib.refresh_index(
+                state,
+                embeddings,
+                key=key,
+                clusterer=self.clusterer,
+                warm_start=self.warm_starts_kmeans,
+            )
         if not diagnostics:
             return index, {}
         report = clustering_diagnostics(
