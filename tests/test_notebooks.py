@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+REPOSITORY = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPOSITORY / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 # Seconds one notebook may take on a loaded 2-core CI machine (each takes a few minutes
 # at most; see notebooks/README.md for measured times).
@@ -24,7 +25,36 @@ CELL_TIMEOUT = 600
 
 
 def test_there_are_notebooks():
-    assert {p.stem for p in NOTEBOOKS} >= {"quickstart", "custom_training_loop"}
+    assert {p.stem for p in NOTEBOOKS} >= {
+        "quickstart",
+        "custom_training_loop",
+        "pretrained_retrieval",
+        "reproduce_paper",
+    }
+
+
+def _expected_lines(stem: str) -> list[str]:
+    """Lines an executed notebook must print: what shows it did its job, beyond not failing."""
+    if stem == "reproduce_paper":
+        results = REPOSITORY / "benchmarks" / "results"
+        summarised = sorted(results.glob("convergence_*.json")) + sorted(
+            results.glob("hierarchy_*.json")
+        )
+        return [f"{p.stem}: stored summary equals the recomputed one" for p in summarised]
+    if stem == "pretrained_retrieval":
+        return ["pretrained features: Recall@1 ", "| Recall@8 | "]
+    return []
+
+
+def _printed(notebook) -> str:
+    """Everything the executed notebook printed or displayed as text or Markdown."""
+    parts = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            parts.append(output.get("text", ""))
+            data = output.get("data", {})
+            parts.append(data.get("text/markdown", "") + data.get("text/plain", ""))
+    return "\n".join(parts)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -75,6 +105,8 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     # against each other when the cores are busy with other work: 10x slower on a loaded
     # 2-core machine. One thread costs nothing on an idle one. JAX does not use OpenMP.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # reproduce_paper reads this checkout's benchmark results (the kernel runs in tmp_path).
+    monkeypatch.setenv("MAGNET_JAX_RESULTS", str(REPOSITORY / "benchmarks" / "results"))
     nbformat = pytest.importorskip("nbformat")
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
@@ -88,3 +120,6 @@ def test_notebook_executes(path, tmp_path, monkeypatch):
     seconds = time.perf_counter() - started
     print(f"{path.name}: executed in {seconds:.0f} s")
     assert seconds < NOTEBOOK_TIMEOUT
+    printed = _printed(notebook)
+    for line in _expected_lines(path.stem):
+        assert line in printed, f"{path.name} did not print {line!r}"
