@@ -835,13 +835,14 @@ PRETRAINED_RETRIEVAL = [
     code(
         """
         def synthetic_image_folder(folder: str, num_classes: int = 32, per_class: int = 6, seed: int = 0) -> str:
-            \\"\\"\\"A stand-in image folder: one subfolder per class of 64x64 PNGs.\\"\\"\\"
+            \"\"\"A stand-in image folder: one subfolder per class of 64x64 PNGs.\"\"\"
+            from matplotlib.colors import hsv_to_rgb
             from PIL import Image as PILImage
             from PIL import ImageDraw
 
             rng = np.random.default_rng(seed)
             for label in range(num_classes):
-                colour = tuple(int(v) for v in rng.integers(0, 200, 3))
+                colour = tuple(int(255 * v) for v in hsv_to_rgb((label / num_classes, 0.8, 0.8)))
                 class_dir = os.path.join(folder, f"class_{label:02d}")
                 os.makedirs(class_dir, exist_ok=True)
                 for number in range(per_class):
@@ -915,7 +916,7 @@ PRETRAINED_RETRIEVAL = [
 
 
         def with_training_classes(dataset: Dataset, count: int | None, seed: int = 0) -> Dataset:
-            \\"\\"\\"``dataset`` whose training set keeps ``count`` random classes (the test set is kept).\\"\\"\\"
+            \"\"\"``dataset`` whose training set keeps ``count`` random classes (the test set is kept).\"\"\"
             classes = np.unique(dataset.y_train)
             if count is None or count >= len(classes):
                 return dataset
@@ -964,8 +965,9 @@ PRETRAINED_RETRIEVAL = [
         images in 0-255, `backbone.classify(images)` the ImageNet logits. The trainer
         wraps it in an embedding model: a linear head on the pooled features, L2-normalised
         (`normalize=True`). With `freeze_stages=7` the stem and the first six block groups
-        get no updates and only the last block group, the head convolution and the
-        embedding head are trained; `cache_prefix=True` runs the frozen stages once over
+        get no updates and only the last block group, the head convolution (at a tenth
+        of the learning rate, `backbone_lr_multiplier`) and the embedding head are
+        trained; `cache_prefix=True` runs the frozen stages once over
         the whole dataset and trains on their output. `training.prepare` builds all of it;
         `training.learning_curve` then runs the trainer's refreshes and steps in memory
         (`training.train`, used by `magnet-jax train`, runs the same ones with a work
@@ -985,12 +987,14 @@ PRETRAINED_RETRIEVAL = [
             freeze_stages=7,
             cache_prefix=True,
             normalize=True,
-            embedding_dim=64,
+            backbone_lr_multiplier=0.1,  # the trained stages move 10x slower than the new head
+            embedding_dim=128,
             clusters_per_class=1,  # a few images per emoji class: one cluster each
             clusters_per_batch=12,
             examples_per_cluster=4,
             lr=1e-3,
             steps=STEPS,
+            refresh_every=50,  # the default is once per epoch, every few steps on a small set
             workdir=tempfile.mkdtemp(prefix="magnet-lite0-"),
         )
         started = time.perf_counter()
@@ -1082,17 +1086,17 @@ PRETRAINED_RETRIEVAL = [
         the set is):
 
         ```bash
-        magnet-jax train --dataset emoji --split classes --drop-duplicates \\\\
-            --backbone efficientnet_lite0 --pretrained --image-size 64 \\\\
-            --freeze-stages 7 --cache-prefix --normalize --embedding-dim 64 \\\\
-            --clusters-per-class 1 --steps 3000 --workdir runs/emoji-lite0
+        magnet-jax train --dataset emoji --split classes --drop-duplicates \\
+            --backbone efficientnet_lite0 --pretrained --image-size 64 \\
+            --freeze-stages 7 --cache-prefix --backbone-lr-multiplier 0.1 --normalize \\
+            --embedding-dim 128 --clusters-per-class 1 --steps 3000 --workdir runs/emoji-lite0
         magnet-jax plot --workdir runs/emoji-lite0      # curves, embedding map, retrievals.png
         magnet-jax embed --workdir runs/emoji-lite0 --output emoji.npz   # the embeddings
         ```
 
         For your own images, `--dataset folder:PATH` (one subfolder per class) or
-        `--dataset csv:FILE`; fewer frozen stages, a larger `--image-size` and
-        `--backbone-lr-multiplier 0.1` fine-tune more of the network on a GPU.
+        `--dataset csv:FILE`; fewer frozen stages and a larger `--image-size` fine-tune
+        more of the network, on a GPU.
         """
     ),
 ]
