@@ -785,11 +785,12 @@ PRETRAINED_RETRIEVAL = [
            queries before and after.
 
         The data is the emoji64 set under its class-disjoint split (`split="classes"`):
-        training on the first 818 emoji classes, retrieval among the other 818, each drawn
-        in up to four designs (Google, Twitter, OpenMoji colour and line art), so that a
-        query must find the same emoji drawn by another designer. Set `IMAGE_FOLDER` below
-        to use your own images instead (one subfolder per class). Without the emoji set or
-        the pretrained weights the notebook says how to get them and runs on stand-ins.
+        training on the first half of its 1,636 emoji classes, retrieval among the other
+        half, each drawn in up to four designs (Google, Twitter, OpenMoji colour and line
+        art), so that a query must find the same emoji drawn by another designer. Set
+        `IMAGE_FOLDER` below to use your own images instead (one subfolder per class).
+        Without the emoji set or the pretrained weights the notebook says how to get them
+        and runs on stand-ins.
         """
     ),
     code(
@@ -965,9 +966,9 @@ PRETRAINED_RETRIEVAL = [
         images in 0-255, `backbone.classify(images)` the ImageNet logits. The trainer
         wraps it in an embedding model: a linear head on the pooled features, L2-normalised
         (`normalize=True`). With `freeze_stages=7` the stem and the first six block groups
-        get no updates and only the last block group, the head convolution (at a tenth
-        of the learning rate, `backbone_lr_multiplier`) and the embedding head are
-        trained; `cache_prefix=True` runs the frozen stages once over
+        get no updates; the last block group and the head convolution train at a tenth of
+        the learning rate (`backbone_lr_multiplier`), the new embedding head at the full
+        one; `cache_prefix=True` runs the frozen stages once over
         the whole dataset and trains on their output. `training.prepare` builds all of it;
         `training.learning_curve` then runs the trainer's refreshes and steps in memory
         (`training.train`, used by `magnet-jax train`, runs the same ones with a work
