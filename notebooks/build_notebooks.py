@@ -906,9 +906,9 @@ PRETRAINED_RETRIEVAL = [
         """
         ## A short fine-tune fits on a CPU
 
-        To keep the notebook to about a minute, the fine-tune trains on a random subset of
-        the training classes; the retrieval is measured on all the unseen classes. The
-        command at the end trains on all of them.
+        To keep the notebook to a few minutes on a CPU, the fine-tune trains on a random
+        subset of the training classes; the retrieval is measured on all the unseen
+        classes. The command at the end trains on all of them.
         """
     ),
     code(
