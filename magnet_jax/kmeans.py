@@ -229,9 +229,14 @@ def _sq_distances_to_class_rows(
     m = table.shape[1]
     per_block = table[blocks.block_class]  # [B, m, d]
     if expand and rows >= _EXPANSION_MIN_BLOCK_ROWS:
-        cross = jnp.einsum("brd,bmd->brm", blocks.points, per_block)
+        # −2 is folded into the operand (exact: a power of two) rather than applied to the
+        # product: XLA:CPU (jax 0.10) miscompiles `‖x‖² − 2·cross + ‖c‖²` under jit for
+        # some shapes (many blocks of 256 rows, 128-d, ~100 centroids: distances wrong by
+        # orders of magnitude, k-means collapsed onto one cluster); this form is right
+        # there and equal bit for bit to the eager result (tests/test_kmeans.py).
+        cross = jnp.einsum("brd,bmd->brm", blocks.points, -2 * per_block)
         sq = jnp.maximum(
-            blocks.sq_norms[..., None] - 2 * cross + jnp.sum(jnp.square(per_block), -1)[:, None],
+            blocks.sq_norms[..., None] + cross + jnp.sum(jnp.square(per_block), -1)[:, None],
             0,
         )
     else:
