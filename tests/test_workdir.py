@@ -426,7 +426,8 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resumes(tmp_path, capsys, monkeypatch)
 
     def prepare_with_ctrl_c(*args, **kwargs):
         run = prepare(*args, **kwargs)
-        run_steps = run.steps.run_steps
+        # The trainer runs its steps through run_steps_with_metrics (step statistics).
+        run_steps = run.steps.run_steps_with_metrics
 
         def steps_then_ctrl_c(*step_args):
             calls.append(1)
@@ -435,7 +436,7 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resumes(tmp_path, capsys, monkeypatch)
                 os.kill(os.getpid(), signal.SIGINT)
             return result
 
-        run.steps = run.steps._replace(run_steps=steps_then_ctrl_c)
+        run.steps = run.steps._replace(run_steps_with_metrics=steps_then_ctrl_c)
         return run
 
     monkeypatch.setattr(training, "prepare", prepare_with_ctrl_c)
