@@ -626,6 +626,24 @@ def environment(**versions: str) -> dict:
     }
 
 
+def memory_bandwidth(num_bytes: int = 2**30, repeats: int = 5) -> float:
+    """Bytes per second the default JAX device moves in a jitted elementwise pass
+    (``x + 1`` over ``num_bytes`` of float32, counted as read + written; best of
+    ``repeats`` warm calls): the denominator of a memory-traffic floor."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros(num_bytes // 4, jnp.float32)
+    bump = jax.jit(lambda a: a + 1)
+    bump(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        bump(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * (num_bytes // 4) * 4 / best
+
+
 # A machine is busy when its 1-minute load average exceeds this share of its cores
 # (1.5 on 2 cores): multi-threaded references (scikit-learn, faiss) then slow down far
 # more than one jitted call, and timing ratios stop meaning anything.

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -38,6 +37,9 @@ from flax import nnx
 
 from magnet_jax import backbones
 from magnet_jax.backbones import torch_resnet
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 
 # MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
 RESULTS = Path(os.environ.get("MAGNET_JAX_RESULTS", Path(__file__).resolve().parent / "results"))
@@ -63,14 +65,17 @@ def _parse_case(case: str) -> tuple[str, int]:
 def jax_step(name: str, size: int):
     """(run(images, labels) -> loss, state) for one jitted train step."""
     module = backbones.create(name, rngs=nnx.Rngs(0), image_size=size)
-    graphdef, state = nnx.split(module)
-    params = nnx.to_pure_dict(state)
+    # Only the nnx.Param leaves are differentiated and updated, as PyTorch's SGD sees
+    # model.parameters(): the batch-norm running statistics ride along as constants.
+    graphdef, param_state, rest = nnx.split(module, nnx.Param, ...)
+    params = nnx.to_pure_dict(param_state)
     optimizer = optax.sgd(LR, momentum=0.9)
     carry = {"params": params, "opt": optimizer.init(params)}
 
     def step(carry, images, labels):
         def loss_of(params):
-            logits = nnx.merge(graphdef, nnx.State(params)).classify(images)
+            model = nnx.merge(graphdef, nnx.State(params), rest)
+            logits = model.classify(images)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
         loss, grads = jax.value_and_grad(loss_of)(carry["params"])
@@ -233,6 +238,9 @@ def environment(torch_device: str) -> dict:
             torch_device=torch_device,
             torch_threads=torch.get_num_threads(),
             torch_cuda_device=torch.cuda.get_device_name() if torch_device == "cuda" else None,
+            torch_cudnn_benchmark=torch.backends.cudnn.benchmark,
+            torch_cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+            torch_matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
         )
     except ImportError:
         info["torch"] = None
@@ -260,15 +268,31 @@ def main(argv=None) -> dict:
             import torch
 
             torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+            # What a PyTorch user sets for fixed input shapes: cuDNN picks the fastest
+            # convolution algorithms (XLA autotunes its own the same way).
+            torch.backends.cudnn.benchmark = torch_device == "cuda"
         except ImportError:
             pass
-    load_before = list(os.getloadavg())
-    rows = []
-    for case in args.cases:
-        name, size = _parse_case(case)
+    path = (
+        Path(args.output)
+        if args.output
+        else RESULTS / ("backbone_quick.json" if args.quick else "backbone.json")
+    )
+    cases = [_parse_case(case) for case in args.cases]
+    result = {
+        "benchmark": "backbone train step (forward + backward + SGD momentum update)",
+        "quick": args.quick,
+        "environment": environment(torch_device),
+        "load_average_before": list(os.getloadavg()),
+        "rows": [],
+    }
+    rows = result["rows"]
+    for name, size in cases:
         for batch in args.batch_sizes:
             row = measure(name, size, batch, args.steps, args.repeats, torch_device)
             rows.append(row)
+            result["load_average_after"] = list(os.getloadavg())
+            _common.write_json(path, result)  # after every case: a stopped run keeps its rows
             ratio = row.get("ratio_jax_over_torch")
             print(
                 f"{name}@{size} batch {batch}: JAX {row['jax_images_per_s']:.1f} img/s, "
@@ -276,21 +300,6 @@ def main(argv=None) -> dict:
                 f"ratio {ratio if ratio is None else round(ratio, 2)}",
                 flush=True,
             )
-    result = {
-        "benchmark": "backbone train step (forward + backward + SGD momentum update)",
-        "quick": args.quick,
-        "environment": environment(torch_device),
-        "load_average_before": load_before,
-        "load_average_after": list(os.getloadavg()),
-        "rows": rows,
-    }
-    path = (
-        Path(args.output)
-        if args.output
-        else RESULTS / ("backbone_quick.json" if args.quick else "backbone.json")
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
     print("| case | batch | JAX img/s | PyTorch img/s | JAX / PyTorch |")
     print("|---|---|---|---|---|")
     for row in rows:

@@ -9,11 +9,17 @@ three workloads and compares the per-class inertia:
   (b) 1,000 classes, 100,000 x 128, k=8   (many mid-size classes)
   (c) 10,000 classes of 2-12 examples, 128-d, k=2  (Stanford-Online-Products-like)
 
+and two sizes for a GPU (``--cases de``):
+
+  (d) 1,000 classes x 1,000, 128-d, k=8           (1M points)
+  (e) 10,000 classes of 2-12 examples, 512-d, k=2
+
 Data: a Gaussian mixture per class (1-4 modes, fixed seed). Ours and scikit-learn use
 k-means++ initialisation, at most ``--max-iterations`` (20) Lloyd iterations, tol=1e-4
 (the same relative-shift criterion), one initialisation (plus rows with restarts for
 ours); faiss (``faiss.Kmeans``, random initialisation, exactly that many iterations, one
-run, all threads) is the faiss column, its inertia recomputed from its final centroids. Ours refines Lloyd's result with
+run, all threads) is the faiss column, its inertia recomputed from its final centroids;
+without faiss installed (a GPU machine, say) the column is left empty. Ours refines Lloyd's result with
 Hartigan moves by default (``refine_steps=5``) and, for k=2, solves every class of at
 most 12 examples exactly by enumeration (``exhaustive_max_points=12``, the "exact"
 column). Case (c) adds a row with the refinement but without the exact step, and rows
@@ -24,8 +30,12 @@ Run (full, a few minutes; the scikit-learn loop of (c) dominates):
   python benchmarks/kmeans.py
 Smoke test (seconds):
   python benchmarks/kmeans.py --quick
-Writes benchmarks/results/kmeans.json (kmeans_quick.json with --quick) and prints a
-markdown table. Timings are only comparable within one run on one machine: the ratios
+Writes benchmarks/results/kmeans.json (kmeans_quick.json with --quick; rewritten after
+every case, so a run stopped early keeps the cases it finished) and prints a markdown
+table. Every row also states ours against the memory-traffic floor: one pass over the
+data (n x dim float32) at the device's measured bandwidth (``_common.memory_bandwidth``),
+times the Lloyd iterations of the slowest class; the k-means++ seeding and the
+refinement passes come on top, so a ratio near 1 is out of reach by construction. Timings are only comparable within one run on one machine: the ratios
 are the result. The load average is recorded before and after; on a busy machine
 (load above 0.75 per core) the script warns and records the warning, since the
 multi-threaded loops slow down far more than one jitted call.
@@ -35,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import pathlib
 import sys
@@ -79,6 +88,22 @@ CASES = {
         inexact_restarts=(1,),
         unrefined_restarts=(1, 10),
     ),
+    "d": dict(
+        name="(d) 1,000 classes x 1,000, 128-d, k=8",
+        num_classes=1_000,
+        n=None,
+        dim=128,
+        k=8,
+        sizes=(1_000, 1_000),
+    ),
+    "e": dict(
+        name="(e) 10,000 classes of 2-12, 512-d, k=2",
+        num_classes=10_000,
+        n=None,
+        dim=512,
+        k=2,
+        sizes=(2, 12),
+    ),
 }
 QUICK_CASES = {
     "a": dict(
@@ -92,6 +117,22 @@ QUICK_CASES = {
         num_classes=200,
         n=None,
         dim=16,
+        k=2,
+        sizes=(2, 12),
+    ),
+    "d": dict(
+        name="(d, quick) 20 classes x 100, 16-d, k=4",
+        num_classes=20,
+        n=None,
+        dim=16,
+        k=4,
+        sizes=(100, 100),
+    ),
+    "e": dict(
+        name="(e, quick) 200 classes of 2-12, 32-d, k=2",
+        num_classes=200,
+        n=None,
+        dim=32,
         k=2,
         sizes=(2, 12),
     ),
@@ -141,9 +182,21 @@ def sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance, seed=0):
     return time.perf_counter() - start, inertia
 
 
+def faiss_module():
+    """faiss, or None where it is not installed (the column is then left empty)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
 def faiss_loop(x, labels, num_classes, k, max_iterations, seed=0):
-    """pytorch-metric-learning's engine: one ``faiss.Kmeans`` per class."""
-    import faiss
+    """pytorch-metric-learning's engine: one ``faiss.Kmeans`` per class; (None, None)
+    without faiss."""
+    faiss = faiss_module()
+    if faiss is None:
+        return None, None
 
     inertia = np.zeros(num_classes)
     start = time.perf_counter()
@@ -227,7 +280,11 @@ def compare_inertia(ours_inertia, sklearn_inertia, scatter):
     )
 
 
-def run_case(case, restarts, max_iterations, tolerance):
+def _ratio(numerator, denominator):
+    return None if numerator is None or denominator is None else numerator / denominator
+
+
+def run_case(case, restarts, max_iterations, tolerance, bandwidth):
     x, labels = make_data(case["num_classes"], case["n"], case["dim"], case["sizes"])
     num_classes, k = case["num_classes"], case["k"]
     counts = np.bincount(labels, minlength=num_classes)
@@ -274,26 +331,43 @@ def run_case(case, restarts, max_iterations, tolerance):
             speedup_warm=sk_seconds / warm,
             speedup_incl_compile=sk_seconds / first,
             faiss_seconds=faiss_seconds,
-            speedup_vs_faiss=faiss_seconds / warm,
-            faiss_inertia_ratio=float(faiss_inertia.sum() / sk_inertia.sum()),
-            ours_over_faiss_inertia=float(
-                np.asarray(result.inertia, np.float64).sum() / faiss_inertia.sum()
+            speedup_vs_faiss=_ratio(faiss_seconds, warm),
+            faiss_inertia_ratio=_ratio(
+                None if faiss_inertia is None else float(faiss_inertia.sum()),
+                float(sk_inertia.sum()),
+            ),
+            ours_over_faiss_inertia=_ratio(
+                float(np.asarray(result.inertia, np.float64).sum()),
+                None if faiss_inertia is None else float(faiss_inertia.sum()),
             ),
             iterations=int(result.iterations),
             converged=bool(result.converged),
+        )
+        data_bytes = x.size * x.itemsize
+        floor = max(int(result.iterations), 1) * data_bytes / bandwidth
+        row.update(
+            data_bytes=int(data_bytes),
+            bandwidth_bytes_per_s=bandwidth,
+            floor_seconds=floor,
+            ours_over_floor=warm / floor,
         )
         row.update(compare_inertia(np.asarray(result.inertia, np.float64), sk_inertia, scatter))
         rows.append(row)
         print(
             f"  {case['name']}, restarts={num_restarts}, refine={refine}, "
             f"exact={row['exact']}: "
-            f"sklearn {sk_seconds:.2f}s, faiss {faiss_seconds:.2f}s, "
-            f"ours {warm:.3f}s warm / {first:.2f}s first, "
-            f"inertia ours/sk {row['total_ratio']:.4f}, faiss/sk {row['faiss_inertia_ratio']:.4f}, "
+            f"sklearn {sk_seconds:.2f}s, faiss {_text(faiss_seconds, '.2f')}s, "
+            f"ours {warm:.3f}s warm / {first:.2f}s first ({row['ours_over_floor']:.1f}x the floor), "
+            f"inertia ours/sk {row['total_ratio']:.4f}, faiss/sk {_text(row['faiss_inertia_ratio'], '.4f')}, "
             f"within 2% {100 * row['fraction_within_2pct']:.2f}%",
             flush=True,
         )
     return rows
+
+
+def _text(value, spec: str, suffix: str = "") -> str:
+    """``value`` formatted, or "–" where a peer is missing."""
+    return "–" if value is None else f"{value:{spec}}{suffix}"
 
 
 def markdown(rows):
@@ -301,20 +375,20 @@ def markdown(rows):
         "| case | restarts | refine | exact (k=2) | sklearn loop (s) | faiss loop (s) | "
         "ours warm (s) | ours 1st call (s) | speed-up vs sklearn | speed-up vs faiss | "
         "speed-up vs sklearn incl. compile | inertia ours/sk | inertia faiss/sk | "
-        "worst class ours/sk | classes within 2% |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "worst class ours/sk | classes within 2% | ours / memory floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['num_restarts']} | {'yes' if r['refine'] else 'no'} | "
             f"{'-' if r['k'] != 2 else 'yes' if r['exact'] else 'no'} | "
-            f"{r['sklearn_seconds']:.2f} | {r['faiss_seconds']:.2f} | "
+            f"{r['sklearn_seconds']:.2f} | {_text(r['faiss_seconds'], '.2f')} | "
             f"{r['ours_warm_seconds']:.3f} | {r['ours_first_call_seconds']:.2f} | "
-            f"{r['speedup_warm']:.1f}x | {r['speedup_vs_faiss']:.2f}x | "
+            f"{r['speedup_warm']:.1f}x | {_text(r['speedup_vs_faiss'], '.2f', 'x')} | "
             f"{r['speedup_incl_compile']:.1f}x | "
-            f"{r['total_ratio']:.4f} | {r['faiss_inertia_ratio']:.4f} | "
+            f"{r['total_ratio']:.4f} | {_text(r['faiss_inertia_ratio'], '.4f')} | "
             f"{r['worst_class_ratio']:.3f} | "
-            f"{100 * r['fraction_within_2pct']:.1f}% |"
+            f"{100 * r['fraction_within_2pct']:.1f}% | {r['ours_over_floor']:.1f}x |"
         )
     return "\n".join(lines)
 
@@ -322,7 +396,7 @@ def markdown(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    parser.add_argument("--cases", default="abc", help="subset of 'abc'")
+    parser.add_argument("--cases", default="abc", help="subset of 'abcde' ('de': the GPU sizes)")
     parser.add_argument(
         "--restarts",
         default="1,3",
@@ -333,37 +407,44 @@ def main(argv=None):
     parser.add_argument("--output", type=pathlib.Path, default=None)
     args = parser.parse_args(argv)
 
-    import faiss
-
+    unknown = set(args.cases) - set(CASES)
+    if unknown:
+        parser.error(f"--cases: unknown case(s) {sorted(unknown)}; choose from {sorted(CASES)}")
+    faiss = faiss_module()
     cases = QUICK_CASES if args.quick else CASES
     restarts = [int(r) for r in args.restarts.split(",")]
-    environment = _common.environment(sklearn=sklearn.__version__, faiss=faiss.__version__)
+    environment = _common.environment(
+        sklearn=sklearn.__version__, faiss=None if faiss is None else faiss.__version__
+    )
     warnings = [w for w in [_common.busy_warning()] if w]
     for warning in warnings:
         print(f"WARNING: {warning}", flush=True)
-    rows = []
-    for name in args.cases:
-        rows.extend(run_case(cases[name], restarts, args.max_iterations, args.tolerance))
-    after = _common.busy_warning()
-    if after:
-        print(f"WARNING (at the end): {after}", flush=True)
-        warnings.append(f"at the end: {after}")
-
+    bandwidth = _common.memory_bandwidth(2**26 if args.quick else 2**30)
+    print(f"device memory bandwidth (read + write): {bandwidth / 1e9:.1f} GB/s", flush=True)
+    output = args.output or RESULTS / ("kmeans_quick.json" if args.quick else "kmeans.json")
     report = dict(
         benchmark="kmeans_per_class vs scikit-learn and faiss KMeans looped over classes",
         date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         quick=args.quick,
         environment=environment,
-        load_average_after=list(os.getloadavg()),
-        faiss_threads=faiss.omp_get_max_threads(),
-        busy_warnings=warnings,
+        faiss_threads=None if faiss is None else faiss.omp_get_max_threads(),
+        bandwidth_bytes_per_s=bandwidth,
         max_iterations=args.max_iterations,
         tolerance=args.tolerance,
-        rows=rows,
+        rows=[],
     )
-    output = args.output or RESULTS / ("kmeans_quick.json" if args.quick else "kmeans.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
+    for name in args.cases:
+        report["rows"].extend(
+            run_case(cases[name], restarts, args.max_iterations, args.tolerance, bandwidth)
+        )
+        report.update(load_average_after=list(os.getloadavg()), busy_warnings=warnings)
+        _common.write_json(output, report)  # after every case: a stopped run keeps its rows
+    after = _common.busy_warning()
+    if after:
+        print(f"WARNING (at the end): {after}", flush=True)
+        warnings.append(f"at the end: {after}")
+    _common.write_json(output, report)
+    rows = report["rows"]
     table = markdown(rows)
     print(table)
     print(f"\nwrote {output}")

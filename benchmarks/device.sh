@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every accelerator measurement in one call: versions and device speeds, then the train
+# step, per-class k-means, the backbone step and retrieval at a GPU's sizes, each result
+# JSON in one folder with the device named inside it, and one log.
+#
+#   benchmarks/device.sh [--quick] [OUTPUT_DIR]
+#
+# OUTPUT_DIR: default $OUT if set (a lent machine's return folder), else
+# benchmarks/results/device. --quick runs every part at tiny sizes (the CPU rehearsal that
+# tests/test_benchmarks.py runs). Each part runs under its own time limit (PART_LIMIT_SCALE
+# scales them all) and the script goes on when one fails or runs out of time: a part's JSON
+# is rewritten as its rows finish, so a stopped part keeps what it measured.
+#
+# Environment: PYTHON (default python3); DATA_DIR, the folder holding fashion-mnist/
+# (default ../shared/datasets); WHEELS, a folder of wheels to install first for packages
+# the machine lacks (pytorch-metric-learning and efficientnet-lite-pytorch: pure Python,
+# `pip download --no-deps` them here). The exit status is the number of parts that failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+quick=()
+if [[ ${1:-} == --quick ]]; then
+    quick=(--quick)
+    shift
+fi
+out=${1:-${OUT:-benchmarks/results/device}}
+mkdir -p "$out"
+log="$out/log.txt"
+python=${PYTHON:-python3}
+data_dir=${DATA_DIR:-../shared/datasets}
+scale=${PART_LIMIT_SCALE:-1}
+
+if [[ -n ${WHEELS:-} ]]; then
+    site=$(mktemp -d)
+    "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target "$site" "$WHEELS"/*.whl 2>&1 | tee -a "$log"
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 MAGNET_JAX_RESULTS="$out"
+# JAX and PyTorch share the GPU in the backbone and retrieval parts.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.6}
+
+failed=0
+# part NAME SECONDS SCRIPT ARGS...: one benchmark under a time limit, logged.
+part() {
+    local name=$1 limit=$2 start=$SECONDS status
+    shift 2
+    limit=$(awk -v l="$limit" -v s="$scale" 'BEGIN { printf "%d", l * s }')
+    echo "device.sh: ${name}: start (limit ${limit} s)" | tee -a "$log"
+    timeout --kill-after=10 "$limit" "$python" "$@" 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    echo "device.sh: ${name}: $((SECONDS - start)) s, exit ${status}" | tee -a "$log"
+    [[ $status == 0 ]] || failed=$((failed + 1))
+}
+
+if [[ ${#quick[@]} == 1 ]]; then
+    part info 120 benchmarks/device_info.py --quick
+    part train_step 300 benchmarks/train_step.py --quick --repeats 2
+    part kmeans 300 benchmarks/kmeans.py --quick --cases de --restarts 1
+    part backbone 300 benchmarks/backbone.py --quick
+    part retrieval 120 benchmarks/retrieval.py --quick --peak-num 0 --knn-only --peer torch
+else
+    part info 45 benchmarks/device_info.py
+    part train_step 90 benchmarks/train_step.py --data-dir "$data_dir"
+    part kmeans 120 benchmarks/kmeans.py --cases abcde --restarts 1
+    part backbone 150 benchmarks/backbone.py --cases efficientnet_lite0@224 resnet50@224 \
+        --batch-sizes 256 48 --steps 20 --repeats 3
+    part retrieval 60 benchmarks/retrieval.py --num 100000 --classes 1000 --peak-num 0 \
+        --knn-only --peer torch
+    part retrieval_1m 90 benchmarks/retrieval.py --num 1000000 --classes 10000 --peak-num 0 \
+        --knn-only --peer torch --output "$out/retrieval_1m.json"
+fi
+echo "device.sh: done, ${failed} part(s) failed; results in ${out}" | tee -a "$log"
+exit "$failed"
