@@ -61,14 +61,16 @@ if [[ ${#quick[@]} == 1 ]]; then
     part backbone 300 benchmarks/backbone.py --quick
     part retrieval 120 benchmarks/retrieval.py --quick --peak-num 0 --knn-only --peer torch
 else
+    # Each limit is the part's time in the last H100 run (benchmarks/results/gpu_h100/log*.txt)
+    # with room to spare; the whole run fits in the 8 minutes of one lent-machine call.
     part info 45 benchmarks/device_info.py
-    part train_step 90 benchmarks/train_step.py --data-dir "$data_dir"
-    part kmeans 120 benchmarks/kmeans.py --cases abcde --restarts 1
-    part backbone 150 benchmarks/backbone.py --cases efficientnet_lite0@224 resnet50@224 \
-        --batch-sizes 256 48 --steps 20 --repeats 3
-    part retrieval 60 benchmarks/retrieval.py --num 100000 --classes 1000 --peak-num 0 \
+    part train_step 60 benchmarks/train_step.py --data-dir "$data_dir"
+    part kmeans 110 benchmarks/kmeans.py --cases abcde --restarts 1
+    part backbone 180 benchmarks/backbone.py --cases efficientnet_lite0@224 resnet50@224 \
+        --batch-sizes 256 --steps 20 --repeats 3
+    part retrieval 45 benchmarks/retrieval.py --num 100000 --classes 1000 --peak-num 0 \
         --knn-only --peer torch
-    part retrieval_1m 90 benchmarks/retrieval.py --num 1000000 --classes 10000 --peak-num 0 \
+    part retrieval_1m 240 benchmarks/retrieval.py --num 1000000 --classes 10000 --peak-num 0 \
         --knn-only --peer torch --output "$out/retrieval_1m.json"
 fi
 echo "device.sh: done, ${failed} part(s) failed; results in ${out}" | tee -a "$log"
