@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -696,6 +697,79 @@ def merge_parts(paths: Sequence[Path]) -> dict:
     merged["command"] = " && ".join(part["command"] for part in parts)
     merged["seconds"] = round(sum(part["seconds"] for part in parts), 1)
     return merged
+
+
+def run_with_memo(main, argv) -> int:
+    """``main(argv, memo)`` with a :class:`PrefixMemo` that the emoji runs install; the
+    memo is undone on the way out, also on an error."""
+    memo = PrefixMemo()
+    try:
+        return main(argv, memo)
+    finally:
+        memo.uninstall()
+
+
+def select_methods(parser, methods: list, names: Sequence[str] | None) -> list:
+    """``--methods``: the methods named, in their own order; a name that is not one of
+    them is a parser error that lists the choices."""
+    if not names:
+        return methods
+    unknown = sorted(set(names) - {m.name for m in methods})
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {[m.name for m in methods]}")
+    return [m for m in methods if m.name in names]
+
+
+def evaluation_steps(steps: int, eval_every: int) -> list[int]:
+    """0, eval_every, 2·eval_every, … and always ``steps`` itself."""
+    points = list(range(0, steps + 1, eval_every))
+    return points if points[-1] == steps else [*points, steps]
+
+
+def emoji_backbone(full_resolution: bool, random_init: bool, memo: PrefixMemo) -> dict:
+    """The emoji runs' backbone settings (:func:`backbone_settings`; ``random_init``: no
+    ImageNet weights); installs ``memo`` when the frozen prefix is cached."""
+    backbone = backbone_settings(full_resolution)
+    if random_init:
+        backbone["pretrained"] = False
+    if backbone["cache_prefix"]:
+        memo.install()
+    return backbone
+
+
+def check_summary(results: dict, recomputed: dict, stored: dict, print_summary) -> int:
+    """``--check``: prints the recomputed summary; 0 when it equals the stored one."""
+    same = json.dumps(recomputed, sort_keys=True) == json.dumps(stored, sort_keys=True)
+    print_summary(results, recomputed)
+    print(
+        f"\nstored summary {'equals' if same else 'DIFFERS FROM'} the one recomputed from the curves"
+    )
+    return 0 if same else 1
+
+
+def merge_command(
+    script: str, paths, output, *, summary_of, plot, print_summary, stale=lambda key: False
+) -> int:
+    """``--merge``: one results file (and its picture) from a run's per-method files
+    (:func:`merge_parts`), its summary recomputed; ``stale(key)`` names summary keys of
+    the first part that the merged methods replace. Errors name the file; exit status 2."""
+    if output is None:
+        print(f"{script}: error: --merge needs --output", file=sys.stderr)
+        return 2
+    try:
+        results = merge_parts(paths)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"{script}: error: --merge: {error}", file=sys.stderr)
+        return 2
+    for key in [key for key in results if stale(key)]:
+        del results[key]
+    results.update(summary_of(results))
+    output = Path(output)
+    write_json(output, results)
+    plot(results, output.with_suffix(".png"))
+    print_summary(results, summary_of(json.loads(output.read_text())))
+    log(f"merged {len(paths)} files into {output}")
+    return 0
 
 
 def write_json(path: Path, value: Any) -> None:

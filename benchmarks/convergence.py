@@ -403,36 +403,27 @@ def check(path: Path) -> int:
     results = json.loads(path.read_text())
     recomputed = summary_of(results)
     stored = {k: results[k] for k in recomputed}
-    same = json.dumps(recomputed, sort_keys=True) == json.dumps(stored, sort_keys=True)
-    print_summary(results, recomputed)
-    print(
-        f"\nstored summary {'equals' if same else 'DIFFERS FROM'} the one recomputed from the curves"
+    return _common.check_summary(results, recomputed, stored, print_summary)
+
+
+def _stale_summary(key: str) -> bool:
+    """Summary keys that depend on which methods a file holds (recomputed on a merge)."""
+    return key.startswith(("speedup_vs_", "relative_error_reduction_vs_", "final_")) or (
+        key == "cluster_fine_purity"
     )
-    return 0 if same else 1
 
 
 def merge(paths, output) -> int:
     """``--merge``: one results file from a regime's per-method files."""
-    if output is None:
-        print("convergence.py: error: --merge needs --output", file=sys.stderr)
-        return 2
-    try:
-        results = _common.merge_parts(paths)
-    except (OSError, ValueError, KeyError) as error:
-        print(f"convergence.py: error: --merge: {error}", file=sys.stderr)
-        return 2
-    for key in list(results):
-        if key.startswith(("speedup_vs_", "relative_error_reduction_vs_", "final_")) or key in (
-            "cluster_fine_purity",
-        ):
-            del results[key]
-    results.update(summary_of(results))
-    output = Path(output)
-    _common.write_json(output, results)
-    plot(results, output.with_suffix(".png"))
-    print_summary(results, summary_of(json.loads(output.read_text())))
-    log(f"merged {len(paths)} files into {output}")
-    return 0
+    return _common.merge_command(
+        "convergence.py",
+        paths,
+        output,
+        summary_of=summary_of,
+        plot=plot,
+        print_summary=print_summary,
+        stale=_stale_summary,
+    )
 
 
 def plot(results: dict, path: Path) -> None:
@@ -452,11 +443,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    memo = _common.PrefixMemo()  # installed by the emoji regimes; undone on the way out
-    try:
-        return _main(argv, memo)
-    finally:
-        memo.uninstall()
+    return _common.run_with_memo(_main, argv)
 
 
 def _main(argv, memo) -> int:
@@ -662,32 +649,21 @@ def _main(argv, memo) -> int:
         base.update(embedding_dim=regime["embedding_dim"], architecture=regime["architecture"])
     backbone = None
     if emoji:
-        backbone = _common.backbone_settings(args.full_resolution)
-        if args.random_init:
-            backbone["pretrained"] = False
+        backbone = _common.emoji_backbone(args.full_resolution, args.random_init, memo)
         if "image_size" in regime:
             backbone["image_size"] = regime["image_size"]
         # The index is refreshed at every evaluation (its purity is recorded there).
         base.update(embedding_dim=regime["embedding_dim"], refresh_every=eval_every, **backbone)
-        if backbone["cache_prefix"]:
-            memo.install()
     pretrain_info = None
     # --pretrain-steps 0: the random-init control. --init-from replaces the pretraining.
     if init_trunk is None and source is not None and regime["pretrain_steps"] > 0:
         init_trunk, pretrain_info = pretrain(source, regime, base)
 
-    methods = methods_for(regime, lrs)
-    if args.methods:
-        unknown = sorted(set(args.methods) - {m.name for m in methods})
-        if unknown:
-            parser.error(f"--methods: unknown {unknown}; choose from {[m.name for m in methods]}")
-        methods = [m for m in methods if m.name in args.methods]
+    methods = _common.select_methods(parser, methods_for(regime, lrs), args.methods)
     points = 1 if args.smoke else args.grid_points
     if points is not None:
         methods = [dataclasses.replace(m, grid=m.grid[:points]) for m in methods]
-    eval_steps = list(range(0, steps + 1, eval_every))
-    if eval_steps[-1] != steps:
-        eval_steps.append(steps)
+    eval_steps = _common.evaluation_steps(steps, eval_every)
     results = {
         "regime": regime_name,
         "dataset": dataset.name,

@@ -172,14 +172,7 @@ def print_summary(results: dict, summary: dict) -> None:
 def check(path: Path) -> int:
     results = json.loads(path.read_text())
     recomputed = summary_of(results)
-    same = json.dumps(recomputed, sort_keys=True) == json.dumps(
-        {"final": results["final"]}, sort_keys=True
-    )
-    print_summary(results, recomputed)
-    print(
-        f"\nstored summary {'equals' if same else 'DIFFERS FROM'} the one recomputed from the curves"
-    )
-    return 0 if same else 1
+    return _common.check_summary(results, recomputed, {"final": results["final"]}, print_summary)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -271,11 +264,7 @@ def from_convergence(path: Path, output: str | None) -> int:
 
 
 def main(argv=None) -> int:
-    memo = _common.PrefixMemo()  # installed by the emoji regimes; undone on the way out
-    try:
-        return _main(argv, memo)
-    finally:
-        memo.uninstall()
+    return _common.run_with_memo(_main, argv)
 
 
 def _main(argv, memo) -> int:
@@ -353,18 +342,14 @@ def _main(argv, memo) -> int:
     if args.from_convergence:
         return from_convergence(args.from_convergence, args.output)
     if args.merge:
-        if args.output is None:
-            parser.error("--merge needs --output")
-        try:
-            results = _common.merge_parts(args.merge)
-        except (OSError, ValueError, KeyError) as error:
-            print(f"hierarchy.py: error: --merge: {error}", file=sys.stderr)
-            return 2
-        results.update(summary_of(results))
-        _common.write_json(Path(args.output), results)
-        plot(results, Path(args.output).with_suffix(".png"))
-        print_summary(results, summary_of(json.loads(Path(args.output).read_text())))
-        return 0
+        return _common.merge_command(
+            "hierarchy.py",
+            args.merge,
+            args.output,
+            summary_of=summary_of,
+            plot=plot,
+            print_summary=print_summary,
+        )
     name = "quick" if args.quick else args.dataset
     spec = copy.deepcopy(DATASETS[name])
     emoji = bool(spec.get("emoji"))
@@ -395,18 +380,12 @@ def _main(argv, memo) -> int:
     )
     backbone = None
     if emoji:
-        backbone = _common.backbone_settings(args.full_resolution)
-        if args.random_init:
-            backbone["pretrained"] = False
+        backbone = _common.emoji_backbone(args.full_resolution, args.random_init, memo)
         if args.image_size:
             backbone["image_size"] = args.image_size
         # The index is refreshed at every evaluation (its purity is recorded there).
         base.update(embedding_dim=spec["embedding_dim"], refresh_every=eval_every, **backbone)
-        if backbone["cache_prefix"]:
-            memo.install()
-    eval_steps = list(range(0, steps + 1, eval_every))
-    if eval_steps[-1] != steps:
-        eval_steps.append(steps)
+    eval_steps = _common.evaluation_steps(steps, eval_every)
     results = {
         "dataset": dataset.name,
         "regime": name,
@@ -438,11 +417,7 @@ def _main(argv, memo) -> int:
     validation = split_validation(dataset, fraction=0.1, seed=0) if len(lrs) > 1 else None
     mining = spec.get("mining", "batch_all")
     methods = methods_for(dataset.num_classes, lrs, args.clusters_per_class, mining)
-    if args.methods:
-        unknown = sorted(set(args.methods) - {m.name for m in methods})
-        if unknown:
-            parser.error(f"--methods: unknown {unknown}; choose from {[m.name for m in methods]}")
-        methods = [m for m in methods if m.name in args.methods]
+    methods = _common.select_methods(parser, methods, args.methods)
     for method in methods:
         if validation is not None:
             log(

@@ -3,15 +3,14 @@ kill -9 and resume of a fine-tuned backbone, `magnet-jax embed`, --init-from."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from processes import kill_once_checkpointed
 
 from magnet_jax import backbones, cli, training
 from magnet_jax.checkpoint import Checkpointer
@@ -204,17 +203,7 @@ def test_finetuned_backbone_sigkill_and_resume_equals_uninterrupted(straight_run
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 900
-    while time.time() < deadline and process.poll() is None:
-        folder = killed / "checkpoints"
-        steps = [p.name for p in folder.glob("[0-9]*")] if folder.exists() else []
-        if any(int(s) >= 20 for s in steps if s.isdigit()):
-            break
-        time.sleep(0.05)
-    was_running = process.poll() is None
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert was_running, "the run finished before it could be killed; make it longer"
+    kill_once_checkpointed(process, killed / "checkpoints", 20, timeout=900)
 
     resumed = _cli(*_FLAGS, "--workdir", str(killed), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -193,3 +193,31 @@ def test_stored_hierarchy_results_agree_with_check(name):
     if not path.is_file():
         pytest.skip(f"{name} not measured")
     assert hierarchy.check(path) == 0
+
+
+@pytest.mark.parametrize(
+    "script, name",
+    [
+        (convergence, "convergence_emoji_subcategory"),
+        (convergence, "convergence_emoji_zero_shot"),
+        (hierarchy, "hierarchy_emoji_category"),
+    ],
+)
+def test_merge_of_the_stored_parts_gives_the_stored_results(script, name, tmp_path):
+    """``--merge``: the per-method files under results/parts merge into the stored file."""
+    stored = json.loads((RESULTS / f"{name}.json").read_text())
+    parts = [str(RESULTS / "parts" / part["file"]) for part in stored["parts"]]
+    output = tmp_path / f"{name}.json"
+    assert script.main(["--merge", *parts, "--output", str(output)]) == 0
+    assert json.loads(output.read_text()) == stored
+    assert output.with_suffix(".png").is_file()
+
+
+@pytest.mark.parametrize("script", [convergence, hierarchy])
+def test_merge_errors_name_the_problem(script, tmp_path, capsys):
+    part = RESULTS / "parts" / "hierarchy_emoji_category.magnet.json"
+    assert script.main(["--merge", str(part)]) == 2
+    assert "--merge needs --output" in capsys.readouterr().err
+    missing = tmp_path / "missing.json"
+    assert script.main(["--merge", str(missing), "--output", str(tmp_path / "o.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err

@@ -2,16 +2,15 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from processes import kill_once_checkpointed
 
 from magnet_jax import cli, training
 from magnet_jax.checkpoint import Checkpointer
@@ -180,20 +179,7 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        steps = (
-            [p.name for p in (killed_dir / "checkpoints").glob("[0-9]*")]
-            if (killed_dir / "checkpoints").exists()
-            else []
-        )
-        if any(int(s) >= 40 for s in steps if s.isdigit()):
-            break
-        time.sleep(0.05)
-    was_running = process.poll() is None
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert was_running, "the run finished before it could be killed; make it longer"
+    kill_once_checkpointed(process, killed_dir / "checkpoints", 40, timeout=300)
 
     resumed = _run_cli(*flags, "--workdir", str(killed_dir), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr

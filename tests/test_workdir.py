@@ -8,13 +8,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from processes import kill_once_checkpointed
 
 from magnet_jax import checkpoint, cli, finite, training
 from magnet_jax.checkpoint import Checkpointer, CheckpointError
@@ -141,15 +141,7 @@ def test_kill_9_and_a_damaged_checkpoint_through_the_cli(tmp_path):
     straight = _cli_process(tmp_path / "straight", cache, **quiet)  # uninterrupted, alongside
     workdir = tmp_path / "killed"
     killed = _cli_process(workdir, cache, **quiet)
-    deadline = time.time() + 600
-    while time.time() < deadline and killed.poll() is None:
-        if any(step >= 100 for step in checkpoint.complete_steps(workdir / "checkpoints")):
-            break
-        time.sleep(0.01)
-    was_running = killed.poll() is None
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert was_running, "the run finished before it could be killed; make it longer"
+    kill_once_checkpointed(killed, workdir / "checkpoints", 100, timeout=600)
 
     steps = checkpoint.complete_steps(workdir / "checkpoints")
     assert steps[-1] >= 100 and len(steps) >= 2, steps
