@@ -28,6 +28,10 @@ from magnet_jax.names import (
 # The same as magnet_jax.backbones.BACKBONES (not imported: config stays light).
 BACKBONES = ("efficientnet_lite0", "resnet50")
 DTYPES = ("float32", "bfloat16")
+# --input auto streams when memory mode's arrays would take more than this share of a
+# device's memory; the rest is for parameters, optimizer state, activations and the
+# allocator (magnet_jax.input_choice).
+STREAM_SHARE = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +53,9 @@ class TrainConfig:
     label_level: str | None = None  # emoji: emoji, subcategory or category
     drop_duplicates: bool = False  # emoji: leave out the images flagged duplicate
     skip_bad_images: bool = False  # image files: leave out missing/unreadable ones
-    input: str = "memory"  # memory: training set on every device; stream: read by index on the host
+    # memory: training set on every device; stream: read by index on the host; auto: stream
+    # when it would not fit comfortably (magnet_jax.input_choice), resolved before training
+    input: str = "auto"
     loader_workers: int = 2  # stream: Grain's reading threads (0: read in the training loop)
     sample_ahead: int = 1  # stream: a batch is drawn from the state 1 step old (0: current)
     loss: str = "magnet"
@@ -509,8 +515,12 @@ FIELDS: dict[str, FieldInfo] = {
         "data",
         "memory: the training set is copied onto every device and batches are gathered "
         "there; stream: examples are read by index on the host (image files decoded and "
-        "augmented when needed, '.[stream]'), for data that does not fit on the devices",
-        choices=("memory", "stream"),
+        "augmented when needed, '.[stream]'), for data that does not fit on the devices; "
+        f"auto: stream when the training and test sets would take more than "
+        f"{STREAM_SHARE * 100:.0f}%% of a device's memory (CPU devices: their share of the "
+        "host's available memory), else memory; chosen once, saved with the run and kept "
+        "when it resumes",
+        choices=("auto", "memory", "stream"),
     ),
     "loader_workers": FieldInfo(
         "data",

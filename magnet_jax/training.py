@@ -20,10 +20,11 @@ training set are replicated; the sampled batch is constrained to be split along 
 so the forward and backward passes are data-parallel and XLA inserts the collectives. The
 loss is the loss of the global batch whatever the number of devices.
 
-Input: ``--input memory`` (the default) holds the training set on every device and the
-step gathers its batch there; ``--input stream`` keeps it on the host and reads each
-batch's rows there (:mod:`magnet_jax.streaming`), the step split into a jitted sampler and
-a step that consumes the rows read.
+Input: ``--input memory`` holds the training set on every device and the step gathers its
+batch there; ``--input stream`` keeps it on the host and reads each batch's rows there
+(:mod:`magnet_jax.streaming`), the step split into a jitted sampler and a step that
+consumes the rows read; ``--input auto`` (the default) picks one of them once, before
+training, from the data's size (:func:`resolve_input`).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from magnet_jax import augment, distributed, finite, methods, sampling, streaming
+from magnet_jax import augment, distributed, finite, input_choice, methods, sampling, streaming
 from magnet_jax.backbones import finetune
 from magnet_jax.backbones import trainer as backbone_trainer
 from magnet_jax.checkpoint import Checkpointer
@@ -62,6 +63,7 @@ from magnet_jax.workdir import (
     Workdir,
     check_same_run,
     device_record,
+    keep_input,
 )
 
 _AUGMENT_STREAM = 0x617567  # folded into a step's key for its augmentations
@@ -443,6 +445,7 @@ class Run:
     initial_state: TrainState
     warm_start: WarmStart | None = None  # what --init-from copied into initial_state
     finetune: backbone_trainer.FinetuneSetup | None = None  # --backbone runs
+    input_choice: str | None = None  # --input auto: the mode chosen and why (resolve_input)
 
     @property
     def refresh_every(self) -> int:
@@ -488,6 +491,42 @@ def data_info(config: TrainConfig, dataset: Dataset, method_class: type[Method])
     )
 
 
+def resolve_input(
+    config: TrainConfig, dataset: Dataset | None = None
+) -> tuple[TrainConfig, Dataset | None, str | None]:
+    """``config`` with ``--input auto`` resolved to memory or stream
+    (:mod:`magnet_jax.input_choice`), from ``dataset`` or the data it names.
+
+    Returns:
+      ``(config, dataset, line)``: the config with ``input`` ``"memory"`` or ``"stream"``;
+      the dataset loaded for it (None: :func:`prepare` loads it); the line saying which
+      and why (None when ``config.input`` was not ``auto``, and nothing was loaded).
+    """
+    if config.input != "auto":
+        return config, dataset, None
+    blocker = input_choice.stream_blocker(config)
+    loaded = dataset is None
+    if loaded:
+        # Image files are listed without decoding them (their decoded size is known).
+        probe = dataclasses.replace(config, input="memory" if blocker else "stream")
+        dataset = load_dataset(config.dataset, config.data_dir, **probe.load_options())
+    devices = list(make_mesh(config.num_devices).devices.flat)
+    choice = input_choice.choose(
+        input_choice.memory_mode_bytes(dataset.x_train, dataset.x_test),
+        input_choice.device_budget(devices),
+        blocker=blocker,
+    )
+    if jax.process_count() > 1:  # the hosts' memories may differ: process 0 decides for all
+        from jax.experimental import multihost_utils
+
+        stream = bool(multihost_utils.broadcast_one_to_all(np.int32(choice.input == "stream")))
+        choice = choice._replace(input="stream" if stream else "memory")
+    if loaded and choice.input == "memory" and is_lazy(dataset.x_train):
+        dataset = None  # decoded by prepare (which also skips undecodable files when asked)
+    line = f"--input auto: {choice.input} ({choice.reason})"
+    return dataclasses.replace(config, input=choice.input), dataset, line
+
+
 def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: bool = True) -> Run:
     """Loads the data, builds the model and the jitted functions; raises on bad input.
 
@@ -506,6 +545,7 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         else None
     )
     method_class = methods.get_method_class(config.loss)
+    config, dataset, input_line = resolve_input(config, dataset)
     if dataset is None:
         # image_size / tfds_splits / manual_dir (tfds only; validate() refused them otherwise).
         dataset = load_dataset(config.dataset, config.data_dir, **config.load_options())
@@ -606,6 +646,7 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         state,
         warm,
         setup,
+        input_line,
     )
 
 
@@ -830,10 +871,16 @@ def train(
     # holds the warm-started parameters, and the source need not exist any more.
     checkpoint_steps = workdir.checkpoint_steps()
     saved = workdir.saved_config() if checkpoint_steps else None
+    asked_input = config.input
     if saved is not None:
+        config = keep_input(saved, config)  # --input auto: the mode the run started in
         check_same_run(saved, config, workdir.path, checkpoint_steps[-1])
     workdir.check_writable()
     run = prepare(config, dataset, warm_start=not checkpoint_steps)  # raises before any write
+    config = run.config  # --input auto resolved: config.json records memory or stream
+    input_line = run.input_choice
+    if input_line is None and asked_input == "auto":
+        input_line = f"--input auto: {config.input} (the mode this run started in)"
     # With several processes only the main one writes the run's files; all of them save
     # and restore checkpoints together (magnet_jax.distributed).
     main = distributed.is_main_process()
@@ -869,6 +916,8 @@ def train(
             history.flush()
         history_lines += 1  # counted on every process: it goes into the checkpoint
 
+    if main and input_line is not None:
+        print(input_line, flush=True)
     if latest is None and run.warm_start is not None:
         log(run.warm_start.record())
         if main:

@@ -18,6 +18,7 @@ steps in flight, so an interrupted run stops at a checkpoint instead of mid-writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -128,6 +129,21 @@ _RESUMABLE_CHANGES = {
 }
 
 
+# Fields whose default changed: a config.json written before the field existed lacks it,
+# and that run used the old default.
+_FORMER_DEFAULTS = {"input": "memory"}  # --input auto came later; before it, memory
+
+
+def keep_input(saved: dict, config: TrainConfig) -> TrainConfig:
+    """``config`` resuming the run saved as ``saved``: ``--input auto`` becomes the mode the
+    run started in (its ``config.json`` holds ``memory`` or ``stream``), so a resumed run
+    never changes how it reads its data, whatever the estimate says now."""
+    if config.input != "auto":
+        return config
+    started = saved.get("input", _FORMER_DEFAULTS["input"])
+    return config if started == "auto" else dataclasses.replace(config, input=started)
+
+
 def check_same_run(saved: dict, config: TrainConfig, workdir: str, latest_step: int) -> None:
     """Refuses to resume the run saved as ``saved`` (its ``config.json``, last checkpoint at
     ``latest_step``) with ``config`` when the result would differ from an uninterrupted run.
@@ -137,7 +153,7 @@ def check_same_run(saved: dict, config: TrainConfig, workdir: str, latest_step: 
     """
     current = config.to_dict()
     # A field missing from an older run's config.json had its default value then.
-    defaults = TrainConfig().to_dict()
+    defaults = {**TrainConfig().to_dict(), **_FORMER_DEFAULTS}
 
     def before(name):
         return saved.get(name, defaults[name])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import shutil
@@ -13,7 +14,7 @@ import pytest
 
 pytest.importorskip("grain")
 
-from magnet_jax import streaming, training  # noqa: E402
+from magnet_jax import input_choice, streaming, training  # noqa: E402
 from magnet_jax.checkpoint import Checkpointer  # noqa: E402
 from magnet_jax.config import TrainConfig  # noqa: E402
 from magnet_jax.data import load_dataset  # noqa: E402
@@ -281,3 +282,113 @@ def test_streamed_run_resumes_exactly(folder, tmp_path):
     params_resumed, index_resumed = _final(workdir)
     assert _leaves_equal(params, params_resumed)
     assert _leaves_equal(index, index_resumed)
+
+
+# -- --input auto ----------------------------------------------------------------------
+
+
+def _budget(monkeypatch, size):
+    """Every device holds ``size`` bytes (what resolve_input compares the data with)."""
+    monkeypatch.setattr(
+        input_choice, "device_budget", lambda devices: input_choice.Budget(size, "patched")
+    )
+
+
+def test_memory_mode_bytes_of_digits_is_the_hand_count():
+    digits = load_dataset("digits")
+    # 1,797 images of 8 x 8 x 1 float32 pixels, training and test sets together.
+    assert input_choice.memory_mode_bytes(digits.x_train, digits.x_test) == 1797 * 8 * 8 * 1 * 4
+
+
+def test_memory_mode_bytes_of_image_files_is_their_decoded_size(folder):
+    lazy = load_dataset(f"folder:{folder}", image_size=SIZE, lazy=True)
+    # 3 classes of 8 images, decoded to SIZE x SIZE x 3 float32, without reading a file.
+    assert input_choice.memory_mode_bytes(lazy.x_train, lazy.x_test) == 24 * SIZE * SIZE * 3 * 4
+
+
+def test_budget_is_the_device_limit_or_a_share_of_the_host(monkeypatch):
+    class Device:
+        def __init__(self, stats, platform="gpu"):
+            self.stats, self.platform, self.process_index = stats, platform, 0
+
+        def memory_stats(self):
+            return self.stats
+
+    gpu = input_choice.device_budget([Device({"bytes_limit": 80_000, "bytes_in_use": 5})] * 2)
+    assert gpu.bytes == 80_000
+    monkeypatch.setattr(input_choice, "host_available_bytes", lambda: 12_000)
+    assert input_choice.device_budget([Device(None, "cpu")] * 4).bytes == 3_000
+
+
+def test_auto_keeps_digits_in_memory(tmp_path):
+    config, dataset, line = training.resolve_input(TrainConfig(workdir=str(tmp_path)))
+    assert config.input == "memory" and dataset.name == "digits"
+    assert line.startswith("--input auto: memory (the training and test sets take 460.0 kB")
+
+
+def test_auto_streams_image_files_that_would_not_fit(folder, tmp_path, monkeypatch):
+    _budget(monkeypatch, 4 * 24 * SIZE * SIZE * 3 * 4 - 1)  # a byte short of 4x the data
+    config, dataset, line = training.resolve_input(_config(folder, tmp_path, input="auto"))
+    assert config.input == "stream" and isinstance(dataset.x_train, ImageFiles)
+    assert "more than 25% of" in line
+    _budget(monkeypatch, 4 * 24 * SIZE * SIZE * 3 * 4)  # fits: decoded by prepare
+    config, dataset, line = training.resolve_input(_config(folder, tmp_path, input="auto"))
+    assert config.input == "memory" and dataset is None and "within 25% of" in line
+
+
+def test_auto_keeps_data_in_memory_when_it_cannot_stream(folder, tmp_path, monkeypatch):
+    _budget(monkeypatch, 1)
+    backbone = dict(backbone="resnet50", freeze_stages=1)
+    cached = TrainConfig(dataset="digits", cache_prefix=True, workdir=str(tmp_path), **backbone)
+    config, _, line = training.resolve_input(cached)
+    assert config.input == "memory" and "but --cache-prefix keeps" in line
+    unsized = _config(folder, tmp_path, input="auto", image_size=None)
+    assert "--image-size" in input_choice.stream_blocker(unsized)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "grain" else real(name, *a)
+    )
+    assert "Grain" in input_choice.stream_blocker(TrainConfig(workdir=str(tmp_path)))
+
+
+def test_help_of_input_lists_auto(capsys):
+    from magnet_jax import cli
+
+    assert cli.main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--input {auto,memory,stream}" in text
+    assert "auto: stream when the training and test sets would take more than 25%" in text
+
+
+def test_resumed_run_keeps_the_mode_it_started_in(folder, tmp_path, monkeypatch, capsys):
+    """The estimate said stream when the run started; resumed where it says memory, the
+    run still streams (config.json holds the resolved mode, never auto)."""
+    config = _config(folder, tmp_path, input="auto", steps=4, eval_every=4)
+    workdir = tmp_path / "run"
+    _budget(monkeypatch, 1)
+    training.train(config, progress=False)
+    assert json.loads((workdir / "config.json").read_text())["input"] == "stream"
+    assert "--input auto: stream (the training and test sets take" in capsys.readouterr().out
+
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    _budget(monkeypatch, 1 << 50)  # now everything would fit
+    prepared = []
+    real_prepare = training.prepare
+    monkeypatch.setattr(
+        training, "prepare", lambda *a, **k: prepared.append(real_prepare(*a, **k)) or prepared[-1]
+    )
+    training.train(config, progress=False)
+    assert isinstance(prepared[0].data.x, streaming.Loader)
+    assert json.loads((workdir / "config.json").read_text())["input"] == "stream"
+    assert "--input auto: stream (the mode this run started in)" in capsys.readouterr().out
+
+
+def test_a_run_saved_before_auto_resumes_in_memory():
+    from magnet_jax.workdir import check_same_run, keep_input
+
+    saved = TrainConfig().to_dict()
+    del saved["input"]  # a config.json from before --input existed: that run was in memory
+    config = keep_input(saved, TrainConfig())
+    assert config.input == "memory"
+    check_same_run(saved, config, "W", 0)
+    assert keep_input({**saved, "input": "stream"}, TrainConfig(input="memory")).input == "memory"
