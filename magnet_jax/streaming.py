@@ -33,7 +33,6 @@ import numpy as np
 from magnet_jax.augment import DEFAULT_CROP_FRACTION, DEFAULT_RATIO, DEFAULT_SCALE
 from magnet_jax.data.lazy import ImageFiles, is_lazy
 
-INPUTS = ("memory", "stream")
 _HOST_CROP_STREAM = 0x686F7374  # mixed into the seed of a step's host-side crops
 
 
