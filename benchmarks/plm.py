@@ -396,7 +396,10 @@ def pseudo_label_run(args, dataset, seed: int, baseline: str, train_features: np
         "nmi": float(normalized_mutual_info_score(true_labels, pseudo)),
     }
     log(f"seed {seed} {baseline}: pseudo-labels {json.dumps(pseudo_quality)}")
-    relabelled = dataclasses.replace(dataset, y_train=pseudo)  # x_train: the same array
+    # x_train stays the same array; more clusters than class names need more names.
+    names = dataset.class_names
+    names += tuple(f"cluster {i}" for i in range(len(names), int(pseudo.max()) + 1))
+    relabelled = dataclasses.replace(dataset, y_train=pseudo, class_names=names)
     overrides = dict(loss=loss, clusters_per_class=1)
     run = training.prepare(base_config(args, seed, **overrides), relabelled)
     curve = training.learning_curve(run, args.eval_steps)
