@@ -21,11 +21,13 @@ k table neighbours (all pairs would be almost all negatives at ~7 images per cla
 
 The "cluster, then fine-tune" baselines (``--baselines``, every seed): cluster the
 *training* images' pooled pretrained features with the library's k-means or agglomerative
-(Ward) clustering into ``--pseudo-clusters`` K clusters, then train the supervised Magnet
-or triplet loss on the cluster ids as labels, with PLM's batch shape (16 × 4), steps,
-learning rate and refresh interval (Magnet: one cluster per pseudo-class, K = 1 in its
-own index). K is fixed (:data:`PSEUDO_CLUSTERS`) because a label-free method is not told
-how many classes there are; the true labels only score the pseudo-labels afterwards.
+(Ward) clustering into ``--pseudo-clusters`` K clusters (``kmeans@K+LOSS`` for another
+K), then train the supervised Magnet or triplet loss on the cluster ids as labels, with
+PLM's batch shape (16 × 4), steps, learning rate and refresh interval (Magnet: one
+cluster per pseudo-class in its index, ``clusters_per_class=1``). K is fixed
+(:data:`PSEUDO_CLUSTERS`) because a label-free method is not told how many classes there
+are; the true labels only score the pseudo-labels afterwards. ``labels+LOSS`` is the
+supervised reference: the same training on the true labels (not label-free).
 
 Equal-size purity (:func:`equal_size_purity`, first seed): the purity of each point's
 piece against neighbourhoods of the same size from the k-NN table (with the sizes handed
@@ -37,11 +39,11 @@ similarity, one-directional (orthogonal-only) decay, and N_ρ = 0, 25, 400 proxi
 
     python benchmarks/plm.py                                  # the full benchmark
     python benchmarks/plm.py --seeds 0 1 2 --plm-seeds 0 --parts plm baselines ablations \
-        --ablation-names one_directional_decay no_proxies --output plm_baselines
+        --ablation-names one_directional_decay no_proxies proxies_400 --output plm_baselines
     python benchmarks/plm.py --quick                          # synthetic images, seconds
 
-Writes ``results/plm.json`` (command, commit, load, seeds, settings, every number) and
-``results/plm.png``.
+Writes ``results/<--output>.json`` (command, commit, load, seeds, settings, every number)
+and ``results/<--output>.png``.
 """
 
 from __future__ import annotations
