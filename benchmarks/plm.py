@@ -19,13 +19,31 @@ many clusters as there are training classes (the library's clusterers, one "clas
 The correlation is taken over the pairs the method scores: every point with each of its
 k table neighbours (all pairs would be almost all negatives at ~7 images per class).
 
-Ablations (one seed, ``--ablations``): no subset selection, binary similarity.
+The "cluster, then fine-tune" baselines (``--baselines``, every seed): cluster the
+*training* images' pooled pretrained features with the library's k-means or agglomerative
+(Ward) clustering into ``--pseudo-clusters`` K clusters (``kmeans@K+LOSS`` for another
+K), then train the supervised Magnet or triplet loss on the cluster ids as labels, with
+PLM's batch shape (16 × 4), steps, learning rate and refresh interval (Magnet: one
+cluster per pseudo-class in its index, ``clusters_per_class=1``). K is fixed
+(:data:`PSEUDO_CLUSTERS`) because a label-free method is not told how many classes there
+are; the true labels only score the pseudo-labels afterwards. ``labels+LOSS`` is the
+supervised reference: the same training on the true labels (not label-free).
+
+Equal-size purity (:func:`equal_size_purity`, first seed): the purity of each point's
+piece against neighbourhoods of the same size from the k-NN table (with the sizes handed
+to random points) and from each clustering, so that small pieces are not purer merely for
+being small.
+
+Ablations (first PLM seed, ``--ablations``, :data:`ABLATIONS`): no subset selection, binary
+similarity, one-directional (orthogonal-only) decay, and N_ρ = 0, 25, 400 proxies.
 
     python benchmarks/plm.py                                  # the full benchmark
-    python benchmarks/plm.py --seeds 0 --steps 20 --eval-steps 0 20 --no-ablations  # smoke
+    python benchmarks/plm.py --seeds 0 1 2 --plm-seeds 0 --parts plm baselines ablations \
+        --ablation-names one_directional_decay no_proxies proxies_400 --output plm_baselines
+    python benchmarks/plm.py --quick                          # synthetic images, seconds
 
-Writes ``results/plm.json`` (command, commit, load, seeds, settings, every number) and
-``results/plm.png``.
+Writes ``results/<--output>.json`` (command, commit, load, seeds, settings, every number)
+and ``results/<--output>.png``.
 """
 
 from __future__ import annotations
@@ -47,6 +65,21 @@ RESULTS = Path(os.environ.get("MAGNET_JAX_RESULTS", Path(__file__).resolve().par
 DATA_DIR = Path(os.environ.get("MAGNET_JAX_DATA", "/work/shared/datasets"))
 RETRIEVAL = ("recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8")
 MAP_R = "mean_average_precision_at_r"
+PARTS = ("plm", "baselines", "ablations")
+# K of the pseudo-label baselines, fixed before any run: a label-free method is not told
+# how many classes there are (the emoji training split has 818; 512 was not tuned).
+PSEUDO_CLUSTERS = 512
+# "Cluster, then fine-tune": CLUSTERING+LOSS, trained on the cluster ids.
+BASELINES = ("kmeans+magnet", "ward+magnet", "kmeans+triplet", "ward+triplet")
+# PLM ablations (one seed): config overrides.
+ABLATIONS = {
+    "no_subset_selection": {"plm_subset_selection": False},
+    "binary_similarity": {"plm_similarity": "binary"},
+    "one_directional_decay": {"plm_similarity": "orthogonal_only"},
+    "no_proxies": {"plm_proxies": 0},
+    "proxies_25": {"plm_proxies": 25},
+    "proxies_400": {"plm_proxies": 400},
+}
 
 
 def log(message: str) -> None:
@@ -144,6 +177,61 @@ def quick_dataset(image_size: int = 32):
     )
 
 
+def equal_size_purity(
+    neighbours: np.ndarray,
+    piece_sizes: np.ndarray,
+    labels: np.ndarray,
+    cluster_assignments: dict[str, np.ndarray],
+    seed: int,
+) -> dict:
+    """Label purity of neighbourhoods of the same size as each point's linear piece.
+
+    A point's piece holds itself and its first ``n_i = piece_sizes[i] - 1`` table
+    neighbours, so "its n_i nearest neighbours" is its piece: the two purities are equal by
+    construction. What can tell them apart is whether subset selection picks *where* to
+    stop: the k-NN table with the same sizes handed out to random points (a permutation
+    of ``n``). A clustering's neighbourhood of the same size is ``n_i`` members drawn
+    uniformly from the rest of i's cluster; the expected purity of such a draw is the
+    share of i's class among them whatever ``n_i``, taken over the points whose cluster
+    has at least ``n_i`` other members in every clustering (the others are left out of
+    every column, so all columns average over the same points).
+
+    Args:
+      neighbours: [N, k] the neighbour table, nearest first.
+      piece_sizes: [N] points in each piece (itself included), in [1, k + 1].
+      labels: [N] ground-truth labels (only to score).
+      cluster_assignments: name -> [N] cluster of every point.
+      seed: of the permutation.
+
+    Returns:
+      ``{"points": share of the N points compared, "mean_size": mean n_i over them,
+      "plm": ..., "knn_table": ..., "knn_table_permuted_sizes": ..., name: ...}``.
+    """
+    num, k = neighbours.shape
+    sizes = np.asarray(piece_sizes) - 1
+    same = labels[neighbours] == labels[:, None]
+    permuted = np.random.default_rng(seed).permutation(sizes)
+    columns = np.arange(k)[None, :]
+    purities = {
+        "plm": (same & (columns < sizes[:, None])).sum(1) / np.maximum(sizes, 1),
+        "knn_table_permuted_sizes": (same & (columns < permuted[:, None])).sum(1)
+        / np.maximum(permuted, 1),
+    }
+    keep = (sizes >= 1) & (permuted >= 1)
+    for name, assignments in cluster_assignments.items():
+        _, cluster = np.unique(assignments, return_inverse=True)
+        _, label = np.unique(labels, return_inverse=True)
+        joint = np.zeros((cluster.max() + 1, label.max() + 1), dtype=np.int64)
+        np.add.at(joint, (cluster, label), 1)
+        others = joint.sum(axis=1)[cluster] - 1
+        purities[name] = (joint[cluster, label] - 1) / np.maximum(others, 1)
+        keep &= others >= sizes
+    out = {"points": float(keep.mean()), "mean_size": float(sizes[keep].mean())}
+    out.update({name: float(values[keep].mean()) for name, values in purities.items()})
+    out["knn_table"] = out["plm"]  # the same neighbourhoods (see above)
+    return out
+
+
 def similarity_quality(
     state, labels: np.ndarray, num_clusters: int, seed: int, clusterers: bool = True
 ) -> dict:
@@ -199,6 +287,7 @@ def similarity_quality(
         "clusters": int(len(np.unique(assignments))),
         "seconds": time.perf_counter() - started,
     }
+    cluster_assignments = {"kmeans_sklearn": assignments}
     for name, clusterer in clusterer_values.items():
         started = time.perf_counter()
         result = clusterer(
@@ -217,24 +306,120 @@ def similarity_quality(
             "clusters": int(len(np.unique(assignments))),
             "seconds": time.perf_counter() - started,
         }
+        cluster_assignments[name] = assignments
+    out["equal_size_purity"] = equal_size_purity(
+        neighbours, np.asarray(state.pieces.sizes), labels, cluster_assignments, seed
+    )
     return out
 
 
-def pretrained_features(args, dataset) -> dict:
-    """Retrieval metrics of the backbone's pooled features on the test set (no head)."""
-    import jax.numpy as jnp
-
-    from magnet_jax import evaluation, training
+def pooled_features(args, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """The backbone's L2-normalised pooled features (1280-d, no head): [N_train, 1280] of
+    the training images and [N_test, 1280] of the test images."""
+    from magnet_jax import training
     from magnet_jax.backbones import trainer as backbone_trainer
 
     run = training.prepare(base_config(args, 0), dataset)
     params = training.model_params(run.initial_state.params)
-    features = backbone_trainer.pooled_features(run.graphdef, params, run.x_test, chunk_size=256)
-    features = features / np.linalg.norm(features, axis=1, keepdims=True)
+    out = []
+    for x in (run.data.x, run.x_test):
+        features = backbone_trainer.pooled_features(run.graphdef, params, x, chunk_size=256)
+        out.append(features / np.linalg.norm(features, axis=1, keepdims=True))
+    return out[0], out[1]
+
+
+def pretrained_features(test_features: np.ndarray, y_test: np.ndarray) -> dict:
+    """Retrieval metrics of the pooled features [M, d] of the test set, labels [M]."""
+    import jax.numpy as jnp
+
+    from magnet_jax import evaluation
+
     metrics = evaluation.retrieval_metrics(
-        jnp.asarray(features), jnp.asarray(np.asarray(dataset.y_test)), ks=(1, 2, 4, 8)
+        jnp.asarray(test_features), jnp.asarray(y_test), ks=(1, 2, 4, 8)
     )
     return {name: float(value) for name, value in metrics.items()}
+
+
+def cluster_once(features: np.ndarray, clustering: str, num_clusters: int, seed: int) -> np.ndarray:
+    """[N] int32 cluster ids 0..C-1 (C <= ``num_clusters``, relabelled contiguous) of all
+    rows of ``features`` [N, d] as one "class", by the library's clusterer
+    (``"kmeans"``: :class:`~magnet_jax.clustering.KMeans`; ``"ward"``:
+    :class:`~magnet_jax.clustering.Agglomerative` with Ward linkage, every point)."""
+    import jax
+    import jax.numpy as jnp
+
+    from magnet_jax.clustering import Agglomerative, KMeans
+
+    clusterer = {
+        "kmeans": KMeans(),
+        "ward": Agglomerative(linkage="ward", max_points_per_class=len(features)),
+    }[clustering]
+    result = clusterer(
+        jnp.asarray(features),
+        jnp.zeros(len(features), jnp.int32),
+        clusters_per_class=num_clusters,
+        key=jax.random.PRNGKey(seed),
+        num_classes=1,
+    )
+    _, contiguous = np.unique(np.asarray(result.assignments), return_inverse=True)
+    return contiguous.astype(np.int32)
+
+
+def pseudo_label_run(args, dataset, seed: int, baseline: str, train_features: np.ndarray) -> dict:
+    """The "cluster, then fine-tune" baseline ``CLUSTERING[@K]+LOSS``: cluster the
+    training images' pooled pretrained features [N, 1280] into K clusters (default
+    ``args.pseudo_clusters``) and train the supervised ``LOSS`` with those cluster ids as
+    the labels (the true training labels are never read; they only score the
+    pseudo-labels afterwards). ``labels+LOSS`` is the supervised reference instead: it
+    trains on the true labels, so it is no label-free method, only the ceiling of the
+    same training."""
+    import dataclasses
+
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from magnet_jax import manifolds, training
+
+    clustering, loss = baseline.split("+")
+    clustering, _, asked = clustering.partition("@")
+    num_clusters = int(asked) if asked else args.pseudo_clusters
+    started = time.perf_counter()
+    if clustering == "labels":
+        pseudo = np.unique(np.asarray(dataset.y_train), return_inverse=True)[1].astype(np.int32)
+    else:
+        pseudo = cluster_once(train_features, clustering, num_clusters, seed)
+    clustered = time.perf_counter()
+    true_labels = np.asarray(dataset.y_train)
+    pseudo_quality = {
+        "clusters_asked": None if clustering == "labels" else num_clusters,
+        "clusters": int(pseudo.max()) + 1,
+        "largest": int(np.bincount(pseudo).max()),
+        "singletons": int((np.bincount(pseudo) == 1).sum()),
+        "purity": manifolds.assignment_purity(pseudo, true_labels),
+        "nmi": float(normalized_mutual_info_score(true_labels, pseudo)),
+    }
+    log(f"seed {seed} {baseline}: pseudo-labels {json.dumps(pseudo_quality)}")
+    # x_train stays the same array; more clusters than class names need more names.
+    names = dataset.class_names
+    names += tuple(f"cluster {i}" for i in range(len(names), int(pseudo.max()) + 1))
+    relabelled = dataclasses.replace(dataset, y_train=pseudo, class_names=names)
+    overrides = dict(loss=loss, clusters_per_class=1)
+    run = training.prepare(base_config(args, seed, **overrides), relabelled)
+    curve = training.learning_curve(run, args.eval_steps)
+    log(f"seed {seed} {baseline}: metrics {json.dumps(curve['metrics'])}")
+    return {
+        "seed": seed,
+        "clustering": clustering,
+        "loss": loss,
+        "overrides": overrides,
+        "pseudo_labels": pseudo_quality,
+        "iterations": curve["iterations"],
+        "metrics": curve["metrics"],
+        "final_loss": curve["final_loss"],
+        "seconds": {
+            "clustering": clustered - started,
+            "total": time.perf_counter() - started,
+        },
+    }
 
 
 def one_run(args, dataset, seed: int, clusterers: bool = True, **overrides) -> dict:
@@ -302,6 +487,9 @@ def plot(results: dict, path: Path) -> None:
         base = results["pretrained_features"].get(name)
         if base is not None:
             axes[0].axhline(base, color=line.get_color(), linestyle=":", linewidth=1)
+    for name, entry in results.get("baselines", {}).items():
+        recall = entry["summary"]["recall_at_1"]
+        axes[0].plot(recall["iterations"], recall["mean"], linestyle="--", label=f"{name} R@1")
     axes[0].set_xlabel("iteration")
     axes[0].set_title(
         f"PLM on emoji unseen classes ({len(results['runs'])} seeds; dotted: pooled features)"
@@ -347,6 +535,33 @@ def main(argv=None) -> None:
     parser.add_argument("--refresh-every", type=int, default=50)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="what to run (default: all); the pooled features are always measured",
+    )
+    parser.add_argument(
+        "--plm-seeds", type=int, nargs="+", default=None, help="PLM's seeds (default: --seeds)"
+    )
+    parser.add_argument(
+        "--pseudo-clusters",
+        type=int,
+        default=PSEUDO_CLUSTERS,
+        help="K of the pseudo-label baselines (fixed: a label-free method is not told the "
+        "number of classes)",
+    )
+    parser.add_argument(
+        "--baselines",
+        nargs="+",
+        default=list(BASELINES),
+        help="CLUSTERING[@K]+LOSS pseudo-label baselines: CLUSTERING kmeans or ward (or "
+        "labels: the supervised reference, reads the true labels), LOSS magnet or triplet",
+    )
+    parser.add_argument(
+        "--ablation-names", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS)
+    )
     parser.add_argument("--output", default="plm")
     parser.add_argument("--quick", action="store_true", help="synthetic images, seconds")
     args = parser.parse_args(argv)
@@ -354,7 +569,10 @@ def main(argv=None) -> None:
         args.seeds, args.eval_steps, args.ablations = [0], [0, 2], False
         args.anchors, args.examples_per_anchor, args.neighbours = 4, 3, 6
         args.embedding_dim, args.proxies, args.refresh_every = 16, 5, 1
-        args.output = "plm_quick"
+        args.output, args.pseudo_clusters = "plm_quick", 4
+        args.baselines = ["kmeans+magnet", "ward@4+triplet"]  # each clustering, loss once
+        # One cheap ablation, so that the code path runs.
+        args.ablations, args.ablation_names = True, ["one_directional_decay"]
 
     from magnet_jax.data import load_dataset
 
@@ -396,21 +614,25 @@ def main(argv=None) -> None:
         if results["runs"]:
             plot(results, RESULTS / f"{args.output}.png")
 
-    results["pretrained_features"] = pretrained_features(args, dataset)
+    train_features, test_features = pooled_features(args, dataset)
+    results["pretrained_features"] = pretrained_features(test_features, np.asarray(dataset.y_test))
     log(f"pooled pretrained features: {json.dumps(results['pretrained_features'])}")
-    results["runs"], results["ablations"] = [], {}
+    results["runs"], results["ablations"], results["baselines"] = [], {}, {}
+    plm_seeds = args.seeds if args.plm_seeds is None else args.plm_seeds
     # The clusterers' quality (minutes per call here) is measured on the first seed.
-    for seed in args.seeds:
-        results["runs"].append(one_run(args, dataset, seed, clusterers=seed == args.seeds[0]))
+    for seed in plm_seeds if "plm" in args.parts else ():
+        results["runs"].append(one_run(args, dataset, seed, clusterers=seed == plm_seeds[0]))
         results["summary"] = summarise(results["runs"])
         save(complete=False)
-    ablations = {
-        "no_subset_selection": {"plm_subset_selection": False},
-        "binary_similarity": {"plm_similarity": "binary"},
-    }
-    for name, overrides in ablations.items() if args.ablations else ():
+    for baseline in args.baselines if "baselines" in args.parts else ():
+        runs = results["baselines"].setdefault(baseline, {"runs": []})["runs"]
+        for seed in args.seeds:
+            runs.append(pseudo_label_run(args, dataset, seed, baseline, train_features))
+            results["baselines"][baseline]["summary"] = summarise(runs)
+            save(complete=False)
+    for name in args.ablation_names if args.ablations and "ablations" in args.parts else ():
         results["ablations"][name] = one_run(
-            args, dataset, args.seeds[0], clusterers=False, **overrides
+            args, dataset, plm_seeds[0], clusterers=False, **ABLATIONS[name]
         )
         save(complete=False)
     save(complete=True)
