@@ -84,6 +84,7 @@ class TrainConfig:
     num_nearest_clusters: int = 128  # L in kNC; capped at the number of valid clusters
     kmeans_iterations: int = 50
     kmeans_restarts: int = 1  # best of n k-means++ runs by inertia, per class
+    kmeans_warm_start: bool = False  # refreshes start Lloyd from the index's centroids
     clustering: str = "kmeans"  # kmeans or agglomerative (magnet_jax.clustering)
     linkage: str = "ward"  # agglomerative: ward, average or single
     distance_threshold: float | None = None  # agglomerative relative cut τ; None: K per class
@@ -238,6 +239,7 @@ class TrainConfig:
             )
         if self.alpha < 0:
             raise ValueError(f"{flag('alpha')} must be >= 0, got {self.alpha}")
+        self._validate_warm_start()
         if not self.lr > 0:
             raise ValueError(f"{flag('lr')} must be > 0, got {self.lr}")
         if self.distance_threshold is not None and not self.distance_threshold > 0:
@@ -280,6 +282,23 @@ class TrainConfig:
         self._validate_data_options()
         self._validate_backbone()
         self._validate_plm()
+
+    def _validate_warm_start(self) -> None:
+        # A warm start is one Lloyd run from given centroids: nothing to restart, and
+        # agglomerative clustering has no centroids to start from.
+        if not self.kmeans_warm_start:
+            return
+        if self.clustering != "kmeans":
+            raise ValueError(
+                f"{flag('kmeans_warm_start')} starts k-means from the previous refresh's "
+                f"centroids; it does not apply to {flag('clustering')} {self.clustering}"
+            )
+        if self.kmeans_restarts != 1:
+            raise ValueError(
+                f"{flag('kmeans_warm_start')} runs k-means once, from the previous refresh's "
+                f"centroids; it cannot be combined with {flag('kmeans_restarts')} "
+                f"{self.kmeans_restarts} (independent k-means++ runs)"
+            )
 
     def _validate_plm(self) -> None:
         for name in ("plm_neighbours", "plm_max_rank"):
@@ -602,6 +621,11 @@ FIELDS: dict[str, FieldInfo] = {
     "kmeans_iterations": FieldInfo("clustering", "k-means: Lloyd iterations per refresh"),
     "kmeans_restarts": FieldInfo(
         "clustering", "k-means: keep the best of N k-means++ runs by inertia, per class"
+    ),
+    "kmeans_warm_start": FieldInfo(
+        "clustering",
+        "k-means: every refresh after the first starts Lloyd from the previous refresh's "
+        "centroids instead of k-means++ (one run; not with --kmeans-restarts > 1)",
     ),
     "linkage": FieldInfo("clustering", "agglomerative: merge rule", choices=LINKAGES),
     "distance_threshold": FieldInfo(

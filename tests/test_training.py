@@ -234,6 +234,15 @@ def test_partial_checkpoint_is_never_loaded(tmp_path):
         (["--clusters-per-class", "1000"], "larger than class"),
         (["--dataset", "mnist", "--data-dir", "/does/not/exist"], "/does/not/exist"),
         (["--clusters-per-batch", "50", "--clusters-per-class", "1"], "impostor"),
+        (
+            ["--kmeans-warm-start", "--clustering", "agglomerative"],
+            "--kmeans-warm-start starts k-means from the previous refresh's centroids; it "
+            "does not apply to --clustering agglomerative",
+        ),
+        (
+            ["--kmeans-warm-start", "--kmeans-restarts", "3"],
+            "cannot be combined with --kmeans-restarts 3",
+        ),
     ],
 )
 def test_bad_input_clear_error_nothing_written(tmp_path, capsys, flags, message):

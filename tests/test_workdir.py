@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from processes import kill_once_checkpointed
 
-from magnet_jax import checkpoint, cli, finite, training
+from magnet_jax import checkpoint, cli, finite, methods, training
 from magnet_jax.checkpoint import Checkpointer, CheckpointError
 from magnet_jax.config import TrainConfig
 from magnet_jax.workdir import Workdir, check_same_run, resolve_config
@@ -509,6 +509,67 @@ def test_workdir_alone_reuses_the_runs_config(tmp_path):
     (tmp_path / "failed").mkdir()
     (tmp_path / "failed" / "config.json").write_text(json.dumps({"lr": 1e6}))
     assert resolve_config({"workdir": str(tmp_path / "failed")}).lr == TrainConfig().lr
+
+
+def test_kmeans_warm_start_is_recorded_reaches_the_method_and_cannot_change_on_resume():
+    config = TrainConfig(kmeans_warm_start=True)
+    saved = json.loads(json.dumps(config.to_dict()))  # what config.json holds
+    assert saved["kmeans_warm_start"] is True
+    assert methods.from_config(TrainConfig.from_dict(saved)).warm_starts_kmeans
+    assert not methods.from_config(TrainConfig()).warm_starts_kmeans
+    # It changes the refreshes still to come, so a resume must keep it.
+    with pytest.raises(ValueError, match="--kmeans-warm-start: saved True, now False"):
+        check_same_run(saved, TrainConfig(), "W", 10)
+
+
+@pytest.mark.slow
+def test_warm_started_refreshes_resume_exactly(tmp_path, capsys):
+    """A --kmeans-warm-start run killed after its first checkpoint ends, once resumed,
+    exactly where the uninterrupted run ends: the refreshes after the resume start from
+    the checkpointed index's centroids."""
+    flags = ("--refresh-every", "5", "--kmeans-warm-start")
+    straight = tmp_path / "straight"
+    assert _train(straight, *flags) == 0
+    # What a SIGKILL after checkpoint 10 leaves: checkpoint 10, its history, no metrics.
+    killed = tmp_path / "killed"
+    shutil.copytree(straight, killed)
+    shutil.rmtree(killed / "checkpoints" / "20")
+    (killed / "metrics.json").unlink()
+    capsys.readouterr()
+    assert _train(killed, *flags) == 0
+    assert "resuming at step 10" in capsys.readouterr().out
+
+    def records(workdir):
+        # Everything but the (re)start lines and wall times.
+        return [
+            {k: v for k, v in h.items() if k != "refresh_seconds"}
+            for h in _history(workdir)
+            if h["kind"] != "start"
+        ]
+
+    assert records(straight) == records(killed)
+    assert [(h["kind"], h["step"]) for h in records(killed) if h["kind"] == "refresh"] == [
+        ("refresh", step) for step in (0, 5, 10, 15)
+    ]
+    metrics_a = json.loads((straight / "metrics.json").read_text())
+    metrics_b = json.loads((killed / "metrics.json").read_text())
+    metrics_a.pop("seconds"), metrics_b.pop("seconds")
+    assert metrics_a == metrics_b
+    restored = []
+    for workdir in (straight, killed):
+        config = TrainConfig.from_dict(json.loads((workdir / "config.json").read_text()))
+        run = training.prepare(config, warm_start=False)
+        checkpointer = Checkpointer(workdir / "checkpoints")
+        restored.append(
+            checkpointer.restore(20, run.initial_state, training.method_state_template(run))
+        )
+        checkpointer.close()
+    for a, b in zip(
+        jax.tree.leaves((restored[0].state, restored[0].index)),
+        jax.tree.leaves((restored[1].state, restored[1].index)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_extending_steps_depends_on_the_schedule(tmp_path):

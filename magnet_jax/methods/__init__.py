@@ -95,6 +95,7 @@ def from_config(config: TrainConfig, info: DataInfo | None = None, *, fine_label
             examples_per_cluster=config.examples_per_cluster,
             alpha=config.alpha,
             clusterer=clusterer,
+            warm_start=config.kmeans_warm_start,
             num_classes=None if info is None else info.num_classes,
             num_nearest_clusters=config.num_nearest_clusters,
             fine_labels=fine_labels,

@@ -1,0 +1,267 @@
+"""The cost of the Magnet index refresh, and what a cheaper refresh does to accuracy.
+
+    python benchmarks/refresh.py           # Fashion-MNIST, convnet, 3,000 steps, 3 seeds x 3 arms
+    python benchmarks/refresh.py --quick   # digits, MLP, seconds (CI smoke test)
+
+Every refresh embeds the whole training set and re-clusters every class (issue 13). Arms,
+each otherwise the trainer's default (``TrainConfig()``: M=8, D=8, K=4, Adam 1e-3 cosine,
+one refresh per epoch):
+
+- ``full``: the default refresh, k-means++ then up to 50 Lloyd iterations;
+- ``warm``: ``--kmeans-warm-start``, every refresh after the first starts Lloyd from the
+  previous refresh's centroids;
+- ``iters10``: ``--kmeans-iterations 10``.
+
+Each run trains through the library's loop (:func:`magnet_jax.training.learning_curve`:
+the refreshes and steps of ``train``) and is evaluated once, at the end (kNN k=1 and 5, kNC;
+the evaluators of ``_common``). Every refresh is timed in two parts: embedding the training
+set, and clustering plus building the index from those embeddings. Compilation is kept out
+of the timings: before its first seed every arm runs a few steps with two refreshes (not
+recorded), and the persistent compilation cache gives the measured runs those programs.
+Runs go seed by seed, the arms interleaved, so that load on the shared machine hits every
+arm alike.
+
+Reported per arm: test errors, mean ± std over seeds, and the paired difference to ``full``
+(same seed: same initial network, same first refresh); the median refresh, in seconds,
+over the refreshes after the first (the first always starts from k-means++); and the
+refreshes' share of the training time (steps + refreshes; the evaluation is excluded).
+
+Writes results/refresh.json (refresh_quick.json with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+from _common import log  # noqa: E402
+
+ARMS = {
+    "full": {},
+    "warm": {"kmeans_warm_start": True},
+    "iters10": {"kmeans_iterations": 10},
+}
+METRICS = ("knc_error", "knn1_error", "knn5_error")
+
+
+class TimedRefresh:
+    """A method whose every refresh is timed in two parts: ``embed_seconds`` (the training
+    set embedded) and ``cluster_seconds`` (k-means and the index built from those
+    embeddings). Everything else is the wrapped method's."""
+
+    def __init__(self, method):
+        self._method = method
+        self.refreshes: list[dict[str, float]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._method, name)
+
+    def refresh(self, state, *, embed, params, data, key, diagnostics=False):
+        import jax
+
+        started = time.perf_counter()
+        embeddings = jax.block_until_ready(embed(params, data.x))
+        embedded = time.perf_counter()
+        new_state, report = self._method.refresh(
+            state,
+            embed=lambda params, x: embeddings,
+            params=params,
+            data=data,
+            key=key,
+            diagnostics=diagnostics,
+        )
+        jax.block_until_ready(new_state)
+        self.refreshes.append(
+            {
+                "embed_seconds": embedded - started,
+                "cluster_seconds": time.perf_counter() - embedded,
+            }
+        )
+        return new_state, report
+
+
+def one_run(config, dataset) -> dict:
+    """Trains ``config`` (refreshes timed), then evaluates once."""
+    from magnet_jax import training
+
+    run = training.prepare(config, dataset)
+    timed = TimedRefresh(run.method)
+    run.method = timed
+    load = list(os.getloadavg())
+    started = time.perf_counter()
+    curve = training.learning_curve(run, [config.steps], evaluators=())
+    train_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    metrics = _common.evaluate(run, curve["state"].params, curve["method_state"])
+    eval_seconds = time.perf_counter() - started
+    refreshes = [
+        {"step": i * run.refresh_every, **times} for i, times in enumerate(timed.refreshes)
+    ]
+    refresh_seconds = sum(r["embed_seconds"] + r["cluster_seconds"] for r in refreshes)
+    return {
+        "seed": config.seed,
+        **{name: metrics.get(name) for name in METRICS},
+        "final_loss": curve["final_loss"],
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "refresh_seconds": refresh_seconds,
+        "refresh_fraction": refresh_seconds / train_seconds,
+        "refreshes": refreshes,
+        "load_average_at_start": load,
+    }
+
+
+def warm_up(config, dataset) -> None:
+    """Compiles what the arm's runs use (the step, the embedding, the first and a later
+    refresh): a few steps of the same program with two refreshes, nothing recorded."""
+    from magnet_jax import training
+
+    run = training.prepare(dataclasses.replace(config, refresh_every=2), dataset)
+    training.learning_curve(run, [4], evaluators=())
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    """Per arm: mean ± std of every metric over seeds, the paired difference to ``full``,
+    the median refresh (after the first) and the refreshes' share of training time."""
+    summary = {}
+    for arm, seeds in runs.items():
+        later = [r for run in seeds for r in run["refreshes"][1:]]
+        entry = {
+            "seeds": [run["seed"] for run in seeds],
+            "refresh_median_seconds": _median(
+                [r["embed_seconds"] + r["cluster_seconds"] for r in later]
+            ),
+            "embed_median_seconds": _median([r["embed_seconds"] for r in later]),
+            "cluster_median_seconds": _median([r["cluster_seconds"] for r in later]),
+            "first_cluster_median_seconds": _median(
+                [run["refreshes"][0]["cluster_seconds"] for run in seeds]
+            ),
+            "refresh_fraction_mean": float(np.mean([run["refresh_fraction"] for run in seeds])),
+            "train_seconds_mean": float(np.mean([run["train_seconds"] for run in seeds])),
+        }
+        for name in METRICS:
+            values = np.array([run[name] for run in seeds], float)
+            entry[name] = _mean_std(values)
+            if arm != "full" and "full" in runs:
+                reference = {run["seed"]: run[name] for run in runs["full"]}
+                paired = np.array([run[name] - reference[run["seed"]] for run in seeds], float)
+                entry[f"{name}_minus_full"] = _mean_std(paired)
+        summary[arm] = entry
+    return summary
+
+
+def _median(values):
+    return statistics.median(values) if values else None
+
+
+def _mean_std(values: np.ndarray) -> dict:
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return {"mean": float(np.mean(values)), "std": std, "values": values.tolist()}
+
+
+def _pm(stats: dict, scale: float = 100.0, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    text = f"{stats['mean'] * scale:{sign}.2f}"
+    return text if stats["std"] is None else f"{text} ± {stats['std'] * scale:.2f}"
+
+
+def table(summary: dict) -> str:
+    lines = [
+        "| arm | kNC error % | kNC − full (paired) | 1-NN error % | 5-NN error % "
+        "| refresh s (embed + cluster), median | first refresh's cluster s "
+        "| refreshes / training time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm, entry in summary.items():
+        paired = entry.get("knc_error_minus_full")
+        lines.append(
+            f"| {arm} | {_pm(entry['knc_error'])} "
+            f"| {'–' if paired is None else _pm(paired, signed=True)} "
+            f"| {_pm(entry['knn1_error'])} | {_pm(entry['knn5_error'])} "
+            f"| {entry['refresh_median_seconds']:.2f} ({entry['embed_median_seconds']:.2f} + "
+            f"{entry['cluster_median_seconds']:.2f}) "
+            f"| {entry['first_cluster_median_seconds']:.2f} "
+            f"| {entry['refresh_fraction_mean']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--data-dir", default=str(_common.DEFAULT_DATA_DIR))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), default=list(ARMS))
+    args = parser.parse_args(argv)
+
+    from magnet_jax.config import TrainConfig
+    from magnet_jax.data import load_dataset
+
+    environment_before = _common.environment()
+    _common.enable_compilation_cache()
+    if args.quick:
+        base = {"dataset": "digits", "steps": args.steps or 300, "refresh_every": 50}
+        seeds = args.seeds or [0, 1]
+        dataset = load_dataset("digits")
+    else:
+        base = {"dataset": "fashion_mnist", "data_dir": args.data_dir, "steps": args.steps or 3000}
+        seeds = args.seeds or [0, 1, 2]
+        dataset = load_dataset("fashion_mnist", args.data_dir)
+    if warning := _common.busy_warning():
+        log(warning)
+    base.update(num_devices=1, workdir="unused")
+    configs = {arm: TrainConfig(**base, **overrides) for arm, overrides in ARMS.items()}
+    started = time.perf_counter()
+    for arm in args.arms:
+        warm_up(configs[arm], dataset)
+    log(f"warm-up (compilation) {time.perf_counter() - started:.0f} s")
+    runs: dict[str, list[dict]] = {arm: [] for arm in args.arms}
+    for seed in seeds:
+        for arm in args.arms:
+            result = one_run(dataclasses.replace(configs[arm], seed=seed), dataset)
+            runs[arm].append(result)
+            log(
+                f"{arm} seed {seed}: kNC {result['knc_error']:.4f} 1-NN "
+                f"{result['knn1_error']:.4f}, train {result['train_seconds']:.0f} s, "
+                f"refreshes {result['refresh_seconds']:.1f} s "
+                f"({result['refresh_fraction']:.1%}), load {result['load_average_at_start'][0]:.2f}"
+            )
+    summary = summarise(runs)
+    config = configs["full"]
+    result = {
+        "benchmark": "refresh",
+        "quick": args.quick,
+        "dataset": config.dataset,
+        "num_train_examples": int(dataset.num_train),
+        "steps": config.steps,
+        "seeds": seeds,
+        "arms": {arm: ARMS[arm] for arm in args.arms},
+        "config": {k: v for k, v in config.to_dict().items() if k not in ("workdir", "seed")},
+        "summary": summary,
+        "runs": runs,
+        "seconds": time.perf_counter() - started,
+        "command": "python benchmarks/refresh.py" + (" " + " ".join(argv) if argv else ""),
+        "environment": environment_before,
+        "load_average_after": list(os.getloadavg()),
+    }
+    path = _common.RESULTS / ("refresh_quick.json" if args.quick else "refresh.json")
+    _common.write_json(path, result)
+    print(table(summary))
+    print(f"written to {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
