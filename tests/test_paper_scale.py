@@ -1,6 +1,7 @@
 """Paper scale: the tfds options of TrainConfig (--image-size, --tfds-splits, --manual-dir)
 and the fine-grained regimes of benchmarks/convergence.py (no data or TFDS needed)."""
 
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -175,7 +176,8 @@ def test_prepare_and_load_for_evaluation_pass_tfds_options(tmp_path, monkeypatch
     calls.clear()
     run, state, _ = training.load_for_evaluation(config.workdir)
     assert calls == [expected]  # evaluation reloads the data the run was trained on
-    assert run.config == config
+    # The saved config is the one trained with: --input auto resolved to memory.
+    assert run.config == dataclasses.replace(config, input="memory")
     assert int(state.step) == config.steps
 
 
