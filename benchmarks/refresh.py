@@ -204,6 +204,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), default=list(ARMS))
+    parser.add_argument(
+        "--output", default=None, help="results file name (default refresh / refresh_quick)"
+    )
     args = parser.parse_args(argv)
 
     from magnet_jax.config import TrainConfig
@@ -256,7 +259,8 @@ def main(argv=None) -> dict:
         "environment": environment_before,
         "load_average_after": list(os.getloadavg()),
     }
-    path = _common.RESULTS / ("refresh_quick.json" if args.quick else "refresh.json")
+    name = args.output or ("refresh_quick" if args.quick else "refresh")
+    path = _common.RESULTS / f"{name}.json"
     _common.write_json(path, result)
     print(table(summary))
     print(f"written to {path}")
