@@ -10,7 +10,10 @@ one refresh per epoch):
 - ``full``: the default refresh, k-means++ then up to 50 Lloyd iterations;
 - ``warm``: ``--kmeans-warm-start``, every refresh after the first starts Lloyd from the
   previous refresh's centroids;
-- ``iters10``: ``--kmeans-iterations 10``.
+- ``iters10``: ``--kmeans-iterations 10``;
+- ``memory``: ``--embedding-memory`` one refresh period: every refresh after the first
+  reuses the embeddings the steps since the previous refresh computed, and embeds only
+  the examples those steps did not draw.
 
 Each run trains through the library's loop (:func:`magnet_jax.training.learning_curve`:
 the refreshes and steps of ``train``) and is evaluated once, at the end (kNN k=1 and 5, kNC;
@@ -45,11 +48,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from _common import log  # noqa: E402
 
-ARMS = {
-    "full": {},
-    "warm": {"kmeans_warm_start": True},
-    "iters10": {"kmeans_iterations": 10},
-}
+ARM_NAMES = ("full", "warm", "iters10", "memory")
+
+
+def arms(refresh_period: int) -> dict[str, dict]:
+    """Each arm's overrides of the trainer's defaults; ``refresh_period`` is the steps
+    between two refreshes (one epoch)."""
+    return {
+        "full": {},
+        "warm": {"kmeans_warm_start": True},
+        "iters10": {"kmeans_iterations": 10},
+        "memory": {"embedding_memory": refresh_period},
+    }
+
+
 METRICS = ("knc_error", "knn1_error", "knn5_error")
 
 
@@ -203,7 +215,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--data-dir", default=str(_common.DEFAULT_DATA_DIR))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), default=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=ARM_NAMES, default=list(ARM_NAMES))
     parser.add_argument(
         "--output", default=None, help="results file name (default refresh / refresh_quick)"
     )
@@ -225,7 +237,9 @@ def main(argv=None) -> dict:
     if warning := _common.busy_warning():
         log(warning)
     base.update(num_devices=1, workdir="unused")
-    configs = {arm: TrainConfig(**base, **overrides) for arm, overrides in ARMS.items()}
+    batch = TrainConfig().batch_size
+    overrides = arms(-(-int(dataset.num_train) // batch))
+    configs = {arm: TrainConfig(**base, **overrides[arm]) for arm in args.arms}
     started = time.perf_counter()
     for arm in args.arms:
         warm_up(configs[arm], dataset)
@@ -242,7 +256,7 @@ def main(argv=None) -> dict:
                 f"({result['refresh_fraction']:.1%}), load {result['load_average_at_start'][0]:.2f}"
             )
     summary = summarise(runs)
-    config = configs["full"]
+    config = TrainConfig(**base)
     result = {
         "benchmark": "refresh",
         "quick": args.quick,
@@ -250,7 +264,7 @@ def main(argv=None) -> dict:
         "num_train_examples": int(dataset.num_train),
         "steps": config.steps,
         "seeds": seeds,
-        "arms": {arm: ARMS[arm] for arm in args.arms},
+        "arms": {arm: overrides[arm] for arm in args.arms},
         "config": {k: v for k, v in config.to_dict().items() if k not in ("workdir", "seed")},
         "summary": summary,
         "runs": runs,

@@ -85,6 +85,7 @@ class TrainConfig:
     kmeans_iterations: int = 50
     kmeans_restarts: int = 1  # best of n k-means++ runs by inertia, per class
     kmeans_warm_start: bool = False  # refreshes start Lloyd from the index's centroids
+    embedding_memory: int = 0  # refresh: reuse the steps' embeddings of the last N steps (0: off)
     clustering: str = "kmeans"  # kmeans or agglomerative (magnet_jax.clustering)
     linkage: str = "ward"  # agglomerative: ward, average or single
     distance_threshold: float | None = None  # agglomerative relative cut τ; None: K per class
@@ -240,6 +241,7 @@ class TrainConfig:
         if self.alpha < 0:
             raise ValueError(f"{flag('alpha')} must be >= 0, got {self.alpha}")
         self._validate_warm_start()
+        self._validate_embedding_memory()
         if not self.lr > 0:
             raise ValueError(f"{flag('lr')} must be > 0, got {self.lr}")
         if self.distance_threshold is not None and not self.distance_threshold > 0:
@@ -298,6 +300,33 @@ class TrainConfig:
                 f"{flag('kmeans_warm_start')} runs k-means once, from the previous refresh's "
                 f"centroids; it cannot be combined with {flag('kmeans_restarts')} "
                 f"{self.kmeans_restarts} (independent k-means++ runs)"
+            )
+
+    def _validate_embedding_memory(self) -> None:
+        # The steps' embeddings stand in for the refresh's only where both embed the same
+        # view of an example with the same function.
+        if self.embedding_memory < 0:
+            raise ValueError(
+                f"{flag('embedding_memory')} must be >= 0 (0: embed the whole training set at "
+                f"every refresh), got {self.embedding_memory}"
+            )
+        if not self.embedding_memory:
+            return
+        differs = [
+            (name, why)
+            for name, why in (
+                ("augment_shift", "shifted"),
+                ("augment_crop", "randomly cropped"),
+                ("train_bn", "batch-normalised with batch statistics"),
+            )
+            if getattr(self, name)
+        ]
+        if differs:
+            name, why = differs[0]
+            raise ValueError(
+                f"{flag('embedding_memory')} reuses the train steps' embeddings at a refresh, "
+                f"but with {flag(name)} the steps embed {why} images, not what a refresh "
+                f"embeds; use one or the other"
             )
 
     def _validate_plm(self) -> None:
@@ -626,6 +655,13 @@ FIELDS: dict[str, FieldInfo] = {
         "clustering",
         "k-means: every refresh after the first starts Lloyd from the previous refresh's "
         "centroids instead of k-means++ (one run; not with --kmeans-restarts > 1)",
+    ),
+    "embedding_memory": FieldInfo(
+        "clustering",
+        "at a refresh, reuse the embedding each train step computed for its batch's examples "
+        "when it is at most N steps old, and embed only the other examples (e.g. N = "
+        "--refresh-every: the examples the steps since the last refresh saw); 0: embed the "
+        "whole training set",
     ),
     "linkage": FieldInfo("clustering", "agglomerative: merge rule", choices=LINKAGES),
     "distance_threshold": FieldInfo(

@@ -200,10 +200,22 @@ class Loader:
         Yields:
           ``[chunk, ...]`` float32 per start.
         """
+        yield from self.rows_in_chunks(
+            np.concatenate([np.arange(start, start + chunk) for start in starts]), chunk
+        )
+
+    def rows_in_chunks(self, rows: np.ndarray, chunk: int) -> Iterator[np.ndarray]:
+        """The rows ``rows`` [R] (R a multiple of ``chunk``) as embedded for a refresh, in
+        chunks of ``chunk`` in order, read ahead like :meth:`chunks`.
+
+        Yields:
+          ``[chunk, ...]`` float32 per chunk.
+        """
         import grain
 
-        rows = np.concatenate([np.arange(start, start + chunk) for start in starts])
         pipeline = (
-            grain.MapDataset.source(rows).map(lambda row: self.eval_example(int(row))).batch(chunk)
+            grain.MapDataset.source(np.asarray(rows))
+            .map(lambda row: self.eval_example(int(row)))
+            .batch(chunk)
         )
         yield from pipeline.to_iter_dataset(self._read_options(2 * chunk))

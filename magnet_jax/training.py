@@ -45,7 +45,16 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from magnet_jax import augment, distributed, finite, input_choice, methods, sampling, streaming
+from magnet_jax import (
+    augment,
+    distributed,
+    embedding_memory,
+    finite,
+    input_choice,
+    methods,
+    sampling,
+    streaming,
+)
 from magnet_jax.backbones import finetune
 from magnet_jax.backbones import trainer as backbone_trainer
 from magnet_jax.checkpoint import Checkpointer
@@ -80,12 +89,15 @@ class TrainState:
         opt_state: the Optax optimizer state.
         rng: [2] uint32 base key; step ``t`` uses ``fold_in(rng, t)``, so the randomness of
             a step depends only on the seed and the step number (exact resume).
+        memory: the embeddings the steps computed (``--embedding-memory``, see
+            :mod:`magnet_jax.embedding_memory`); None without it.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    memory: embedding_memory.EmbeddingMemory | None = None
 
 
 class StepFunctions(NamedTuple):
@@ -105,6 +117,8 @@ class StepFunctions(NamedTuple):
     run_steps_with_metrics: as ``run_steps``, returning also the mean over the steps of
         each of the method's step metrics (:meth:`~magnet_jax.methods.Method.step_metrics`),
         ``{name: []}``.
+    embed_into: (params, x, rows [R] host ints, into [N, d]) -> a copy of ``into`` with
+        the rows ``rows`` of ``x`` embedded (``--embedding-memory``).
     """
 
     run_steps: Any
@@ -113,6 +127,7 @@ class StepFunctions(NamedTuple):
     sample: Any = None
     consume: Any = None
     run_steps_with_metrics: Any = None
+    embed_into: Any = None
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -253,12 +268,13 @@ def build_step_functions(
             else:
                 params = finetune.stop_frozen_gradients(params, setup.labels)
                 model = nnx.merge(setup.train_graphdef, nnx.State(model_params(params)))
-            loss, stats = method.loss(model, params, model(inputs), batch)
+            embeddings = model(inputs)
+            loss, stats = method.loss(model, params, embeddings, batch)
             # --train-bn: the batch statistics the forward pass computed, kept after the update
             batch_stats = finetune.updated_batch_stats(model) if config.train_bn else None
-            return loss, (stats, batch_stats)
+            return loss, (stats, batch_stats, embeddings)
 
-        (loss, (stats, batch_stats)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+        (loss, (stats, batch_stats, embeddings)), grads = jax.value_and_grad(loss_of, has_aux=True)(
             state.params
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -266,7 +282,10 @@ def build_step_functions(
         if batch_stats is not None:
             params = finetune.with_batch_stats(params, batch_stats)
         method_state = method.update(method_state, batch, stats, params)
-        new_state = TrainState(state.step + 1, params, opt_state, state.rng)
+        memory = state.memory
+        if memory is not None:
+            memory = embedding_memory.remember(memory, batch.indices, embeddings, state.step)
+        new_state = TrainState(state.step + 1, params, opt_state, state.rng, memory)
         return new_state, method_state, loss, method.step_metrics(stats)
 
     jitted_step = jax.jit(train_step, donate_argnums=(0, 1))
@@ -409,6 +428,40 @@ def build_step_functions(
             parts[-1] = parts[-1][chunk - (num_examples - covered) :]
         return jax.device_put(jnp.concatenate(parts, axis=0), replicated)
 
+    # --embedding-memory: chosen rows embedded into a copy of the memory, chunk by chunk.
+    @functools.partial(jax.jit, donate_argnums=2)
+    def embed_gathered_into(params, x: jax.Array, into: jax.Array, rows: jax.Array):
+        return into.at[rows].set(embed_rows(params, x[rows]).astype(into.dtype))
+
+    @functools.partial(jax.jit, donate_argnums=2)
+    def embed_read_into(params, read: jax.Array, into: jax.Array, rows: jax.Array):
+        return into.at[rows].set(embed_rows(params, read).astype(into.dtype))
+
+    def embed_into(params, x, rows: np.ndarray, into: jax.Array) -> jax.Array:
+        """``into`` [N, E] with the rows ``rows`` (host ints) of ``x`` [N, ...] (or a
+        :class:`~magnet_jax.streaming.Loader`) replaced by their embeddings, computed in
+        chunks of ``--eval-chunk-size`` (the last padded by repeating its final row)."""
+        into = jnp.copy(into)  # the chunks below update it in place; the caller's stays
+        if rows.size == 0:
+            return into
+        chunk = min(config.eval_chunk_size, rows.size)
+        padded = np.concatenate([rows, np.full(-rows.size % chunk, rows[-1])]).astype(np.int32)
+        pieces = [padded[start : start + chunk] for start in range(0, padded.size, chunk)]
+        sharding = batch_sharding if chunk % num_devices == 0 else replicated
+        if isinstance(x, streaming.Loader):
+            for piece, read in zip(pieces, x.rows_in_chunks(padded, chunk)):
+                into = embed_read_into(
+                    params, to_rows_array(read, chunk), into, jax.device_put(piece, replicated)
+                )
+                if serialize:
+                    into.block_until_ready()
+        else:
+            for piece in pieces:
+                into = embed_gathered_into(params, x, into, jax.device_put(piece, sharding))
+                if serialize:
+                    into.block_until_ready()
+        return jax.device_put(into, replicated)
+
     def to_rows_array(host: np.ndarray, chunk: int) -> jax.Array:
         sharding = batch_sharding if chunk % num_devices == 0 else replicated
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
@@ -417,6 +470,7 @@ def build_step_functions(
         run_steps=run_any_steps,
         train_step=one_step,
         embed=embed,
+        embed_into=embed_into,
         sample=jitted_sample,
         consume=consume_one,
         run_steps_with_metrics=run_any_steps_with_metrics,
@@ -476,6 +530,16 @@ def _check_against_data(
         raise ValueError(
             f"--augment-crop crops images [N, H, W, C], but {dataset.name} has examples of "
             f"shape {dataset.x_train.shape[1:]}"
+        )
+    if config.embedding_memory and not method.refresh_embeds_model:
+        why = (
+            "has no refresh"
+            if not method.has_refresh
+            else "refreshes from embeddings of another network than the one the steps train"
+        )
+        raise ValueError(
+            f"--embedding-memory reuses the train steps' embeddings at a refresh; "
+            f"--loss {config.loss} {why}"
         )
     method.check_data(info)
 
@@ -623,6 +687,7 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         params=params,
         opt_state=optimizer.init(params),
         rng=jax.random.PRNGKey(config.seed),
+        memory=_empty_memory(graphdef, params, x_train) if config.embedding_memory else None,
     )
     state = jax.device_put(state, replicated)
     steps = build_step_functions(
@@ -648,6 +713,17 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         setup,
         input_line,
     )
+
+
+def _empty_memory(graphdef, params, x_train) -> embedding_memory.EmbeddingMemory:
+    """An ``--embedding-memory`` of one row per training example, as wide as the model's
+    embedding of them."""
+    dtype = np.float32 if is_lazy(x_train) else x_train.dtype
+    example = jax.ShapeDtypeStruct((1, *x_train.shape[1:]), dtype)
+    embedded = jax.eval_shape(
+        lambda p, x: nnx.merge(graphdef, nnx.State(model_params(p)))(x), params, example
+    )
+    return embedding_memory.empty(x_train.shape[0], embedded.shape[-1])
 
 
 def _loader(config: TrainConfig, x, host_crop: bool) -> streaming.Loader:
@@ -699,9 +775,12 @@ def refresh(
         magnet_jax.finite.NonFiniteError: the training set's embeddings hold NaN or inf.
     """
     started = time.perf_counter()
+    embed = run.steps.embed
+    if state.memory is not None:
+        embed = _embed_with_memory(run, state.memory, step)
     new_state, diagnostics = run.method.refresh(
         method_state,
-        embed=_checked_embed(run.steps.embed, "training set"),
+        embed=_checked_embed(embed, "training set"),
         params=state.params,
         data=run.data,
         key=_refresh_key(run.config, step),
@@ -712,6 +791,20 @@ def refresh(
         return new_state
     jax.block_until_ready(new_state)
     return new_state, {**diagnostics, "refresh_seconds": time.perf_counter() - started}
+
+
+def _embed_with_memory(run: Run, memory: embedding_memory.EmbeddingMemory, step: int):
+    """The refresh's embedding function with ``--embedding-memory``: the memory's rows at
+    most ``embedding_memory`` steps old, the others embedded with the given parameters
+    (every row, as without a memory, when no row is recent enough)."""
+    stale = embedding_memory.stale_rows(memory, step, run.config.embedding_memory)
+
+    def embed(params, x):
+        if stale.size == memory.step.shape[0]:
+            return run.steps.embed(params, x)
+        return run.steps.embed_into(params, x, stale, memory.embeddings)
+
+    return embed
 
 
 def _checked_embed(embed, what: str):

@@ -213,16 +213,24 @@ def test_stream_sets_the_lazy_load_option_for_image_files_only(folder, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "loss, ahead, devices", [("magnet", 0, 1), ("triplet", 1, 1), ("magnet", 0, 4)]
+    "loss, ahead, devices, remembered",
+    [("magnet", 0, 1, 0), ("triplet", 1, 1, 0), ("magnet", 0, 4, 0), ("magnet", 0, 1, 2)],
 )
-def test_streamed_training_equals_in_memory(folder, tmp_path, loss, ahead, devices):
+def test_streamed_training_equals_in_memory(folder, tmp_path, loss, ahead, devices, remembered):
     """--sample-ahead 0 draws the in-memory batches: the same losses, parameters, index
     and test embeddings bit for bit (on one device and sharded over four); a loss whose
-    sampler reads no state (triplet) draws them with --sample-ahead 1 too."""
+    sampler reads no state (triplet) draws them with --sample-ahead 1 too. With
+    --embedding-memory the second refresh reads only the rows the steps did not embed."""
     results = {}
     for source in ("memory", "stream"):
         config = _config(
-            folder, tmp_path, loss=loss, input=source, sample_ahead=ahead, num_devices=devices
+            folder,
+            tmp_path,
+            loss=loss,
+            input=source,
+            sample_ahead=ahead,
+            num_devices=devices,
+            embedding_memory=remembered,
         )
         run = training.prepare(dataclasses.replace(config, loader_workers=2))
         state, method_state, losses = run.initial_state, run.method.init_state(run.info), []

@@ -43,11 +43,15 @@ def _leaves_close(a, b, atol):
 # devices drift apart in those null directions even though every step computes the same
 # function. SGD (momentum 0.9) shows that the step itself agrees.
 @pytest.mark.parametrize(
-    "loss, optimizer", [("magnet", "sgd"), ("triplet", "sgd"), ("softmax", "sgd")]
+    "loss, optimizer, remembered",
+    [("magnet", "sgd", 0), ("triplet", "sgd", 0), ("softmax", "sgd", 0), ("magnet", "sgd", 5)],
 )
-def test_sharded_step_equals_single_device(loss, optimizer):
+def test_sharded_step_equals_single_device(loss, optimizer, remembered):
+    """Sharded over 4 devices, the steps compute what they do on one (with
+    --embedding-memory, also the memory they write)."""
     assert jax.device_count() >= 4, "conftest fakes 4 CPU devices"
     base = TrainConfig(
+        embedding_memory=remembered,
         loss=loss,
         optimizer=optimizer,
         lr=0.01,
@@ -79,6 +83,7 @@ def test_sharded_step_equals_single_device(loss, optimizer):
         )
         np.testing.assert_allclose(float(loss_single), float(loss_sharded), atol=1e-5, rtol=0)
     _leaves_close(state_single.params, state_sharded.params, atol=1e-5)
+    _leaves_close(state_single.memory, state_sharded.memory, atol=1e-5)
     if single.method.has_refresh:
         _leaves_close(index_single.cluster_loss, index_sharded.cluster_loss, atol=1e-5)
     # The parameters really live on all four devices.

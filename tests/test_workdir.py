@@ -523,11 +523,15 @@ def test_kmeans_warm_start_is_recorded_reaches_the_method_and_cannot_change_on_r
 
 
 @pytest.mark.slow
-def test_warm_started_refreshes_resume_exactly(tmp_path, capsys):
-    """A --kmeans-warm-start run killed after its first checkpoint ends, once resumed,
-    exactly where the uninterrupted run ends: the refreshes after the resume start from
-    the checkpointed index's centroids."""
-    flags = ("--refresh-every", "5", "--kmeans-warm-start")
+@pytest.mark.parametrize(
+    "option", [("--kmeans-warm-start",), ("--embedding-memory", "5")], ids=lambda o: o[0]
+)
+def test_refresh_options_resume_exactly(tmp_path, capsys, option):
+    """A run killed after its first checkpoint ends, once resumed, exactly where the
+    uninterrupted run ends: with --kmeans-warm-start the refreshes after the resume start
+    from the checkpointed index's centroids; with --embedding-memory they reuse the
+    checkpointed memory's rows."""
+    flags = ("--refresh-every", "5", *option)
     straight = tmp_path / "straight"
     assert _train(straight, *flags) == 0
     # What a SIGKILL after checkpoint 10 leaves: checkpoint 10, its history, no metrics.

@@ -104,6 +104,10 @@ class Method:
             passes ``TrainingData.labels = None``.
         has_refresh: True when :meth:`refresh` must run before the first step and then
             periodically (the trainer decides when).
+        refresh_embeds_model: True when :meth:`refresh` embeds the training set with the
+            trained parameters it is given (not a copy such as a momentum network), so
+            the embeddings the train steps computed can stand in for some of its own
+            (``--embedding-memory``).
         classifier, proxies: the heads the method asks the model for
             (:func:`magnet_jax.models.create_model`).
     """
@@ -111,6 +115,7 @@ class Method:
     name: ClassVar[str] = ""
     needs_labels: ClassVar[bool] = True
     has_refresh: ClassVar[bool] = False
+    refresh_embeds_model: ClassVar[bool] = False
     classifier: ClassVar[bool] = False
     proxies: ClassVar[bool] = False
 

@@ -101,6 +101,7 @@ class Magnet(Method):
 
     name = "magnet"
     has_refresh = True
+    refresh_embeds_model = True
 
     clusters_per_class: int = 4
     clusters_per_batch: int = 8
