@@ -119,6 +119,11 @@ def one_run(config, dataset) -> dict:
         {"step": i * run.refresh_every, **times} for i, times in enumerate(timed.refreshes)
     ]
     refresh_seconds = sum(r["embed_seconds"] + r["cluster_seconds"] for r in refreshes)
+    extra = {}
+    memory = curve["state"].memory
+    if memory is not None:  # the share of the training set the last period's steps embedded
+        written = np.asarray(memory.step)
+        extra["memory_rows_recent"] = float(np.mean(written >= config.steps - run.refresh_every))
     return {
         "seed": config.seed,
         **{name: metrics.get(name) for name in METRICS},
@@ -129,6 +134,7 @@ def one_run(config, dataset) -> dict:
         "refresh_fraction": refresh_seconds / train_seconds,
         "refreshes": refreshes,
         "load_average_at_start": load,
+        **extra,
     }
 
 
@@ -141,12 +147,28 @@ def warm_up(config, dataset) -> None:
     training.learning_curve(run, [4], evaluators=())
 
 
-def summarise(runs: dict[str, list[dict]]) -> dict:
+def epoch_fraction(run: dict, steps: int) -> float | None:
+    """A run's median refresh after the first over the time of the steps of one refresh
+    period (an epoch by default): what the refresh adds to an epoch, without the first
+    refresh (which every run needs before its first step) and the last period's
+    truncation."""
+    later = run["refreshes"][1:]
+    if not later:
+        return None
+    period = later[0]["step"]
+    step_seconds = (run["train_seconds"] - run["refresh_seconds"]) / steps
+    median = _median([r["embed_seconds"] + r["cluster_seconds"] for r in later])
+    return median / (period * step_seconds)
+
+
+def summarise(runs: dict[str, list[dict]], steps: int) -> dict:
     """Per arm: mean ± std of every metric over seeds, the paired difference to ``full``,
-    the median refresh (after the first) and the refreshes' share of training time."""
+    the median refresh (after the first), the refreshes' share of training time and a
+    refresh's share of an epoch (:func:`epoch_fraction`)."""
     summary = {}
     for arm, seeds in runs.items():
         later = [r for run in seeds for r in run["refreshes"][1:]]
+        fractions = [epoch_fraction(run, steps) for run in seeds]
         entry = {
             "seeds": [run["seed"] for run in seeds],
             "refresh_median_seconds": _median(
@@ -158,6 +180,7 @@ def summarise(runs: dict[str, list[dict]]) -> dict:
                 [run["refreshes"][0]["cluster_seconds"] for run in seeds]
             ),
             "refresh_fraction_mean": float(np.mean([run["refresh_fraction"] for run in seeds])),
+            "epoch_fraction_mean": (None if None in fractions else float(np.mean(fractions))),
             "train_seconds_mean": float(np.mean([run["train_seconds"] for run in seeds])),
         }
         for name in METRICS:
@@ -190,8 +213,8 @@ def table(summary: dict) -> str:
     lines = [
         "| arm | kNC error % | kNC − full (paired) | 1-NN error % | 5-NN error % "
         "| refresh s (embed + cluster), median | first refresh's cluster s "
-        "| refreshes / training time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| refreshes / training time | a refresh / an epoch of steps |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, entry in summary.items():
         paired = entry.get("knc_error_minus_full")
@@ -202,9 +225,27 @@ def table(summary: dict) -> str:
             f"| {entry['refresh_median_seconds']:.2f} ({entry['embed_median_seconds']:.2f} + "
             f"{entry['cluster_median_seconds']:.2f}) "
             f"| {entry['first_cluster_median_seconds']:.2f} "
-            f"| {entry['refresh_fraction_mean']:.1%} |"
+            f"| {entry['refresh_fraction_mean']:.1%} "
+            f"| {_percent(entry.get('epoch_fraction_mean'))} |"
         )
     return "\n".join(lines)
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def resummarise(name: str) -> dict:
+    """Recomputes the summary of ``results/<name>.json`` from its runs (e.g. after a column
+    was added), rewrites the file and returns it."""
+    import json
+
+    path = _common.RESULTS / f"{name}.json"
+    result = json.loads(path.read_text())
+    result["summary"] = summarise(result["runs"], result["steps"])
+    _common.write_json(path, result)
+    print(table(result["summary"]))
+    return result
 
 
 def main(argv=None) -> dict:
@@ -219,7 +260,14 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--output", default=None, help="results file name (default refresh / refresh_quick)"
     )
+    parser.add_argument(
+        "--summarise",
+        metavar="NAME",
+        help="recompute the summary of results/NAME.json from its runs; nothing is trained",
+    )
     args = parser.parse_args(argv)
+    if args.summarise:
+        return resummarise(args.summarise)
 
     from magnet_jax.config import TrainConfig
     from magnet_jax.data import load_dataset
@@ -238,7 +286,7 @@ def main(argv=None) -> dict:
         log(warning)
     base.update(num_devices=1, workdir="unused")
     batch = TrainConfig().batch_size
-    overrides = arms(-(-int(dataset.num_train) // batch))
+    overrides = arms(base.get("refresh_every") or -(-int(dataset.num_train) // batch))
     configs = {arm: TrainConfig(**base, **overrides[arm]) for arm in args.arms}
     started = time.perf_counter()
     for arm in args.arms:
@@ -255,7 +303,7 @@ def main(argv=None) -> dict:
                 f"refreshes {result['refresh_seconds']:.1f} s "
                 f"({result['refresh_fraction']:.1%}), load {result['load_average_at_start'][0]:.2f}"
             )
-    summary = summarise(runs)
+    summary = summarise(runs, base["steps"])
     config = TrainConfig(**base)
     result = {
         "benchmark": "refresh",

@@ -447,17 +447,16 @@ def build_step_functions(
         chunk = min(config.eval_chunk_size, rows.size)
         padded = np.concatenate([rows, np.full(-rows.size % chunk, rows[-1])]).astype(np.int32)
         pieces = [padded[start : start + chunk] for start in range(0, padded.size, chunk)]
-        sharding = batch_sharding if chunk % num_devices == 0 else replicated
         if isinstance(x, streaming.Loader):
             for piece, read in zip(pieces, x.rows_in_chunks(padded, chunk)):
                 into = embed_read_into(
-                    params, to_rows_array(read, chunk), into, jax.device_put(piece, replicated)
+                    params, to_rows_array(read, chunk), into, to_rows_array(piece, chunk)
                 )
                 if serialize:
                     into.block_until_ready()
         else:
             for piece in pieces:
-                into = embed_gathered_into(params, x, into, jax.device_put(piece, sharding))
+                into = embed_gathered_into(params, x, into, to_rows_array(piece, chunk))
                 if serialize:
                     into.block_until_ready()
         return jax.device_put(into, replicated)
