@@ -3,7 +3,9 @@
 A checkpoint holds three items:
 
 - ``state``: the :class:`~magnet_jax.training.TrainState` pytree (params, optimizer state,
-  step, RNG key);
+  step, RNG key, and the embedding memory of ``--embedding-memory`` runs), stored as the
+  dict of its fields that are not None, so that a field added later and unused (None)
+  leaves the item as checkpoints of earlier versions hold it;
 - ``index``: the training method's state (:mod:`magnet_jax.methods`), only when it holds
   arrays: the :class:`~magnet_jax.index.ClusterIndex` of the Magnet loss. The item keeps
   the name it had when the index was the only such state, so checkpoints of earlier
@@ -27,6 +29,7 @@ template and without creating anything: what a warm start (``--init-from``) need
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -55,6 +58,20 @@ class Restored(NamedTuple):
 
 
 _METHOD_ITEM = "index"
+
+
+def _state_item(state: Any) -> Any:
+    """A dataclass state as the dict of its fields that are not None (Orbax records a
+    None field in the tree, and a checkpoint without it would then not restore)."""
+    if not dataclasses.is_dataclass(state):
+        return state
+    values = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _state_from_item(template: Any, item: Any) -> Any:
+    """The inverse of :func:`_state_item`, for a state shaped like ``template``."""
+    return type(template)(**item) if dataclasses.is_dataclass(template) else item
 
 
 def _abstract(tree: Any) -> Any:
@@ -87,7 +104,7 @@ class Checkpointer:
     def save(self, step: int, state: Any, method_state: Any, meta: dict) -> None:
         """Saves ``step``; ``method_state`` None for a method without arrays of state."""
         items = {
-            "state": ocp.args.StandardSave(state),
+            "state": ocp.args.StandardSave(_state_item(state)),
             "meta": ocp.args.JsonSave(meta),
         }
         if method_state is not None:
@@ -124,7 +141,7 @@ class Checkpointer:
                 f"choose another --workdir"
             )
         items = {
-            "state": ocp.args.StandardRestore(_abstract(state_template)),
+            "state": ocp.args.StandardRestore(_abstract(_state_item(state_template))),
             "meta": ocp.args.JsonRestore(),
         }
         if method_template is not None:
@@ -140,7 +157,8 @@ class Checkpointer:
                 f"version or configuration; choose another --workdir ({error})"
             ) from error
         method_state = restored[_METHOD_ITEM] if method_template is not None else None
-        return Restored(step, restored["state"], method_state, dict(restored["meta"]))
+        state = _state_from_item(state_template, restored["state"])
+        return Restored(step, state, method_state, dict(restored["meta"]))
 
     def restore_latest(
         self,

@@ -7,9 +7,11 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from magnet_jax import embedding_memory, training
+from magnet_jax.checkpoint import Checkpointer
 from magnet_jax.config import TrainConfig
 from magnet_jax.workdir import check_same_run
 
@@ -120,3 +122,28 @@ def test_the_memory_is_recorded_and_cannot_change_on_resume():
     # A config.json from before the option: no memory, which is what the run had.
     del saved["embedding_memory"]
     check_same_run({**saved, "embedding_memory": 0}, TrainConfig(), "W", 10)
+
+
+def test_checkpoints_hold_the_memory_only_when_there_is_one(tmp_path):
+    """Without a memory the state item is the one earlier versions wrote (no ``memory``
+    entry), so their checkpoints restore; with one it round-trips exactly."""
+    run = _run(embedding_memory=3)
+    state = run.initial_state
+    state = state.replace(
+        memory=embedding_memory.remember(
+            state.memory, jnp.array([2, 5]), jnp.ones((2, state.memory.embeddings.shape[1])), 1
+        )
+    )
+    checkpointer = Checkpointer(tmp_path / "with")
+    checkpointer.save(1, state, None, {})
+    restored = checkpointer.restore(1, run.initial_state, None).state
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(a, b)
+    checkpointer.close()
+
+    plain = state.replace(memory=None)
+    checkpointer = Checkpointer(tmp_path / "without")
+    checkpointer.save(1, plain, None, {})
+    checkpointer.close()
+    saved = ocp.PyTreeCheckpointHandler().metadata(tmp_path / "without" / "1" / "state").tree
+    assert sorted(saved) == ["opt_state", "params", "rng", "step"]
