@@ -179,15 +179,29 @@ def _num_blocks(labels: np.ndarray, num_classes: int) -> int:
     return min(bound, -(-needed // quantum) * quantum)
 
 
-def _class_blocks(
-    x: jax.Array, labels: jax.Array, num_classes: int, num_blocks: int | None = None
-) -> _ClassBlocks:
-    """Lays ``x`` ``[N, d]`` out as :class:`_ClassBlocks` (jittable).
+class _Layout(NamedTuple):
+    """Where every example goes in :class:`_ClassBlocks` (integers only, no data).
 
-    ``num_blocks`` (static) must be at least what the labels need (see
-    :func:`_num_blocks`); None takes the bound for any labelling.
+    Attributes:
+      source: ``[B, rows]`` int32 example of every row; ``N`` on padding rows.
+      block_class: ``[B]`` int32 class of every block.
+      position: ``[N]`` int32 row of every example in the flattened blocks.
     """
-    n, d = x.shape
+
+    source: jax.Array
+    block_class: jax.Array
+    position: jax.Array
+
+
+def _layout(labels: jax.Array, num_classes: int, num_blocks: int | None = None) -> _Layout:
+    """:class:`_Layout` of traced ``[N]`` labels (jittable).
+
+    Blocks of a class are consecutive, classes in increasing order, examples of a class
+    in increasing index order (a stable sort by label). ``num_blocks`` (static) must be
+    at least what the labels need (see :func:`_num_blocks`); None takes the bound for
+    any labelling. :func:`_layout_host` computes the same arrays with NumPy.
+    """
+    n = labels.shape[0]
     rows = _block_rows(n, num_classes)
     if num_blocks is None:
         num_blocks = _max_blocks(n, num_classes)
@@ -201,12 +215,54 @@ def _class_blocks(
     position = (first_block[labels] * rows + rank - class_start[labels]).astype(jnp.int32)
     block_class = jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right")
     block_class = jnp.minimum(block_class, num_classes - 1).astype(jnp.int32)
-    # Rows gathered from x (a gather of rows is much cheaper than a scatter on the CPU).
     within = (jnp.arange(num_blocks) - first_block[block_class])[:, None] * rows + jnp.arange(rows)
     in_class = within < sizes[block_class][:, None]  # [B, rows]; False on padding
-    source = order[jnp.minimum(class_start[block_class][:, None] + within, n - 1)]
-    points = jnp.where(in_class[..., None], x[source], 0)
-    return _ClassBlocks(points, jnp.sum(jnp.square(points), axis=-1), block_class, position)
+    source = jnp.where(
+        in_class, order[jnp.minimum(class_start[block_class][:, None] + within, n - 1)], n
+    )
+    return _Layout(source.astype(jnp.int32), block_class, position)
+
+
+def _layout_host(labels: np.ndarray, num_classes: int, num_blocks: int) -> _Layout:
+    """:func:`_layout` of concrete ``[N]`` labels, computed with NumPy on the host (a
+    stable sort there is much cheaper than XLA's on the CPU); the same integers."""
+    labels = np.asarray(labels, np.int64)
+    n = labels.shape[0]
+    rows = _block_rows(n, num_classes)
+    sizes = np.bincount(labels, minlength=num_classes)
+    blocks_per_class = -(-sizes // rows)
+    block_end = np.cumsum(blocks_per_class)
+    class_start = np.cumsum(sizes) - sizes
+    first_block = block_end - blocks_per_class
+    # Labels below 2^16 sort as uint16, where NumPy's stable sort is a radix sort.
+    keys = labels.astype(np.uint16) if num_classes <= 1 << 16 else labels
+    order = np.argsort(keys, kind="stable")
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    position = first_block[labels] * rows + rank - class_start[labels]
+    block_class = np.searchsorted(block_end, np.arange(num_blocks), side="right")
+    block_class = np.minimum(block_class, num_classes - 1)
+    within = (np.arange(num_blocks) - first_block[block_class])[:, None] * rows + np.arange(rows)
+    in_class = within < sizes[block_class][:, None]
+    source = np.where(
+        in_class, order[np.minimum(class_start[block_class][:, None] + within, n - 1)], n
+    )
+    return _Layout(
+        jnp.asarray(source.astype(np.int32)),
+        jnp.asarray(block_class.astype(np.int32)),
+        jnp.asarray(position.astype(np.int32)),
+    )
+
+
+def _class_blocks(x: jax.Array, layout: _Layout) -> _ClassBlocks:
+    """Lays ``x`` ``[N, d]`` out as :class:`_ClassBlocks` by ``layout`` (jittable)."""
+    n = x.shape[0]
+    source = layout.source
+    # Rows gathered from x (a gather of rows is much cheaper than a scatter on the CPU).
+    points = jnp.where((source < n)[..., None], x[jnp.minimum(source, n - 1)], 0)
+    return _ClassBlocks(
+        points, jnp.sum(jnp.square(points), axis=-1), layout.block_class, layout.position
+    )
 
 
 def _sq_distances_to_class_rows(
@@ -369,7 +425,7 @@ def assign_to_centroids(
         )
     dtype = _compute_dtype(jnp.result_type(embeddings, centroids))
     labels = labels.astype(jnp.int32)
-    blocks = _class_blocks(embeddings.astype(dtype), labels, centroids.shape[0])
+    blocks = _class_blocks(embeddings.astype(dtype), _layout(labels, centroids.shape[0]))
     return _nearest_slot(blocks, labels, centroids.astype(dtype), valid.astype(bool))
 
 
@@ -550,7 +606,7 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, block
     """
     n = x.shape[0]
     if blocks is None:
-        blocks = _class_blocks(x, labels, num_classes)
+        blocks = _class_blocks(x, _layout(labels, num_classes))
     rows = jnp.arange(n)
     class_sq_norms = jax.ops.segment_sum(jnp.sum(jnp.square(x), axis=-1), labels, num_classes)
 
@@ -904,6 +960,7 @@ def _kmeans_per_class_core(
     tolerance,
     initial_centroids,
     initial_valid,
+    layout,
     *,
     k,
     num_classes,
@@ -928,7 +985,9 @@ def _kmeans_per_class_core(
     first = jax.ops.segment_min(jnp.arange(n, dtype=jnp.int32), labels, num_classes)
     offsets = jnp.where((first < n)[:, None], x[jnp.minimum(first, n - 1)], 0)
     x = x - offsets[labels]
-    blocks = _class_blocks(x, labels, num_classes, num_blocks)
+    if layout is None:
+        layout = _layout(labels, num_classes, num_blocks)
+    blocks = _class_blocks(x, layout)
     initial = None
     if initial_centroids is not None:
         initial = (initial_centroids.astype(x.dtype) - offsets[:, None, :], initial_valid)
@@ -1188,6 +1247,7 @@ def kmeans_per_class(
     elif initial_valid is not None:
         raise ValueError("initial_valid needs initial_centroids.")
 
+    num_blocks = _num_blocks(labels_host, int(num_classes)) if labels_concrete else None
     return _kmeans_per_class_jit(
         embeddings,
         labels,
@@ -1195,6 +1255,9 @@ def kmeans_per_class(
         tolerance,
         initial_centroids,
         initial_valid,
+        # Concrete labels: the layout is computed on the host and passed in; traced
+        # labels get it inside the jitted call (the same integers).
+        _layout_host(labels_host, int(num_classes), num_blocks) if labels_concrete else None,
         k=int(k),
         num_classes=int(num_classes),
         max_iterations=int(max_iterations),
@@ -1202,5 +1265,5 @@ def kmeans_per_class(
         num_local_trials=int(num_local_trials),
         refine_steps=int(refine_steps),
         exhaustive_max_points=int(exhaustive_max_points),
-        num_blocks=_num_blocks(labels_host, int(num_classes)) if labels_concrete else None,
+        num_blocks=num_blocks,
     )
