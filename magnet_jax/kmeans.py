@@ -268,6 +268,15 @@ def _class_blocks(x: jax.Array, layout: _Layout) -> _ClassBlocks:
 def _sq_distances_to_class_rows(
     blocks: _ClassBlocks, table: jax.Array, *, expand: bool = False
 ) -> jax.Array:
+    """``[N, m]`` :func:`_block_sq_distances` in example order."""
+    num_blocks, rows, _ = blocks.points.shape
+    sq = _block_sq_distances(blocks, table, expand=expand)
+    return sq.reshape(num_blocks * rows, table.shape[1])[blocks.position]
+
+
+def _block_sq_distances(
+    blocks: _ClassBlocks, table: jax.Array, *, expand: bool = False
+) -> jax.Array:
     """Squared distance of every example to every row of its own class's table.
 
     Args:
@@ -279,10 +288,10 @@ def _sq_distances_to_class_rows(
         centroid, hence k-means++ and the final assignment use the difference form.
 
     Returns:
-      ``[N, m]`` with ``‖x_i − table[labels_i, j]‖²``.
+      ``[B, rows, m]`` with ``‖x_i − table[labels_i, j]‖²`` in the row of example ``i``
+      (padding rows: the distances of a zero point).
     """
-    num_blocks, rows, d = blocks.points.shape
-    m = table.shape[1]
+    rows = blocks.points.shape[1]
     per_block = table[blocks.block_class]  # [B, m, d]
     if expand and rows >= _EXPANSION_MIN_BLOCK_ROWS:
         # −2 is folded into the operand (exact: a power of two) rather than applied to the
@@ -300,12 +309,11 @@ def _sq_distances_to_class_rows(
         # [B, rows, m, d] tensor is never materialised (a lax.map over chunks of blocks
         # gives the same values bit for bit, more slowly).
         sq = jnp.sum(jnp.square(blocks.points[:, :, None, :] - per_block[:, None]), axis=-1)
-    return sq.reshape(num_blocks * rows, m)[blocks.position]
+    return sq
 
 
 def _nearest_slot(
     blocks: _ClassBlocks,
-    labels: jax.Array,
     centroids: jax.Array,
     valid: jax.Array,
     fast: bool = False,
@@ -314,20 +322,34 @@ def _nearest_slot(
 
     Args:
       blocks: the ``N`` examples, see :class:`_ClassBlocks`.
-      labels: ``[N]`` class of every example.
       centroids: ``[C, k, d]``.
       valid: ``[C, k]`` bool.
 
     Returns:
       ``(slot [N] int32, sq_distance [N])``; slot 0 and ``+inf`` when the class has no
       valid slot. Ties go to the lowest slot. ``fast`` passes ``expand`` to
-      :func:`_sq_distances_to_class_rows` (only for data centred per class).
+      :func:`_block_sq_distances` (only for data centred per class). The minimum is
+      taken in the block layout; only the ``[N]`` results are gathered into example
+      order.
     """
     sq_distances = jnp.where(
-        valid[labels], _sq_distances_to_class_rows(blocks, centroids, expand=fast), jnp.inf
-    )
-    slot = jnp.argmin(sq_distances, axis=1).astype(jnp.int32)
-    return slot, jnp.take_along_axis(sq_distances, slot[:, None], axis=1)[:, 0]
+        valid[blocks.block_class][:, None, :],
+        _block_sq_distances(blocks, centroids, expand=fast),
+        jnp.inf,
+    )  # [B, rows, k]
+    slot = jnp.argmin(sq_distances, axis=-1).astype(jnp.int32)
+    return slot.reshape(-1)[blocks.position], jnp.min(sq_distances, axis=-1).reshape(-1)[
+        blocks.position
+    ]
+
+
+def _row_sq_distances(blocks: _ClassBlocks, centres: jax.Array) -> jax.Array:
+    """``[N]`` squared distance of every example to its class's row of ``centres``
+    ``[C, d]`` (difference form), computed in the block layout: no ``[N, d]`` gather of
+    ``centres`` by label."""
+    per_block = centres[blocks.block_class]  # [B, d]
+    sq = jnp.sum(jnp.square(blocks.points - per_block[:, None, :]), axis=-1)
+    return sq.reshape(-1)[blocks.position]
 
 
 def _segment_argmax(
@@ -421,7 +443,7 @@ def assign_to_centroids(
     dtype = _compute_dtype(jnp.result_type(embeddings, centroids))
     labels = labels.astype(jnp.int32)
     blocks = _class_blocks(embeddings.astype(dtype), _layout(labels, centroids.shape[0]))
-    return _nearest_slot(blocks, labels, centroids.astype(dtype), valid.astype(bool))
+    return _nearest_slot(blocks, centroids.astype(dtype), valid.astype(bool))
 
 
 def centroids_from_assignments(
@@ -486,7 +508,7 @@ def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials
     first = jnp.where(found[:, None], x[index], 0)
     centroids = jnp.zeros((num_classes, k, d), x.dtype).at[:, 0].set(first)
     active = jnp.zeros((num_classes, k), bool).at[:, 0].set(found)
-    min_sq = jnp.sum(jnp.square(x - first[labels]), axis=-1)
+    min_sq = _row_sq_distances(blocks, first)
     sq_norms = jnp.sum(jnp.square(x), axis=-1)
 
     def round_fn(slot, carry):
@@ -663,7 +685,7 @@ def _warm_start(x, labels, blocks, centroids, valid, *, num_classes, k):
     Returns:
       ``(centroids [C, k, d], active [C, k] bool)``, as :func:`_kmeans_plusplus`.
     """
-    assignments, _ = _nearest_slot(blocks, labels, centroids, valid, fast=True)
+    assignments, _ = _nearest_slot(blocks, centroids, valid, fast=True)
     sums, counts = _class_sums(x, labels, assignments, num_classes, k)
     own = jnp.where(valid[labels, assignments][:, None], centroids[labels, assignments], 0)
     sums, counts, active = _relocate_empty(
@@ -720,9 +742,7 @@ def _kmeans_single(
     class_sizes = jax.ops.segment_sum(jnp.ones((n,), x.dtype), labels, num_classes)
     class_means = jax.ops.segment_sum(x, labels, num_classes) / jnp.maximum(class_sizes, 1)[:, None]
     class_variance = (
-        jax.ops.segment_sum(
-            jnp.sum(jnp.square(x - class_means[labels]), axis=-1), labels, num_classes
-        )
+        jax.ops.segment_sum(_row_sq_distances(blocks, class_means), labels, num_classes)
         / jnp.maximum(class_sizes, 1)
         / d
     )
@@ -732,7 +752,7 @@ def _kmeans_single(
         return (state.iteration < max_iterations) & ~jnp.all(state.class_converged)
 
     def body_fn(state: _LloydState):
-        assignments, _ = _nearest_slot(blocks, labels, state.centroids, state.active, fast=True)
+        assignments, _ = _nearest_slot(blocks, state.centroids, state.active, fast=True)
         sums, counts = _class_sums(x, labels, assignments, num_classes, k)
         any_empty = jnp.any(state.active & (counts == 0))
 
@@ -783,7 +803,7 @@ def _kmeans_single(
     converged = jnp.all(state.class_converged)
     centroids = state.centroids
     if refine_steps > 0:
-        assignments, _ = _nearest_slot(blocks, labels, centroids, state.active, fast=True)
+        assignments, _ = _nearest_slot(blocks, centroids, state.active, fast=True)
         assignments, _, _ = _hartigan_refine(
             x,
             labels,
@@ -797,7 +817,7 @@ def _kmeans_single(
         centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
     # Final assignment step so that assignments, counts and inertia all refer to the
     # returned centroids.
-    assignments, sq_distances = _nearest_slot(blocks, labels, centroids, state.active)
+    assignments, sq_distances = _nearest_slot(blocks, centroids, state.active)
     _, counts = _class_sums(x, labels, assignments, num_classes, k)
     inertia = jax.ops.segment_sum(sq_distances, labels, num_classes)
     centroids = jnp.where(counts[..., None] > 0, centroids, 0)
@@ -930,7 +950,7 @@ def _prefer_exact_two_means(
     candidate, exact = _exact_two_means(x, labels, num_classes=num_classes, max_points=max_points)
     sums, counts = _class_sums(x, labels, candidate, num_classes, 2)
     centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
-    assignments, sq_distances = _nearest_slot(blocks, labels, centroids, counts > 0)
+    assignments, sq_distances = _nearest_slot(blocks, centroids, counts > 0)
     _, counts = _class_sums(x, labels, assignments, num_classes, 2)
     inertia = jax.ops.segment_sum(sq_distances, labels, num_classes)
     centroids = jnp.where(counts[..., None] > 0, centroids, 0)
