@@ -503,7 +503,6 @@ def test_jit_matches_eager_and_is_deterministic():
         np.testing.assert_array_equal(a, b, err_msg=field)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("sizes", [(7, 0, 30, 1, 64), (100, 90, 130, 3), (5, 5, 5)])
 def test_host_layout_equals_traced_layout(sizes):
     """The class-block layout computed with NumPy for concrete labels (the fast path) is
@@ -532,6 +531,7 @@ def test_host_layout_equals_traced_layout(sizes):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_disable_jit_matches_jit():
     x = np.array([[0, 0], [0, 1], [9, 9], [8, 9], [5, 5], [5, 6], [-5, 5]], np.float32)
     y = np.array([0, 0, 0, 0, 1, 1, 1], np.int32)
