@@ -143,12 +143,14 @@ class _ClassBlocks(NamedTuple):
       sq_norms: ``[B, rows]`` their squared norms.
       block_class: ``[B]`` int32 class of every block.
       position: ``[N]`` int32 row of every example in ``points.reshape(-1, d)``.
+      source: ``[B, rows]`` int32 example of every row; ``N`` on padding rows.
     """
 
     points: jax.Array
     sq_norms: jax.Array
     block_class: jax.Array
     position: jax.Array
+    source: jax.Array
 
 
 def _block_rows(n: int, num_classes: int) -> int:
@@ -261,7 +263,11 @@ def _class_blocks(x: jax.Array, layout: _Layout) -> _ClassBlocks:
     # Rows gathered from x (a gather of rows is much cheaper than a scatter on the CPU).
     points = jnp.where((source < n)[..., None], x[jnp.minimum(source, n - 1)], 0)
     return _ClassBlocks(
-        points, jnp.sum(jnp.square(points), axis=-1), layout.block_class, layout.position
+        points,
+        jnp.sum(jnp.square(points), axis=-1),
+        layout.block_class,
+        layout.position,
+        layout.source,
     )
 
 
@@ -624,7 +630,6 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, block
     n = x.shape[0]
     if blocks is None:
         blocks = _class_blocks(x, _layout(labels, num_classes))
-    rows = jnp.arange(n)
     class_sq_norms = jax.ops.segment_sum(jnp.sum(jnp.square(x), axis=-1), labels, num_classes)
 
     def partition_inertia(sums, counts):
@@ -637,18 +642,23 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, block
         assignments, step, _ = carry
         sums, counts = _class_sums(x, labels, assignments, num_classes, k)
         centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
-        sq = _sq_distances_to_class_rows(blocks, centroids, expand=True)  # [N, k]
-        sizes = counts[labels].astype(x.dtype)  # [N, k]
-        own_size = sizes[rows, assignments]
-        own_sq = sq[rows, assignments]
+        # Per example, in the block layout (one [k] row of counts per block, no [N, k]
+        # gathers by label); only the [N] results are gathered into example order.
+        sq = _block_sq_distances(blocks, centroids, expand=True)  # [B, rows, k]
+        own = jnp.where(
+            blocks.source < n, assignments[jnp.minimum(blocks.source, n - 1)], 0
+        )  # [B, rows]
+        block_counts = counts[blocks.block_class][:, None, :]  # [B, 1, k]
+        sizes = block_counts.astype(x.dtype)
+        own_size = jnp.take_along_axis(sizes, own[..., None], axis=-1)[..., 0]
+        own_sq = jnp.take_along_axis(sq, own[..., None], axis=-1)[..., 0]
         removal = own_size / jnp.maximum(own_size - 1, 1) * own_sq
         addition = sizes / (sizes + 1) * sq
-        allowed = (
-            (counts[labels] > 0) & (jnp.arange(k) != assignments[:, None]) & (own_size > 1)[:, None]
-        )
-        change = jnp.where(allowed, addition - removal[:, None], jnp.inf)
-        target = jnp.argmin(change, axis=1).astype(jnp.int32)
-        best = change[rows, target]
+        allowed = (block_counts > 0) & (jnp.arange(k) != own[..., None]) & (own_size > 1)[..., None]
+        change = jnp.where(allowed, addition - removal[..., None], jnp.inf)
+        target = jnp.argmin(change, axis=-1).astype(jnp.int32).reshape(-1)[blocks.position]
+        best = jnp.min(change, axis=-1).reshape(-1)[blocks.position]
+        own_sq = own_sq.reshape(-1)[blocks.position]
         class_inertia = jax.ops.segment_sum(own_sq, labels, num_classes)
         improves = best < -1e-6 * class_inertia[labels]
         index, found = _segment_argmax(jnp.where(improves, -best, -jnp.inf), labels, num_classes)
