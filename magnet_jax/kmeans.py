@@ -515,7 +515,6 @@ def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials
     centroids = jnp.zeros((num_classes, k, d), x.dtype).at[:, 0].set(first)
     active = jnp.zeros((num_classes, k), bool).at[:, 0].set(found)
     min_sq = _row_sq_distances(blocks, first)
-    sq_norms = jnp.sum(jnp.square(x), axis=-1)
 
     def round_fn(slot, carry):
         centroids, active, min_sq = carry
@@ -535,14 +534,18 @@ def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials
         )
         index = index.reshape(num_local_trials, num_classes) % n  # [trials, C]
         candidates = jnp.swapaxes(x[index], 0, 1)  # [C, trials, d]
-        candidate_sq = _sq_distances_to_class_rows(blocks, candidates, expand=True)
+        candidate_sq = _block_sq_distances(blocks, candidates, expand=True)  # [B, rows, T]
         # The expansion leaves rounding residue (relative to the norms) where a point
         # sits on a candidate; k-means++ must see exactly 0 there, so that a point or a
-        # copy of it is never picked twice.
-        scale = sq_norms[:, None] + jnp.sum(jnp.square(candidates), axis=-1)[labels]
+        # copy of it is never picked twice. (In the block layout: one row of candidate
+        # norms per block, no [N, trials] gather by label.)
+        scale = (
+            blocks.sq_norms[..., None]
+            + jnp.sum(jnp.square(candidates), axis=-1)[blocks.block_class][:, None, :]
+        )
         candidate_sq = jnp.where(
             candidate_sq <= 64 * jnp.finfo(x.dtype).eps * scale, 0, candidate_sq
-        )
+        ).reshape(-1, num_local_trials)[blocks.position]  # [N, T]
         candidate_min_sq = jnp.minimum(min_sq[:, None], candidate_sq)
         potentials = jax.ops.segment_sum(candidate_min_sq, labels, num_classes)
         best_trial = jnp.argmin(potentials, axis=1)  # [C]; ties: the earlier trial
@@ -1001,7 +1004,7 @@ def _kmeans_per_class_core(
     tolerance = jnp.asarray(tolerance, x.dtype)
     # k-means is translation invariant: cluster every class relative to one of its own
     # examples (the first). Distances by the expansion ‖x‖² − 2x·c + ‖c‖²
-    # (`_sq_distances_to_class_rows(expand=True)`) then cancel only O(spread²), not
+    # (`_block_sq_distances(expand=True)`) then cancel only O(spread²), not
     # O(offset²), and the
     # centroid sums carry no large common offset. A data point (rather than the class
     # mean) keeps exact duplicates of it exactly at 0. It is added back to the
