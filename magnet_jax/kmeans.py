@@ -8,7 +8,11 @@ flat arrays, with per-class reductions done by ``jax.ops.segment_*`` over the la
 Distances to per-class centroids are computed on the examples laid out once per call in
 blocks of rows of a single class (a class padded to whole blocks of a power of two up to
 its mean size; see :class:`_ClassBlocks`), so every block needs one ``[k, d]`` table and
-a matrix product, never an ``[N, k, d]`` gather of centroids. Memory is O(N·d + C·k·d).
+a matrix product, never an ``[N, k, d]`` gather of centroids; per-example minima over the
+slots are taken in that layout, and only ``[N]`` results are gathered back into example
+order. Where the labels are concrete, the layout (a stable sort by label) is computed with
+NumPy before the jitted call; traced labels get the same layout inside it. Memory is
+O(N·d + C·k·d).
 
 The algorithm follows scikit-learn's ``KMeans(init="k-means++", algorithm="lloyd")``
 class by class:
@@ -291,7 +295,8 @@ def _block_sq_distances(
       expand: use ``‖x‖² − 2x·c + ‖c‖²`` (clamped at 0) where blocks are large enough
         for it to be faster; only for data centred per class (see
         :func:`_kmeans_per_class_core`). It is not exactly 0 for a point on its
-        centroid, hence k-means++ and the final assignment use the difference form.
+        centroid, hence the final assignment uses the difference form (k-means++ zeroes
+        the residue).
 
     Returns:
       ``[B, rows, m]`` with ``‖x_i − table[labels_i, j]‖²`` in the row of example ``i``
