@@ -8,7 +8,11 @@ flat arrays, with per-class reductions done by ``jax.ops.segment_*`` over the la
 Distances to per-class centroids are computed on the examples laid out once per call in
 blocks of rows of a single class (a class padded to whole blocks of a power of two up to
 its mean size; see :class:`_ClassBlocks`), so every block needs one ``[k, d]`` table and
-a matrix product, never an ``[N, k, d]`` gather of centroids. Memory is O(N·d + C·k·d).
+a matrix product, never an ``[N, k, d]`` gather of centroids; per-example minima over the
+slots are taken in that layout, and only ``[N]`` results are gathered back into example
+order. Where the labels are concrete, the layout (a stable sort by label) is computed with
+NumPy before the jitted call; traced labels get the same layout inside it. Memory is
+O(N·d + C·k·d).
 
 The algorithm follows scikit-learn's ``KMeans(init="k-means++", algorithm="lloyd")``
 class by class:
@@ -117,8 +121,8 @@ def _compute_dtype(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-# Elements of the ``[chunk, rows, m, d]`` difference tensor processed together when
-# distances are computed block by block: bounds the memory of an unfused difference.
+# Elements processed together per chunk of classes by :func:`_exact_two_means`: bounds
+# the memory of its ``[chunk, L, H]`` partition scores.
 _CHUNK_FLOATS = 1 << 22
 
 # Smallest and largest rows per block of :class:`_ClassBlocks`.
@@ -143,12 +147,14 @@ class _ClassBlocks(NamedTuple):
       sq_norms: ``[B, rows]`` their squared norms.
       block_class: ``[B]`` int32 class of every block.
       position: ``[N]`` int32 row of every example in ``points.reshape(-1, d)``.
+      source: ``[B, rows]`` int32 example of every row; ``N`` on padding rows.
     """
 
     points: jax.Array
     sq_norms: jax.Array
     block_class: jax.Array
     position: jax.Array
+    source: jax.Array
 
 
 def _block_rows(n: int, num_classes: int) -> int:
@@ -179,15 +185,29 @@ def _num_blocks(labels: np.ndarray, num_classes: int) -> int:
     return min(bound, -(-needed // quantum) * quantum)
 
 
-def _class_blocks(
-    x: jax.Array, labels: jax.Array, num_classes: int, num_blocks: int | None = None
-) -> _ClassBlocks:
-    """Lays ``x`` ``[N, d]`` out as :class:`_ClassBlocks` (jittable).
+class _Layout(NamedTuple):
+    """Where every example goes in :class:`_ClassBlocks` (integers only, no data).
 
-    ``num_blocks`` (static) must be at least what the labels need (see
-    :func:`_num_blocks`); None takes the bound for any labelling.
+    Attributes:
+      source: ``[B, rows]`` int32 example of every row; ``N`` on padding rows.
+      block_class: ``[B]`` int32 class of every block.
+      position: ``[N]`` int32 row of every example in the flattened blocks.
     """
-    n, d = x.shape
+
+    source: jax.Array
+    block_class: jax.Array
+    position: jax.Array
+
+
+def _layout(labels: jax.Array, num_classes: int, num_blocks: int | None = None) -> _Layout:
+    """:class:`_Layout` of traced ``[N]`` labels (jittable).
+
+    Blocks of a class are consecutive, classes in increasing order, examples of a class
+    in increasing index order (a stable sort by label). ``num_blocks`` (static) must be
+    at least what the labels need (see :func:`_num_blocks`); None takes the bound for
+    any labelling. :func:`_layout_host` computes the same arrays with NumPy.
+    """
+    n = labels.shape[0]
     rows = _block_rows(n, num_classes)
     if num_blocks is None:
         num_blocks = _max_blocks(n, num_classes)
@@ -201,15 +221,70 @@ def _class_blocks(
     position = (first_block[labels] * rows + rank - class_start[labels]).astype(jnp.int32)
     block_class = jnp.searchsorted(block_end, jnp.arange(num_blocks), side="right")
     block_class = jnp.minimum(block_class, num_classes - 1).astype(jnp.int32)
-    # Rows gathered from x (a gather of rows is much cheaper than a scatter on the CPU).
     within = (jnp.arange(num_blocks) - first_block[block_class])[:, None] * rows + jnp.arange(rows)
     in_class = within < sizes[block_class][:, None]  # [B, rows]; False on padding
-    source = order[jnp.minimum(class_start[block_class][:, None] + within, n - 1)]
-    points = jnp.where(in_class[..., None], x[source], 0)
-    return _ClassBlocks(points, jnp.sum(jnp.square(points), axis=-1), block_class, position)
+    source = jnp.where(
+        in_class, order[jnp.minimum(class_start[block_class][:, None] + within, n - 1)], n
+    )
+    return _Layout(source.astype(jnp.int32), block_class, position)
+
+
+def _layout_host(labels: np.ndarray, num_classes: int, num_blocks: int) -> _Layout:
+    """:func:`_layout` of concrete ``[N]`` labels, computed with NumPy on the host (a
+    stable sort there is much cheaper than XLA's on the CPU); the same integers."""
+    labels = np.asarray(labels, np.int64)
+    n = labels.shape[0]
+    rows = _block_rows(n, num_classes)
+    sizes = np.bincount(labels, minlength=num_classes)
+    blocks_per_class = -(-sizes // rows)
+    block_end = np.cumsum(blocks_per_class)
+    class_start = np.cumsum(sizes) - sizes
+    first_block = block_end - blocks_per_class
+    # Labels below 2^16 sort as uint16, where NumPy's stable sort is a radix sort.
+    keys = labels.astype(np.uint16) if num_classes <= 1 << 16 else labels
+    order = np.argsort(keys, kind="stable")
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
+    position = first_block[labels] * rows + rank - class_start[labels]
+    block_class = np.searchsorted(block_end, np.arange(num_blocks), side="right")
+    block_class = np.minimum(block_class, num_classes - 1)
+    within = (np.arange(num_blocks) - first_block[block_class])[:, None] * rows + np.arange(rows)
+    in_class = within < sizes[block_class][:, None]
+    source = np.where(
+        in_class, order[np.minimum(class_start[block_class][:, None] + within, n - 1)], n
+    )
+    return _Layout(
+        jnp.asarray(source.astype(np.int32)),
+        jnp.asarray(block_class.astype(np.int32)),
+        jnp.asarray(position.astype(np.int32)),
+    )
+
+
+def _class_blocks(x: jax.Array, layout: _Layout) -> _ClassBlocks:
+    """Lays ``x`` ``[N, d]`` out as :class:`_ClassBlocks` by ``layout`` (jittable)."""
+    n = x.shape[0]
+    source = layout.source
+    # Rows gathered from x (a gather of rows is much cheaper than a scatter on the CPU).
+    points = jnp.where((source < n)[..., None], x[jnp.minimum(source, n - 1)], 0)
+    return _ClassBlocks(
+        points,
+        jnp.sum(jnp.square(points), axis=-1),
+        layout.block_class,
+        layout.position,
+        layout.source,
+    )
 
 
 def _sq_distances_to_class_rows(
+    blocks: _ClassBlocks, table: jax.Array, *, expand: bool = False
+) -> jax.Array:
+    """``[N, m]`` :func:`_block_sq_distances` in example order."""
+    num_blocks, rows, _ = blocks.points.shape
+    sq = _block_sq_distances(blocks, table, expand=expand)
+    return sq.reshape(num_blocks * rows, table.shape[1])[blocks.position]
+
+
+def _block_sq_distances(
     blocks: _ClassBlocks, table: jax.Array, *, expand: bool = False
 ) -> jax.Array:
     """Squared distance of every example to every row of its own class's table.
@@ -220,13 +295,14 @@ def _sq_distances_to_class_rows(
       expand: use ``‖x‖² − 2x·c + ‖c‖²`` (clamped at 0) where blocks are large enough
         for it to be faster; only for data centred per class (see
         :func:`_kmeans_per_class_core`). It is not exactly 0 for a point on its
-        centroid, hence k-means++ and the final assignment use the difference form.
+        centroid, hence the final assignment uses the difference form (k-means++ zeroes
+        the residue).
 
     Returns:
-      ``[N, m]`` with ``‖x_i − table[labels_i, j]‖²``.
+      ``[B, rows, m]`` with ``‖x_i − table[labels_i, j]‖²`` in the row of example ``i``
+      (padding rows: the distances of a zero point).
     """
-    num_blocks, rows, d = blocks.points.shape
-    m = table.shape[1]
+    rows = blocks.points.shape[1]
     per_block = table[blocks.block_class]  # [B, m, d]
     if expand and rows >= _EXPANSION_MIN_BLOCK_ROWS:
         # −2 is folded into the operand (exact: a power of two) rather than applied to the
@@ -240,21 +316,15 @@ def _sq_distances_to_class_rows(
             0,
         )
     else:
-        # Chunks of blocks bound the [chunk, rows, m, d] difference should XLA not fuse
-        # it into the reduction.
-        chunk = int(min(num_blocks, max(1, _CHUNK_FLOATS // (rows * m * d))))
-
-        def one_block(block):
-            points, centres = block
-            return jnp.sum(jnp.square(points[:, None, :] - centres[None]), axis=-1)
-
-        sq = jax.lax.map(one_block, (blocks.points, per_block), batch_size=chunk)
-    return sq.reshape(num_blocks * rows, m)[blocks.position]
+        # One fused loop: XLA fuses the broadcast difference into the reduction, so the
+        # [B, rows, m, d] tensor is never materialised (a lax.map over chunks of blocks
+        # gives the same values bit for bit, more slowly).
+        sq = jnp.sum(jnp.square(blocks.points[:, :, None, :] - per_block[:, None]), axis=-1)
+    return sq
 
 
 def _nearest_slot(
     blocks: _ClassBlocks,
-    labels: jax.Array,
     centroids: jax.Array,
     valid: jax.Array,
     fast: bool = False,
@@ -263,20 +333,34 @@ def _nearest_slot(
 
     Args:
       blocks: the ``N`` examples, see :class:`_ClassBlocks`.
-      labels: ``[N]`` class of every example.
       centroids: ``[C, k, d]``.
       valid: ``[C, k]`` bool.
 
     Returns:
       ``(slot [N] int32, sq_distance [N])``; slot 0 and ``+inf`` when the class has no
       valid slot. Ties go to the lowest slot. ``fast`` passes ``expand`` to
-      :func:`_sq_distances_to_class_rows` (only for data centred per class).
+      :func:`_block_sq_distances` (only for data centred per class). The minimum is
+      taken in the block layout; only the ``[N]`` results are gathered into example
+      order.
     """
     sq_distances = jnp.where(
-        valid[labels], _sq_distances_to_class_rows(blocks, centroids, expand=fast), jnp.inf
-    )
-    slot = jnp.argmin(sq_distances, axis=1).astype(jnp.int32)
-    return slot, jnp.take_along_axis(sq_distances, slot[:, None], axis=1)[:, 0]
+        valid[blocks.block_class][:, None, :],
+        _block_sq_distances(blocks, centroids, expand=fast),
+        jnp.inf,
+    )  # [B, rows, k]
+    slot = jnp.argmin(sq_distances, axis=-1).astype(jnp.int32)
+    return slot.reshape(-1)[blocks.position], jnp.min(sq_distances, axis=-1).reshape(-1)[
+        blocks.position
+    ]
+
+
+def _row_sq_distances(blocks: _ClassBlocks, centres: jax.Array) -> jax.Array:
+    """``[N]`` squared distance of every example to its class's row of ``centres``
+    ``[C, d]`` (difference form), computed in the block layout: no ``[N, d]`` gather of
+    ``centres`` by label."""
+    per_block = centres[blocks.block_class]  # [B, d]
+    sq = jnp.sum(jnp.square(blocks.points - per_block[:, None, :]), axis=-1)
+    return sq.reshape(-1)[blocks.position]
 
 
 def _segment_argmax(
@@ -369,8 +453,8 @@ def assign_to_centroids(
         )
     dtype = _compute_dtype(jnp.result_type(embeddings, centroids))
     labels = labels.astype(jnp.int32)
-    blocks = _class_blocks(embeddings.astype(dtype), labels, centroids.shape[0])
-    return _nearest_slot(blocks, labels, centroids.astype(dtype), valid.astype(bool))
+    blocks = _class_blocks(embeddings.astype(dtype), _layout(labels, centroids.shape[0]))
+    return _nearest_slot(blocks, centroids.astype(dtype), valid.astype(bool))
 
 
 def centroids_from_assignments(
@@ -435,8 +519,7 @@ def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials
     first = jnp.where(found[:, None], x[index], 0)
     centroids = jnp.zeros((num_classes, k, d), x.dtype).at[:, 0].set(first)
     active = jnp.zeros((num_classes, k), bool).at[:, 0].set(found)
-    min_sq = jnp.sum(jnp.square(x - first[labels]), axis=-1)
-    sq_norms = jnp.sum(jnp.square(x), axis=-1)
+    min_sq = _row_sq_distances(blocks, first)
 
     def round_fn(slot, carry):
         centroids, active, min_sq = carry
@@ -456,14 +539,18 @@ def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials
         )
         index = index.reshape(num_local_trials, num_classes) % n  # [trials, C]
         candidates = jnp.swapaxes(x[index], 0, 1)  # [C, trials, d]
-        candidate_sq = _sq_distances_to_class_rows(blocks, candidates, expand=True)
+        candidate_sq = _block_sq_distances(blocks, candidates, expand=True)  # [B, rows, T]
         # The expansion leaves rounding residue (relative to the norms) where a point
         # sits on a candidate; k-means++ must see exactly 0 there, so that a point or a
-        # copy of it is never picked twice.
-        scale = sq_norms[:, None] + jnp.sum(jnp.square(candidates), axis=-1)[labels]
+        # copy of it is never picked twice. (In the block layout: one row of candidate
+        # norms per block, no [N, trials] gather by label.)
+        scale = (
+            blocks.sq_norms[..., None]
+            + jnp.sum(jnp.square(candidates), axis=-1)[blocks.block_class][:, None, :]
+        )
         candidate_sq = jnp.where(
             candidate_sq <= 64 * jnp.finfo(x.dtype).eps * scale, 0, candidate_sq
-        )
+        ).reshape(-1, num_local_trials)[blocks.position]  # [N, T]
         candidate_min_sq = jnp.minimum(min_sq[:, None], candidate_sq)
         potentials = jax.ops.segment_sum(candidate_min_sq, labels, num_classes)
         best_trial = jnp.argmin(potentials, axis=1)  # [C]; ties: the earlier trial
@@ -550,8 +637,7 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, block
     """
     n = x.shape[0]
     if blocks is None:
-        blocks = _class_blocks(x, labels, num_classes)
-    rows = jnp.arange(n)
+        blocks = _class_blocks(x, _layout(labels, num_classes))
     class_sq_norms = jax.ops.segment_sum(jnp.sum(jnp.square(x), axis=-1), labels, num_classes)
 
     def partition_inertia(sums, counts):
@@ -564,18 +650,23 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, block
         assignments, step, _ = carry
         sums, counts = _class_sums(x, labels, assignments, num_classes, k)
         centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
-        sq = _sq_distances_to_class_rows(blocks, centroids, expand=True)  # [N, k]
-        sizes = counts[labels].astype(x.dtype)  # [N, k]
-        own_size = sizes[rows, assignments]
-        own_sq = sq[rows, assignments]
+        # Per example, in the block layout (one [k] row of counts per block, no [N, k]
+        # gathers by label); only the [N] results are gathered into example order.
+        sq = _block_sq_distances(blocks, centroids, expand=True)  # [B, rows, k]
+        own = jnp.where(
+            blocks.source < n, assignments[jnp.minimum(blocks.source, n - 1)], 0
+        )  # [B, rows]
+        block_counts = counts[blocks.block_class][:, None, :]  # [B, 1, k]
+        sizes = block_counts.astype(x.dtype)
+        own_size = jnp.take_along_axis(sizes, own[..., None], axis=-1)[..., 0]
+        own_sq = jnp.take_along_axis(sq, own[..., None], axis=-1)[..., 0]
         removal = own_size / jnp.maximum(own_size - 1, 1) * own_sq
         addition = sizes / (sizes + 1) * sq
-        allowed = (
-            (counts[labels] > 0) & (jnp.arange(k) != assignments[:, None]) & (own_size > 1)[:, None]
-        )
-        change = jnp.where(allowed, addition - removal[:, None], jnp.inf)
-        target = jnp.argmin(change, axis=1).astype(jnp.int32)
-        best = change[rows, target]
+        allowed = (block_counts > 0) & (jnp.arange(k) != own[..., None]) & (own_size > 1)[..., None]
+        change = jnp.where(allowed, addition - removal[..., None], jnp.inf)
+        target = jnp.argmin(change, axis=-1).astype(jnp.int32).reshape(-1)[blocks.position]
+        best = jnp.min(change, axis=-1).reshape(-1)[blocks.position]
+        own_sq = own_sq.reshape(-1)[blocks.position]
         class_inertia = jax.ops.segment_sum(own_sq, labels, num_classes)
         improves = best < -1e-6 * class_inertia[labels]
         index, found = _segment_argmax(jnp.where(improves, -best, -jnp.inf), labels, num_classes)
@@ -612,7 +703,7 @@ def _warm_start(x, labels, blocks, centroids, valid, *, num_classes, k):
     Returns:
       ``(centroids [C, k, d], active [C, k] bool)``, as :func:`_kmeans_plusplus`.
     """
-    assignments, _ = _nearest_slot(blocks, labels, centroids, valid, fast=True)
+    assignments, _ = _nearest_slot(blocks, centroids, valid, fast=True)
     sums, counts = _class_sums(x, labels, assignments, num_classes, k)
     own = jnp.where(valid[labels, assignments][:, None], centroids[labels, assignments], 0)
     sums, counts, active = _relocate_empty(
@@ -669,9 +760,7 @@ def _kmeans_single(
     class_sizes = jax.ops.segment_sum(jnp.ones((n,), x.dtype), labels, num_classes)
     class_means = jax.ops.segment_sum(x, labels, num_classes) / jnp.maximum(class_sizes, 1)[:, None]
     class_variance = (
-        jax.ops.segment_sum(
-            jnp.sum(jnp.square(x - class_means[labels]), axis=-1), labels, num_classes
-        )
+        jax.ops.segment_sum(_row_sq_distances(blocks, class_means), labels, num_classes)
         / jnp.maximum(class_sizes, 1)
         / d
     )
@@ -681,7 +770,7 @@ def _kmeans_single(
         return (state.iteration < max_iterations) & ~jnp.all(state.class_converged)
 
     def body_fn(state: _LloydState):
-        assignments, _ = _nearest_slot(blocks, labels, state.centroids, state.active, fast=True)
+        assignments, _ = _nearest_slot(blocks, state.centroids, state.active, fast=True)
         sums, counts = _class_sums(x, labels, assignments, num_classes, k)
         any_empty = jnp.any(state.active & (counts == 0))
 
@@ -732,7 +821,7 @@ def _kmeans_single(
     converged = jnp.all(state.class_converged)
     centroids = state.centroids
     if refine_steps > 0:
-        assignments, _ = _nearest_slot(blocks, labels, centroids, state.active, fast=True)
+        assignments, _ = _nearest_slot(blocks, centroids, state.active, fast=True)
         assignments, _, _ = _hartigan_refine(
             x,
             labels,
@@ -746,7 +835,7 @@ def _kmeans_single(
         centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
     # Final assignment step so that assignments, counts and inertia all refer to the
     # returned centroids.
-    assignments, sq_distances = _nearest_slot(blocks, labels, centroids, state.active)
+    assignments, sq_distances = _nearest_slot(blocks, centroids, state.active)
     _, counts = _class_sums(x, labels, assignments, num_classes, k)
     inertia = jax.ops.segment_sum(sq_distances, labels, num_classes)
     centroids = jnp.where(counts[..., None] > 0, centroids, 0)
@@ -879,7 +968,7 @@ def _prefer_exact_two_means(
     candidate, exact = _exact_two_means(x, labels, num_classes=num_classes, max_points=max_points)
     sums, counts = _class_sums(x, labels, candidate, num_classes, 2)
     centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
-    assignments, sq_distances = _nearest_slot(blocks, labels, centroids, counts > 0)
+    assignments, sq_distances = _nearest_slot(blocks, centroids, counts > 0)
     _, counts = _class_sums(x, labels, assignments, num_classes, 2)
     inertia = jax.ops.segment_sum(sq_distances, labels, num_classes)
     centroids = jnp.where(counts[..., None] > 0, centroids, 0)
@@ -904,6 +993,7 @@ def _kmeans_per_class_core(
     tolerance,
     initial_centroids,
     initial_valid,
+    layout,
     *,
     k,
     num_classes,
@@ -919,7 +1009,7 @@ def _kmeans_per_class_core(
     tolerance = jnp.asarray(tolerance, x.dtype)
     # k-means is translation invariant: cluster every class relative to one of its own
     # examples (the first). Distances by the expansion ‖x‖² − 2x·c + ‖c‖²
-    # (`_sq_distances_to_class_rows(expand=True)`) then cancel only O(spread²), not
+    # (`_block_sq_distances(expand=True)`) then cancel only O(spread²), not
     # O(offset²), and the
     # centroid sums carry no large common offset. A data point (rather than the class
     # mean) keeps exact duplicates of it exactly at 0. It is added back to the
@@ -928,7 +1018,9 @@ def _kmeans_per_class_core(
     first = jax.ops.segment_min(jnp.arange(n, dtype=jnp.int32), labels, num_classes)
     offsets = jnp.where((first < n)[:, None], x[jnp.minimum(first, n - 1)], 0)
     x = x - offsets[labels]
-    blocks = _class_blocks(x, labels, num_classes, num_blocks)
+    if layout is None:
+        layout = _layout(labels, num_classes, num_blocks)
+    blocks = _class_blocks(x, layout)
     initial = None
     if initial_centroids is not None:
         initial = (initial_centroids.astype(x.dtype) - offsets[:, None, :], initial_valid)
@@ -1188,6 +1280,7 @@ def kmeans_per_class(
     elif initial_valid is not None:
         raise ValueError("initial_valid needs initial_centroids.")
 
+    num_blocks = _num_blocks(labels_host, int(num_classes)) if labels_concrete else None
     return _kmeans_per_class_jit(
         embeddings,
         labels,
@@ -1195,6 +1288,9 @@ def kmeans_per_class(
         tolerance,
         initial_centroids,
         initial_valid,
+        # Concrete labels: the layout is computed on the host and passed in; traced
+        # labels get it inside the jitted call (the same integers).
+        _layout_host(labels_host, int(num_classes), num_blocks) if labels_concrete else None,
         k=int(k),
         num_classes=int(num_classes),
         max_iterations=int(max_iterations),
@@ -1202,5 +1298,5 @@ def kmeans_per_class(
         num_local_trials=int(num_local_trials),
         refine_steps=int(refine_steps),
         exhaustive_max_points=int(exhaustive_max_points),
-        num_blocks=_num_blocks(labels_host, int(num_classes)) if labels_concrete else None,
+        num_blocks=num_blocks,
     )

@@ -503,6 +503,34 @@ def test_jit_matches_eager_and_is_deterministic():
         np.testing.assert_array_equal(a, b, err_msg=field)
 
 
+@pytest.mark.parametrize("sizes", [(7, 0, 30, 1, 64), (100, 90, 130, 3), (5, 5, 5)])
+def test_host_layout_equals_traced_layout(sizes):
+    """The class-block layout computed with NumPy for concrete labels (the fast path) is
+    the same integers as the jitted one for traced labels, with and without a block
+    count; and the whole result is bit-identical with labels traced under jit."""
+    from magnet_jax.kmeans import _layout, _layout_host, _num_blocks
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(len(sizes)), sizes).astype(np.int32)
+    rng.shuffle(labels)
+    num_classes = len(sizes) + 1  # the last class has no example
+    num_blocks = _num_blocks(labels, num_classes)
+    host = _layout_host(labels, num_classes, num_blocks)
+    traced = jax.jit(_layout, static_argnums=(1, 2))(labels, num_classes, num_blocks)
+    for a, b in zip(host, traced, strict=True):
+        np.testing.assert_array_equal(a, b)
+    bound = jax.jit(_layout, static_argnums=(1,))(labels, num_classes)
+    np.testing.assert_array_equal(bound.position, host.position)
+
+    x = rng.normal(size=(labels.size, 6)).astype(np.float32) + 10
+    eager = kmeans_per_class(x, labels, 3, key=jax.random.key(2), num_classes=num_classes)
+    jitted = jax.jit(functools.partial(kmeans_per_class, k=3, num_classes=num_classes))(
+        x, labels, key=jax.random.key(2)
+    )
+    for a, b in zip(eager, jitted, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.slow
 def test_disable_jit_matches_jit():
     x = np.array([[0, 0], [0, 1], [9, 9], [8, 9], [5, 5], [5, 6], [-5, 5]], np.float32)
@@ -643,7 +671,7 @@ def test_embeddings_sharded_over_devices_match_single_device():
 def test_blocked_expansion_distances_under_jit_equal_float64():
     """The shape at which XLA:CPU miscompiled ``‖x‖² − 2·x·c + ‖c‖²`` under jit (12 blocks
     of 256 rows, 128-d, 100 centroids): jitted == eager == NumPy float64."""
-    from magnet_jax.kmeans import _class_blocks, _sq_distances_to_class_rows
+    from magnet_jax.kmeans import _class_blocks, _layout, _sq_distances_to_class_rows
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(3000, 128)).astype(np.float32)
@@ -651,7 +679,7 @@ def test_blocked_expansion_distances_under_jit_equal_float64():
     table = rng.normal(size=(1, 100, 128)).astype(np.float32)
 
     def distances(x, labels, table):
-        return _sq_distances_to_class_rows(_class_blocks(x, labels, 1), table, expand=True)
+        return _sq_distances_to_class_rows(_class_blocks(x, _layout(labels, 1)), table, expand=True)
 
     reference = ((x[:, None].astype(np.float64) - table[0][None]) ** 2).sum(-1)
     jitted = np.asarray(jax.jit(distances)(x, labels, table))
