@@ -562,6 +562,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--ablation-names", nargs="+", choices=list(ABLATIONS), default=list(ABLATIONS)
     )
+    parser.add_argument(
+        "--clusterer-quality",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the clusterers' similarity quality on the first PLM seed (minutes)",
+    )
     parser.add_argument("--output", default="plm")
     parser.add_argument("--quick", action="store_true", help="synthetic images, seconds")
     args = parser.parse_args(argv)
@@ -621,7 +627,8 @@ def main(argv=None) -> None:
     plm_seeds = args.seeds if args.plm_seeds is None else args.plm_seeds
     # The clusterers' quality (minutes per call here) is measured on the first seed.
     for seed in plm_seeds if "plm" in args.parts else ():
-        results["runs"].append(one_run(args, dataset, seed, clusterers=seed == plm_seeds[0]))
+        clusterers = args.clusterer_quality and seed == plm_seeds[0]
+        results["runs"].append(one_run(args, dataset, seed, clusterers=clusterers))
         results["summary"] = summarise(results["runs"])
         save(complete=False)
     for baseline in args.baselines if "baselines" in args.parts else ():
