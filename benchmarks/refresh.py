@@ -285,7 +285,7 @@ def main(argv=None) -> dict:
     if warning := _common.busy_warning():
         log(warning)
     base.update(num_devices=1, workdir="unused")
-    batch = TrainConfig().batch_size
+    batch = TrainConfig(**base).batch_size
     overrides = arms(base.get("refresh_every") or -(-int(dataset.num_train) // batch))
     configs = {arm: TrainConfig(**base, **overrides[arm]) for arm in args.arms}
     started = time.perf_counter()

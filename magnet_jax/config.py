@@ -312,22 +312,17 @@ class TrainConfig:
             )
         if not self.embedding_memory:
             return
-        differs = [
-            (name, why)
-            for name, why in (
-                ("augment_shift", "shifted"),
-                ("augment_crop", "randomly cropped"),
-                ("train_bn", "batch-normalised with batch statistics"),
-            )
-            if getattr(self, name)
-        ]
-        if differs:
-            name, why = differs[0]
-            raise ValueError(
-                f"{flag('embedding_memory')} reuses the train steps' embeddings at a refresh, "
-                f"but with {flag(name)} the steps embed {why} images, not what a refresh "
-                f"embeds; use one or the other"
-            )
+        for name, why in (
+            ("augment_shift", "shifted"),
+            ("augment_crop", "randomly cropped"),
+            ("train_bn", "batch-normalised with batch statistics"),
+        ):
+            if getattr(self, name):
+                raise ValueError(
+                    f"{flag('embedding_memory')} reuses the train steps' embeddings at a "
+                    f"refresh, but with {flag(name)} the steps embed {why} images, not what a "
+                    f"refresh embeds; use one or the other"
+                )
 
     def _validate_plm(self) -> None:
         for name in ("plm_neighbours", "plm_max_rank"):

@@ -428,14 +428,12 @@ def build_step_functions(
             parts[-1] = parts[-1][chunk - (num_examples - covered) :]
         return jax.device_put(jnp.concatenate(parts, axis=0), replicated)
 
-    # --embedding-memory: chosen rows embedded into a copy of the memory, chunk by chunk.
-    @functools.partial(jax.jit, donate_argnums=2)
-    def embed_gathered_into(params, x: jax.Array, into: jax.Array, rows: jax.Array):
-        return into.at[rows].set(embed_rows(params, x[rows]).astype(into.dtype))
-
-    @functools.partial(jax.jit, donate_argnums=2)
-    def embed_read_into(params, read: jax.Array, into: jax.Array, rows: jax.Array):
-        return into.at[rows].set(embed_rows(params, read).astype(into.dtype))
+    # --embedding-memory: chosen rows embedded into a copy of the memory, chunk by chunk;
+    # `source` is the whole training set (gather=True) or the chunk's rows read on the host.
+    @functools.partial(jax.jit, static_argnames="gather", donate_argnums=2)
+    def embed_chunk_into(params, source: jax.Array, into: jax.Array, rows: jax.Array, gather):
+        inputs = source[rows] if gather else source
+        return into.at[rows].set(embed_rows(params, inputs).astype(into.dtype))
 
     def embed_into(params, x, rows: np.ndarray, into: jax.Array) -> jax.Array:
         """``into`` [N, E] with the rows ``rows`` (host ints) of ``x`` [N, ...] (or a
@@ -447,18 +445,15 @@ def build_step_functions(
         chunk = min(config.eval_chunk_size, rows.size)
         padded = np.concatenate([rows, np.full(-rows.size % chunk, rows[-1])]).astype(np.int32)
         pieces = [padded[start : start + chunk] for start in range(0, padded.size, chunk)]
-        if isinstance(x, streaming.Loader):
-            for piece, read in zip(pieces, x.rows_in_chunks(padded, chunk)):
-                into = embed_read_into(
-                    params, to_rows_array(read, chunk), into, to_rows_array(piece, chunk)
-                )
-                if serialize:
-                    into.block_until_ready()
-        else:
-            for piece in pieces:
-                into = embed_gathered_into(params, x, into, to_rows_array(piece, chunk))
-                if serialize:
-                    into.block_until_ready()
+        stream = isinstance(x, streaming.Loader)
+        reads = x.rows_in_chunks(padded, chunk) if stream else [None] * len(pieces)
+        for piece, read in zip(pieces, reads):
+            source = to_rows_array(read, chunk) if stream else x
+            into = embed_chunk_into(
+                params, source, into, to_rows_array(piece, chunk), gather=not stream
+            )
+            if serialize:
+                into.block_until_ready()
         return jax.device_put(into, replicated)
 
     def to_rows_array(host: np.ndarray, chunk: int) -> jax.Array:
