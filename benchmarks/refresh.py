@@ -235,16 +235,52 @@ def _percent(value) -> str:
     return "–" if value is None else f"{value:.1%}"
 
 
-def resummarise(name: str) -> dict:
+def resummarise(names: list[str], output: str | None = None) -> dict:
     """Recomputes the summary of ``results/<name>.json`` from its runs (e.g. after a column
-    was added), rewrites the file and returns it."""
+    was added) and rewrites the file. Several names are merged into one result, seeds
+    of each arm concatenated, written to ``results/<output>.json``: runs with different
+    seeds on the same setting (the same dataset, steps, arms and configuration, checked
+    here) pool into one paired comparison."""
     import json
 
-    path = _common.RESULTS / f"{name}.json"
-    result = json.loads(path.read_text())
+    results = [json.loads((_common.RESULTS / f"{name}.json").read_text()) for name in names]
+    result = results[0]
+    if len(results) > 1:
+        if output is None:
+            raise SystemExit("--summarise with several names needs --output for the merged file")
+        for name, other in zip(names[1:], results[1:]):
+            for field in ("dataset", "num_train_examples", "steps", "arms", "config"):
+                if other[field] != result[field]:
+                    raise SystemExit(
+                        f"--summarise: {name}.json differs from {names[0]}.json in {field!r}; "
+                        "only runs of the same setting can be merged"
+                    )
+        seeds = [seed for other in results for seed in other["seeds"]]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit(f"--summarise: the files repeat seeds ({seeds})")
+        result = {
+            **result,
+            "seeds": seeds,
+            "runs": {
+                arm: [run for other in results for run in other["runs"][arm]]
+                for arm in result["runs"]
+            },
+            "seconds": sum(other["seconds"] for other in results),
+            "merged_from": [
+                {
+                    "name": name,
+                    "command": other["command"],
+                    "environment": other["environment"],
+                    "load_average_after": other["load_average_after"],
+                }
+                for name, other in zip(names, results)
+            ],
+        }
     result["summary"] = summarise(result["runs"], result["steps"])
+    path = _common.RESULTS / f"{output or names[0]}.json"
     _common.write_json(path, result)
     print(table(result["summary"]))
+    print(f"written to {path}")
     return result
 
 
@@ -263,11 +299,13 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--summarise",
         metavar="NAME",
-        help="recompute the summary of results/NAME.json from its runs; nothing is trained",
+        nargs="+",
+        help="recompute the summary of results/NAME.json from its runs; several names are "
+        "merged into results/OUTPUT.json (--output); nothing is trained",
     )
     args = parser.parse_args(argv)
     if args.summarise:
-        return resummarise(args.summarise)
+        return resummarise(args.summarise, args.output)
 
     from magnet_jax.config import TrainConfig
     from magnet_jax.data import load_dataset
