@@ -2,8 +2,9 @@
 
 The reference refresh of the Magnet Loss cluster index runs scikit-learn's ``KMeans``
 once per class; pytorch-metric-learning clusters with faiss. This script times a loop
-over classes of each against ``kmeans_per_class`` (all classes in one jitted call) on
-three workloads and compares the per-class inertia:
+over classes of each against ``kmeans_per_class`` (all classes in one call; on the CPU,
+groups of classes that fit in a core's cache, run side by side on the cores) on three
+workloads and compares the per-class inertia:
 
   (a) 10 classes, 60,000 x 64, k=8        (MNIST-like)
   (b) 1,000 classes, 100,000 x 128, k=8   (many mid-size classes)

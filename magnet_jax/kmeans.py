@@ -14,6 +14,15 @@ order. Where the labels are concrete, the layout (a stable sort by label) is com
 NumPy before the jitted call; traced labels get the same layout inside it. Memory is
 O(N·d + C·k·d).
 
+On the CPU, with concrete labels and more data than fits in a core's cache, consecutive
+classes are packed into groups of about ``_GROUP_FLOATS`` rows × dimensions (see
+:class:`_Groups`). A jitted call clusters its groups one after another (``lax.map``), so
+a group's data stays in the cache through all of its passes and its loops stop as soon
+as its own classes have converged; the groups are split into one such call per core, run
+side by side from threads. Every class is still its own problem: from the same start (a
+warm start) the result is the same as all classes at once; k-means++ draws with one key
+per group, whatever the number of cores.
+
 The algorithm follows scikit-learn's ``KMeans(init="k-means++", algorithm="lloyd")``
 class by class:
 
@@ -70,8 +79,10 @@ code uses ``counts > 0`` as the valid mask, and the centroid of an empty slot is
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
+import os
 from typing import NamedTuple
 
 import jax
@@ -174,12 +185,21 @@ def _max_blocks(n: int, num_classes: int) -> int:
     return max(1, min(n, (n + num_classes * (rows - 1)) // rows))
 
 
+def _class_sizes(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[G, C]`` examples of every class in every row of ``[G, N]`` labels."""
+    groups = labels.shape[0]
+    flat = (labels + num_classes * np.arange(groups)[:, None]).ravel()
+    return np.bincount(flat, minlength=groups * num_classes).reshape(groups, num_classes)
+
+
 def _num_blocks(labels: np.ndarray, num_classes: int) -> int:
-    """Blocks that concrete ``labels`` need, rounded up to a sixteenth of the bound so
-    that new labels with similar class sizes reuse the compiled program."""
-    n = labels.shape[0]
+    """Blocks that concrete ``[N]`` labels need (``[G, N]``: the most any row needs),
+    rounded up to a sixteenth of the bound so that new labels with similar class sizes
+    reuse the compiled program."""
+    labels = np.atleast_2d(np.asarray(labels, np.int64))
+    n = labels.shape[1]
     rows = _block_rows(n, num_classes)
-    needed = int(np.sum(-(-np.bincount(labels, minlength=num_classes) // rows)))
+    needed = int(np.max(np.sum(-(-_class_sizes(labels, num_classes) // rows), axis=1)))
     bound = _max_blocks(n, num_classes)
     quantum = max(1, -(-bound // 16))
     return min(bound, -(-needed // quantum) * quantum)
@@ -231,32 +251,156 @@ def _layout(labels: jax.Array, num_classes: int, num_blocks: int | None = None) 
 
 def _layout_host(labels: np.ndarray, num_classes: int, num_blocks: int) -> _Layout:
     """:func:`_layout` of concrete ``[N]`` labels, computed with NumPy on the host (a
-    stable sort there is much cheaper than XLA's on the CPU); the same integers."""
+    stable sort there is much cheaper than XLA's on the CPU); the same integers, as
+    NumPy arrays."""
+    return _Layout(
+        *(field[0] for field in _layouts_host(np.asarray(labels)[None], num_classes, num_blocks))
+    )
+
+
+def _layouts_host(labels: np.ndarray, num_classes: int, num_blocks: int) -> _Layout:
+    """:func:`_layout_host` of every row of ``[G, N]`` labels at once, stacked ``[G, ...]``
+    (every row its own problem of ``num_classes`` classes in ``num_blocks`` blocks)."""
     labels = np.asarray(labels, np.int64)
-    n = labels.shape[0]
+    groups, n = labels.shape
     rows = _block_rows(n, num_classes)
-    sizes = np.bincount(labels, minlength=num_classes)
+    sizes = _class_sizes(labels, num_classes)  # [G, C]
     blocks_per_class = -(-sizes // rows)
-    block_end = np.cumsum(blocks_per_class)
-    class_start = np.cumsum(sizes) - sizes
+    block_end = np.cumsum(blocks_per_class, axis=1)
+    class_start = np.cumsum(sizes, axis=1) - sizes
     first_block = block_end - blocks_per_class
     # Labels below 2^16 sort as uint16, where NumPy's stable sort is a radix sort.
     keys = labels.astype(np.uint16) if num_classes <= 1 << 16 else labels
-    order = np.argsort(keys, kind="stable")
+    order = np.argsort(keys, axis=1, kind="stable")
+    rank = np.empty((groups, n), np.int64)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(n), (groups, n)), axis=1)
+    position = (
+        np.take_along_axis(first_block, labels, 1) * rows
+        + rank
+        - np.take_along_axis(class_start, labels, 1)
+    )
+    # The class of every block: one sorted search over all rows, each row's block ends
+    # shifted past the previous row's.
+    span = num_blocks + int(block_end.max()) + 1
+    shift = span * np.arange(groups)[:, None]
+    block_class = (
+        np.searchsorted(
+            (block_end + shift).ravel(), (np.arange(num_blocks) + shift).ravel(), side="right"
+        ).reshape(groups, num_blocks)
+        - num_classes * np.arange(groups)[:, None]
+    )
+    block_class = np.minimum(block_class, num_classes - 1)
+    within = (np.arange(num_blocks) - np.take_along_axis(first_block, block_class, 1))[
+        ..., None
+    ] * rows + np.arange(rows)  # [G, B, rows]
+    in_class = within < np.take_along_axis(sizes, block_class, 1)[..., None]
+    index = np.minimum(np.take_along_axis(class_start, block_class, 1)[..., None] + within, n - 1)
+    source = np.where(
+        in_class,
+        np.take_along_axis(order, index.reshape(groups, -1), 1).reshape(index.shape),
+        n,
+    )
+    return _Layout(source.astype(np.int32), block_class.astype(np.int32), position.astype(np.int32))
+
+
+# Rows × dimensions of one group of classes clustered together (see :class:`_Groups`):
+# a working set that stays in a core's cache across the passes of k-means.
+_GROUP_FLOATS = 1 << 17
+
+
+class _Groups(NamedTuple):
+    """Classes packed into groups that are clustered one after another (concrete labels).
+
+    One pass of k-means over every class at once streams all ``N·d`` floats through the
+    cache per step; a group of a few classes stays in the cache for all of its steps, and
+    its loops stop when *its* classes have converged. Classes are packed in class order
+    into groups of at most ``max(largest class, _GROUP_FLOATS / d)`` rows; every group is
+    padded to the same shape: ``R`` rows and ``M`` classes, plus a padding class ``M``
+    that holds the padding rows (zero points) and is dropped from the result.
+
+    Attributes (NumPy, computed on the host):
+      rows: ``[G, R]`` example of every row; ``N`` on padding rows.
+      labels: ``[G, R]`` class within the group, in ``[0, M]``; ``M`` on padding rows.
+      classes: ``[G, M + 1]`` class of every class slot of the group; ``C`` on unused
+        slots and on the padding class.
+      class_group, class_slot: ``[C]`` group and slot of every class.
+      example_group, example_row: ``[N]`` group and row of every example.
+      layouts: the :class:`_Layout` of every group's labels, stacked ``[G, ...]``.
+      num_blocks: blocks per group (static).
+    """
+
+    rows: np.ndarray
+    labels: np.ndarray
+    classes: np.ndarray
+    class_group: np.ndarray
+    class_slot: np.ndarray
+    example_group: np.ndarray
+    example_row: np.ndarray
+    layouts: _Layout
+    num_blocks: int
+
+
+def _round_up(value: int, quantum: int) -> int:
+    return -(-value // quantum) * quantum
+
+
+def _groups_host(labels: np.ndarray, num_classes: int, dim: int) -> _Groups | None:
+    """:class:`_Groups` of concrete ``[N]`` labels, or None when every class fits in
+    one group (then all classes are clustered at once, as for traced labels).
+
+    Rows are rounded up to a multiple of 64, so that new labels with similar class sizes
+    reuse the compiled program.
+    """
+    labels = np.asarray(labels, np.int64)
+    n = labels.shape[0]
+    sizes = np.bincount(labels, minlength=num_classes)
+    capacity = max(int(sizes.max()), _GROUP_FLOATS // max(dim, 1))
+    if n <= capacity:
+        return None
+    # Consecutive classes while the group's rows stay within the capacity.
+    ends = np.cumsum(sizes)
+    starts = []
+    start = 0
+    while start < num_classes:
+        starts.append(start)
+        base = ends[start - 1] if start else 0
+        start = max(start + 1, int(np.searchsorted(ends, base + capacity, side="right")))
+    first_class = np.asarray(starts)
+    num_groups = len(starts)
+    if num_groups < 2:
+        return None
+    class_group = np.repeat(np.arange(num_groups), np.diff(np.append(first_class, num_classes)))
+    class_slot = np.arange(num_classes) - first_class[class_group]
+    group_sizes = np.bincount(class_group, weights=sizes, minlength=num_groups).astype(np.int64)
+    num_rows = _round_up(int(group_sizes.max()), 64)
+    slots = int(class_slot.max()) + 1
+
+    order = np.argsort(
+        labels.astype(np.uint16) if num_classes <= 1 << 16 else labels, kind="stable"
+    )
+    example_group = class_group[labels]
+    group_start = np.cumsum(group_sizes) - group_sizes
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
-    position = first_block[labels] * rows + rank - class_start[labels]
-    block_class = np.searchsorted(block_end, np.arange(num_blocks), side="right")
-    block_class = np.minimum(block_class, num_classes - 1)
-    within = (np.arange(num_blocks) - first_block[block_class])[:, None] * rows + np.arange(rows)
-    in_class = within < sizes[block_class][:, None]
-    source = np.where(
-        in_class, order[np.minimum(class_start[block_class][:, None] + within, n - 1)], n
-    )
-    return _Layout(
-        jnp.asarray(source.astype(np.int32)),
-        jnp.asarray(block_class.astype(np.int32)),
-        jnp.asarray(position.astype(np.int32)),
+    example_row = rank - group_start[example_group]
+    rows = np.full((num_groups, num_rows), n, np.int64)
+    rows[example_group, example_row] = np.arange(n)
+    group_labels = np.full((num_groups, num_rows), slots, np.int64)
+    group_labels[example_group, example_row] = class_slot[labels]
+    classes = np.full((num_groups, slots + 1), num_classes, np.int64)
+    classes[class_group, class_slot] = np.arange(num_classes)
+
+    num_blocks = _num_blocks(group_labels, slots + 1)
+    return _Groups(
+        rows.astype(np.int32),
+        group_labels.astype(np.int32),
+        classes.astype(np.int32),
+        class_group.astype(np.int32),
+        class_slot.astype(np.int32),
+        example_group.astype(np.int32),
+        example_row.astype(np.int32),
+        _layouts_host(group_labels, slots + 1, num_blocks),
+        num_blocks,
     )
 
 
@@ -1095,6 +1239,175 @@ def _kmeans_restarts(
     )
 
 
+def _kmeans_groups_core(
+    embeddings,
+    rows,
+    labels,
+    layouts,
+    keys,
+    classes,
+    tolerance,
+    initial_centroids,
+    initial_valid,
+    *,
+    k,
+    num_blocks,
+    **options,
+):
+    """:func:`_kmeans_per_class_core` on every group of classes in turn (``lax.map``).
+
+    Args: ``embeddings [N, d]``; the groups' ``rows``, ``labels``, ``layouts`` and
+    ``classes`` (``[G, ...]``, see :class:`_Groups`); ``keys`` ``[G]``, one per group.
+
+    Returns:
+      A :class:`KMeansResult` per group, stacked ``[G, ...]``, in group slot and row
+      order.
+    """
+    n, d = embeddings.shape
+    padded = jnp.concatenate([embeddings, jnp.zeros((1, d), embeddings.dtype)])
+    inputs = {
+        "x": padded[rows],  # [G, R, d]; padding rows are zero
+        "labels": labels,
+        "layout": layouts,
+        "key": keys,
+    }
+    if initial_centroids is not None:
+        # Unused slots and the padding class start from one valid zero centroid.
+        used = (classes < initial_centroids.shape[0])[..., None]
+        last = jnp.minimum(classes, initial_centroids.shape[0] - 1)
+        inputs["initial_centroids"] = jnp.where(used[..., None], initial_centroids[last], 0)
+        inputs["initial_valid"] = jnp.where(used, initial_valid[last], jnp.arange(k) == 0)
+
+    def one_group(group):
+        return _kmeans_per_class_core(
+            group["x"],
+            group["labels"],
+            group["key"],
+            tolerance,
+            group.get("initial_centroids"),
+            group.get("initial_valid"),
+            group["layout"],
+            k=k,
+            num_classes=classes.shape[1],
+            num_blocks=num_blocks,
+            **options,
+        )
+
+    return jax.lax.map(one_group, inputs)
+
+
+_kmeans_groups_jit = jax.jit(
+    _kmeans_groups_core,
+    static_argnames=(
+        "k",
+        "max_iterations",
+        "num_restarts",
+        "num_local_trials",
+        "refine_steps",
+        "exhaustive_max_points",
+        "num_blocks",
+    ),
+)
+
+
+@jax.jit
+def _ungroup(parts, class_group, class_slot, example_group, example_row):
+    """The results of the parts (each ``[G_p, ...]``, groups in order) in class and
+    example order."""
+    results = jax.tree.map(lambda *fields: jnp.concatenate(fields), *parts)
+    by_class = (class_group, class_slot)
+    return KMeansResult(
+        centroids=results.centroids[by_class],
+        assignments=results.assignments[example_group, example_row],
+        counts=results.counts[by_class],
+        inertia=results.inertia[by_class],
+        iterations=jnp.max(results.iterations),
+        converged=jnp.all(results.converged),
+    )
+
+
+def _on_cpu(array) -> bool:
+    """Whether ``array`` is concrete data on this process's CPU devices only (calls from
+    several threads must not hold collectives that other processes join in another
+    order)."""
+    if not is_concrete(array) or not array.is_fully_addressable:
+        return False
+    return all(device.platform == "cpu" for device in array.devices())
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _kmeans_in_groups(
+    embeddings, key, tolerance, initial_centroids, initial_valid, groups: _Groups, *, k, options
+) -> KMeansResult:
+    """Clusters the groups of :class:`_Groups` on the CPU, in as many parts as there are
+    cores, each part one call of :func:`_kmeans_groups_core` from its own thread: XLA:CPU
+    runs calls from different threads at the same time, while one call's groups run one
+    after another. The parts have equal shapes (the last one padded with empty groups),
+    so one program serves them all; every group draws with its own key whatever the
+    number of parts."""
+    num_groups = groups.rows.shape[0]
+    num_parts = min(_available_cpus(), num_groups)
+    per_part = -(-num_groups // num_parts)
+    extra = num_parts * per_part - num_groups
+    keys = jax.random.split(key, num_groups)
+    if extra:
+        # Empty groups: every row padding, every slot unused.
+        n, slots = embeddings.shape[0], groups.classes.shape[1] - 1
+        empty = _layout_host(np.full(groups.rows.shape[1], slots), slots + 1, groups.num_blocks)
+        fields = {
+            "rows": np.full((extra,) + groups.rows.shape[1:], n, np.int32),
+            "labels": np.full((extra,) + groups.labels.shape[1:], slots, np.int32),
+            "classes": np.full((extra,) + groups.classes.shape[1:], groups.class_group.size),
+        }
+        groups = groups._replace(
+            **{
+                name: np.concatenate([getattr(groups, name), value])
+                for name, value in fields.items()
+            },
+            layouts=_Layout(
+                *(
+                    np.concatenate([a, np.broadcast_to(b, (extra,) + b.shape)])
+                    for a, b in zip(groups.layouts, empty)
+                )
+            ),
+        )
+        keys = jnp.concatenate([keys, jnp.repeat(keys[:1], extra, axis=0)])
+
+    def part(index):
+        window = slice(index * per_part, (index + 1) * per_part)
+        return jax.block_until_ready(
+            _kmeans_groups_jit(
+                embeddings,
+                groups.rows[window],
+                groups.labels[window],
+                _Layout(*(field[window] for field in groups.layouts)),
+                keys[window],
+                groups.classes[window],
+                tolerance,
+                initial_centroids,
+                initial_valid,
+                k=k,
+                num_blocks=groups.num_blocks,
+                **options,
+            )
+        )
+
+    if num_parts == 1:
+        parts = [part(0)]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(num_parts) as pool:
+            parts = list(pool.map(part, range(num_parts)))
+    return _ungroup(
+        parts, groups.class_group, groups.class_slot, groups.example_group, groups.example_row
+    )
+
+
 _kmeans_per_class_jit = jax.jit(
     _kmeans_per_class_core,
     static_argnames=(
@@ -1135,9 +1448,11 @@ def kmeans_per_class(
        \\sum_{i : y_i = c} \\min_j \\lVert r_i - \\mu^c_j \\rVert^2 ,
 
     in one jitted computation over flat arrays (no Python loop over classes, no padding
-    of classes to a common size; memory O(N·d + C·k·d)). See the module docstring for
-    the empty-cluster policy: a class with fewer than ``k`` distinct points leaves the
-    extra slots empty (``counts == 0``, centroid zeros).
+    of classes to a common size; memory O(N·d + C·k·d)). On the CPU, with concrete
+    labels and much data, groups of classes that fit in a core's cache are clustered one
+    after another instead, one sequence of groups per core (see the module docstring).
+    See the module docstring for the empty-cluster policy: a class with fewer than ``k``
+    distinct points leaves the extra slots empty (``counts == 0``, centroid zeros).
 
     Args:
       embeddings: ``[N, d]`` float examples.
@@ -1280,6 +1595,31 @@ def kmeans_per_class(
     elif initial_valid is not None:
         raise ValueError("initial_valid needs initial_centroids.")
 
+    options = dict(
+        max_iterations=int(max_iterations),
+        num_restarts=int(num_restarts),
+        num_local_trials=int(num_local_trials),
+        refine_steps=int(refine_steps),
+        exhaustive_max_points=int(exhaustive_max_points),
+    )
+    # Groups of classes only pay on the CPU (a GPU runs all classes at once in parallel),
+    # and need concrete data of this process to be run from several threads.
+    groups = (
+        _groups_host(labels_host, int(num_classes), embeddings.shape[1])
+        if labels_concrete and _on_cpu(embeddings)
+        else None
+    )
+    if groups is not None:
+        return _kmeans_in_groups(
+            embeddings,
+            key,
+            tolerance,
+            initial_centroids,
+            initial_valid,
+            groups,
+            k=int(k),
+            options=options,
+        )
     num_blocks = _num_blocks(labels_host, int(num_classes)) if labels_concrete else None
     return _kmeans_per_class_jit(
         embeddings,
@@ -1293,10 +1633,6 @@ def kmeans_per_class(
         _layout_host(labels_host, int(num_classes), num_blocks) if labels_concrete else None,
         k=int(k),
         num_classes=int(num_classes),
-        max_iterations=int(max_iterations),
-        num_restarts=int(num_restarts),
-        num_local_trials=int(num_local_trials),
-        refine_steps=int(refine_steps),
-        exhaustive_max_points=int(exhaustive_max_points),
         num_blocks=num_blocks,
+        **options,
     )
