@@ -1296,18 +1296,18 @@ def _kmeans_groups_core(
     return jax.lax.map(one_group, inputs)
 
 
-_kmeans_groups_jit = jax.jit(
-    _kmeans_groups_core,
-    static_argnames=(
-        "k",
-        "max_iterations",
-        "num_restarts",
-        "num_local_trials",
-        "refine_steps",
-        "exhaustive_max_points",
-        "num_blocks",
-    ),
+# The static arguments of the jitted k-means calls (besides ``num_classes``).
+_STATIC_OPTIONS = (
+    "k",
+    "max_iterations",
+    "num_restarts",
+    "num_local_trials",
+    "refine_steps",
+    "exhaustive_max_points",
+    "num_blocks",
 )
+
+_kmeans_groups_jit = jax.jit(_kmeans_groups_core, static_argnames=_STATIC_OPTIONS)
 
 
 @jax.jit
@@ -1409,17 +1409,7 @@ def _kmeans_in_groups(
 
 
 _kmeans_per_class_jit = jax.jit(
-    _kmeans_per_class_core,
-    static_argnames=(
-        "k",
-        "num_classes",
-        "max_iterations",
-        "num_restarts",
-        "num_local_trials",
-        "refine_steps",
-        "exhaustive_max_points",
-        "num_blocks",
-    ),
+    _kmeans_per_class_core, static_argnames=_STATIC_OPTIONS + ("num_classes",)
 )
 
 
