@@ -290,6 +290,14 @@ def _ratio(numerator, denominator):
 PEER_REPEATS = 3  # runs of each peer loop per case; the fastest is reported
 
 
+def _fastest_of_repeats(loop):
+    """The ``(seconds, inertia)`` of the fastest of ``PEER_REPEATS`` runs of a peer loop,
+    as ours is the best of its warm calls: one run of a multi-threaded loop varies by
+    tens of percent on a shared 2-core machine. ``(None, None)`` when the peer is absent."""
+    runs = [loop() for _ in range(PEER_REPEATS)]
+    return runs[0] if runs[0][0] is None else min(runs, key=lambda run: run[0])
+
+
 def run_case(case, restarts, max_iterations, tolerance, bandwidth):
     x, labels = make_data(case["num_classes"], case["n"], case["dim"], case["sizes"])
     num_classes, k = case["num_classes"], case["k"]
@@ -299,18 +307,11 @@ def run_case(case, restarts, max_iterations, tolerance, bandwidth):
     means /= np.maximum(counts, 1)[:, None]
     scatter = np.bincount(labels, ((x - means[labels]) ** 2).sum(1), num_classes)
 
-    # The peers' best of PEER_REPEATS runs, as ours is the best of its warm calls: one
-    # run of a multi-threaded loop varies by tens of percent on a shared 2-core machine.
-    sk_runs = [
-        sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance)
-        for _ in range(PEER_REPEATS)
-    ]
-    sk_seconds, sk_inertia = min(sk_runs, key=lambda run: run[0])
-    faiss_runs = [
-        faiss_loop(x, labels, num_classes, k, max_iterations) for _ in range(PEER_REPEATS)
-    ]
-    faiss_seconds, faiss_inertia = (
-        (None, None) if faiss_runs[0][0] is None else min(faiss_runs, key=lambda run: run[0])
+    sk_seconds, sk_inertia = _fastest_of_repeats(
+        lambda: sklearn_loop(x, labels, num_classes, k, max_iterations, tolerance)
+    )
+    faiss_seconds, faiss_inertia = _fastest_of_repeats(
+        lambda: faiss_loop(x, labels, num_classes, k, max_iterations)
     )
     rows = []
     # Rows without the exact step, and without the Hartigan refinement too (plain

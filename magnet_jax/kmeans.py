@@ -185,6 +185,10 @@ def _max_blocks(n: int, num_classes: int) -> int:
     return max(1, min(n, (n + num_classes * (rows - 1)) // rows))
 
 
+def _round_up(value: int, quantum: int) -> int:
+    return -(-value // quantum) * quantum
+
+
 def _class_sizes(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """``[G, C]`` examples of every class in every row of ``[G, N]`` labels."""
     groups = labels.shape[0]
@@ -202,7 +206,7 @@ def _num_blocks(labels: np.ndarray, num_classes: int) -> int:
     needed = int(np.max(np.sum(-(-_class_sizes(labels, num_classes) // rows), axis=1)))
     bound = _max_blocks(n, num_classes)
     quantum = max(1, -(-bound // 16))
-    return min(bound, -(-needed // quantum) * quantum)
+    return min(bound, _round_up(needed, quantum))
 
 
 class _Layout(NamedTuple):
@@ -327,6 +331,10 @@ class _Groups(NamedTuple):
       example_group, example_row: ``[N]`` group and row of every example.
       layouts: the :class:`_Layout` of every group's labels, stacked ``[G, ...]``.
       num_blocks: blocks per group (static).
+      num_groups: the groups that hold classes; ``G`` rounds it up to a multiple of
+        ``num_parts`` with empty groups (every row padding, every slot unused).
+      num_parts: the parts the groups are clustered in, side by side (``G / num_parts``
+        groups each).
     """
 
     rows: np.ndarray
@@ -338,15 +346,16 @@ class _Groups(NamedTuple):
     example_row: np.ndarray
     layouts: _Layout
     num_blocks: int
+    num_groups: int
+    num_parts: int
 
 
-def _round_up(value: int, quantum: int) -> int:
-    return -(-value // quantum) * quantum
-
-
-def _groups_host(labels: np.ndarray, num_classes: int, dim: int) -> _Groups | None:
-    """:class:`_Groups` of concrete ``[N]`` labels, or None when every class fits in
-    one group (then all classes are clustered at once, as for traced labels).
+def _groups_host(
+    labels: np.ndarray, num_classes: int, dim: int, num_parts: int = 1
+) -> _Groups | None:
+    """:class:`_Groups` of concrete ``[N]`` labels in up to ``num_parts`` parts of equal
+    shape, or None when every class fits in one group (then all classes are clustered at
+    once, as for traced labels).
 
     Rows are rounded up to a multiple of 64, so that new labels with similar class sizes
     reuse the compiled program.
@@ -374,6 +383,8 @@ def _groups_host(labels: np.ndarray, num_classes: int, dim: int) -> _Groups | No
     group_sizes = np.bincount(class_group, weights=sizes, minlength=num_groups).astype(np.int64)
     num_rows = _round_up(int(group_sizes.max()), 64)
     slots = int(class_slot.max()) + 1
+    num_parts = min(num_parts, num_groups)
+    padded_groups = _round_up(num_groups, num_parts)
 
     order = np.argsort(
         labels.astype(np.uint16) if num_classes <= 1 << 16 else labels, kind="stable"
@@ -383,11 +394,11 @@ def _groups_host(labels: np.ndarray, num_classes: int, dim: int) -> _Groups | No
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
     example_row = rank - group_start[example_group]
-    rows = np.full((num_groups, num_rows), n, np.int64)
+    rows = np.full((padded_groups, num_rows), n, np.int64)
     rows[example_group, example_row] = np.arange(n)
-    group_labels = np.full((num_groups, num_rows), slots, np.int64)
+    group_labels = np.full((padded_groups, num_rows), slots, np.int64)
     group_labels[example_group, example_row] = class_slot[labels]
-    classes = np.full((num_groups, slots + 1), num_classes, np.int64)
+    classes = np.full((padded_groups, slots + 1), num_classes, np.int64)
     classes[class_group, class_slot] = np.arange(num_classes)
 
     num_blocks = _num_blocks(group_labels, slots + 1)
@@ -401,6 +412,8 @@ def _groups_host(labels: np.ndarray, num_classes: int, dim: int) -> _Groups | No
         example_row.astype(np.int32),
         _layouts_host(group_labels, slots + 1, num_blocks),
         num_blocks,
+        num_groups,
+        num_parts,
     )
 
 
@@ -1345,38 +1358,15 @@ def _available_cpus() -> int:
 def _kmeans_in_groups(
     embeddings, key, tolerance, initial_centroids, initial_valid, groups: _Groups, *, k, options
 ) -> KMeansResult:
-    """Clusters the groups of :class:`_Groups` on the CPU, in as many parts as there are
-    cores, each part one call of :func:`_kmeans_groups_core` from its own thread: XLA:CPU
-    runs calls from different threads at the same time, while one call's groups run one
-    after another. The parts have equal shapes (the last one padded with empty groups),
-    so one program serves them all; every group draws with its own key whatever the
-    number of parts."""
-    num_groups = groups.rows.shape[0]
-    num_parts = min(_available_cpus(), num_groups)
-    per_part = -(-num_groups // num_parts)
-    extra = num_parts * per_part - num_groups
-    keys = jax.random.split(key, num_groups)
+    """Clusters the groups of :class:`_Groups` on the CPU, each of its parts one call of
+    :func:`_kmeans_groups_core` from its own thread: XLA:CPU runs calls from different
+    threads at the same time, while one call's groups run one after another. The parts
+    have equal shapes, so one program serves them all; every group draws with its own
+    key whatever the number of parts (the empty padding groups reuse the first)."""
+    per_part = groups.rows.shape[0] // groups.num_parts
+    keys = jax.random.split(key, groups.num_groups)
+    extra = groups.rows.shape[0] - groups.num_groups
     if extra:
-        # Empty groups: every row padding, every slot unused.
-        n, slots = embeddings.shape[0], groups.classes.shape[1] - 1
-        empty = _layout_host(np.full(groups.rows.shape[1], slots), slots + 1, groups.num_blocks)
-        fields = {
-            "rows": np.full((extra,) + groups.rows.shape[1:], n, np.int32),
-            "labels": np.full((extra,) + groups.labels.shape[1:], slots, np.int32),
-            "classes": np.full((extra,) + groups.classes.shape[1:], groups.class_group.size),
-        }
-        groups = groups._replace(
-            **{
-                name: np.concatenate([getattr(groups, name), value])
-                for name, value in fields.items()
-            },
-            layouts=_Layout(
-                *(
-                    np.concatenate([a, np.broadcast_to(b, (extra,) + b.shape)])
-                    for a, b in zip(groups.layouts, empty)
-                )
-            ),
-        )
         keys = jnp.concatenate([keys, jnp.repeat(keys[:1], extra, axis=0)])
 
     def part(index):
@@ -1398,11 +1388,11 @@ def _kmeans_in_groups(
             )
         )
 
-    if num_parts == 1:
+    if groups.num_parts == 1:
         parts = [part(0)]
     else:
-        with concurrent.futures.ThreadPoolExecutor(num_parts) as pool:
-            parts = list(pool.map(part, range(num_parts)))
+        with concurrent.futures.ThreadPoolExecutor(groups.num_parts) as pool:
+            parts = list(pool.map(part, range(groups.num_parts)))
     return _ungroup(
         parts, groups.class_group, groups.class_slot, groups.example_group, groups.example_row
     )
@@ -1595,7 +1585,7 @@ def kmeans_per_class(
     # Groups of classes only pay on the CPU (a GPU runs all classes at once in parallel),
     # and need concrete data of this process to be run from several threads.
     groups = (
-        _groups_host(labels_host, int(num_classes), embeddings.shape[1])
+        _groups_host(labels_host, int(num_classes), embeddings.shape[1], _available_cpus())
         if labels_concrete and _on_cpu(embeddings)
         else None
     )

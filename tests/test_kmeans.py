@@ -565,6 +565,15 @@ def test_groups_host_packs_consecutive_classes_by_hand(monkeypatch):
         own = kmeans_module._layout_host(groups.labels[g], 4, groups.num_blocks)
         for stacked, single in zip(groups.layouts, own, strict=True):
             np.testing.assert_array_equal(stacked[g], single)
+    # In 2 parts of equal shape: one empty group (all padding) after the 3 real ones.
+    halves = _groups_host(labels, 6, 4, num_parts=2)
+    assert (halves.num_groups, halves.num_parts) == (3, 2)
+    np.testing.assert_array_equal(halves.rows[:3], groups.rows)
+    np.testing.assert_array_equal(halves.rows[3], n)
+    np.testing.assert_array_equal(halves.labels[3], 3)
+    np.testing.assert_array_equal(halves.classes[3], 6)
+    for stacked, single in zip(halves.layouts, groups.layouts, strict=True):
+        np.testing.assert_array_equal(stacked[:3], single)
     # Everything within one group's capacity: no groups, one call for all classes.
     monkeypatch.setattr(kmeans_module, "_GROUP_FLOATS", 4 * n)
     assert _groups_host(labels, 6, 4) is None
@@ -636,7 +645,7 @@ def test_groups_give_the_same_result_in_any_number_of_parallel_parts(monkeypatch
     all-classes-at-once path."""
     x, y = _uneven_classes()
     monkeypatch.setattr(kmeans_module, "_GROUP_FLOATS", 60 * x.shape[1])
-    num_groups = kmeans_module._groups_host(y, 12, x.shape[1]).rows.shape[0]
+    num_groups = kmeans_module._groups_host(y, 12, x.shape[1]).num_groups
     assert num_groups % 3 != 0  # 3 parts need padding
     results = []
     for cores in (1, 2, 3):
