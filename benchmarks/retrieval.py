@@ -191,10 +191,16 @@ def main(argv=None):
     )
     parser.add_argument(
         "--peer",
-        choices=("faiss", "torch"),
+        choices=("faiss", "torch", "none"),
         default=None,
         help="pml's k-NN: faiss (default where installed) or its PyTorch k-NN on "
-        "PyTorch's device (the GPU when there is one)",
+        "PyTorch's device (the GPU when there is one); none times ours alone",
+    )
+    parser.add_argument(
+        "--top-k-bin",
+        type=int,
+        default=None,
+        help="bin size of the GPU's binned top-k (default: the library's; see top_k.py)",
     )
     parser.add_argument("--knn-only", action="store_true", help="skip NMI/AMI")
     parser.add_argument("--output", type=pathlib.Path, default=None, help="JSON file")
@@ -203,6 +209,10 @@ def main(argv=None):
     import jax
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    from magnet_jax import evaluation
+
+    if args.top_k_bin is not None:
+        evaluation._GPU_TOP_K_BIN = args.top_k_bin  # read when the kernels are traced
 
     num = args.num or (3_000 if args.quick else 60_000)
     dim = args.dim or (32 if args.quick else 128)
@@ -226,9 +236,12 @@ def main(argv=None):
         "peer": (
             "faiss-cpu IndexFlatL2"
             if peer == "faiss"
+            else "none"
+            if peer == "none"
             else f"pml CustomKNN(LpDistance) on torch {torch_device()}"
         ),
         "jax_backend": jax.default_backend(),
+        "gpu_top_k_bin": evaluation._GPU_TOP_K_BIN,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "quick": args.quick,
         "num": num,
@@ -253,20 +266,21 @@ def main(argv=None):
     }
     # Written now too, so a run stopped during the reference keeps our side.
     out.write_text(json.dumps({**report, "partial": True}, indent=2) + "\n")
-    try:
-        if peer == "torch":  # warm-up: CUDA context, kernels (like our first call)
-            _, report["pml_first_call_seconds"] = timed(pml, points, labels, False, peer)
-        pml_metrics, seconds["pml_knn_metrics"] = timed(pml, points, labels, False, peer)
-    except Exception as error:  # e.g. pml's label counting holds a classes x N array
-        report["peer_error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
-        print(f"the reference failed: {report['peer_error']}", flush=True)
-    else:
-        seconds["ratio_ours_over_pml"] = (
-            seconds["ours_knn_metrics_warm"] / seconds["pml_knn_metrics"]
-        )
-        for name, row in report["knn_metrics"].items():
-            row["pml"] = float(pml_metrics[name])
-            row["abs_diff"] = abs(row["ours"] - row["pml"])
+    if peer != "none":
+        try:
+            if peer == "torch":  # warm-up: CUDA context, kernels (like our first call)
+                _, report["pml_first_call_seconds"] = timed(pml, points, labels, False, peer)
+            pml_metrics, seconds["pml_knn_metrics"] = timed(pml, points, labels, False, peer)
+        except Exception as error:  # e.g. pml's label counting holds a classes x N array
+            report["peer_error"] = f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            print(f"the reference failed: {report['peer_error']}", flush=True)
+        else:
+            seconds["ratio_ours_over_pml"] = (
+                seconds["ours_knn_metrics_warm"] / seconds["pml_knn_metrics"]
+            )
+            for name, row in report["knn_metrics"].items():
+                row["pml"] = float(pml_metrics[name])
+                row["abs_diff"] = abs(row["ours"] - row["pml"])
     if clustering:
         ours_cluster, seconds["ours_nmi_ami"] = timed(ours, points, labels, True)
         pml_cluster, seconds["pml_faiss_nmi_ami"] = timed(pml, points, labels, True)
@@ -320,6 +334,8 @@ def main(argv=None):
     pml_text = (
         f"{s['pml_knn_metrics']:.2f} | {s['ratio_ours_over_pml']:.2f}x"
         if "pml_knn_metrics" in s
+        else "not run (--peer none) |"
+        if peer == "none"
         else f"failed: {report['peer_error']} |"
     )
     lines += [

@@ -47,6 +47,10 @@ DEFAULT_NUM_NEAREST_CLUSTERS = 128
 # Largest distance block (elements) before the reference is chunked too: 2**25 float32
 # = 128 MiB. With the default chunk size a reference of up to 131,072 rows is one block.
 _MAX_BLOCK_ELEMENTS = 2**25
+# On a GPU, XLA has fast top-k kernels for k up to _GPU_FAST_TOP_K; a larger k becomes a
+# sort of every whole row. _top_k then sorts bins of _GPU_TOP_K_BIN columns instead.
+_GPU_FAST_TOP_K = 16
+_GPU_TOP_K_BIN = 1024
 
 
 # --------------------------------------------------------------------------- helpers
@@ -82,6 +86,47 @@ def _squared_distances(query, reference, reference_sq_norms):
     query_sq_norms = jnp.sum(query * query, axis=-1)
     cross = jnp.matmul(query, reference.T, precision=_matmul_precision())
     return jnp.maximum(query_sq_norms[:, None] - 2.0 * cross + reference_sq_norms[None, :], 0.0)
+
+
+def _binned_top_k(x, k, bin_size):
+    """``lax.top_k(x, k)`` of ``[c, n]`` in stages: the top k of every bin of columns, then of
+    the bins' winners (recursively, while that shortens the rows).
+
+    Exactly ``lax.top_k``'s result, ties included: every element of the top k is in its
+    bin's top k, and the winners stay in bin order, so among equal keys the lower column
+    still comes first. Padding columns are ``-inf`` at the end of the row, after every
+    real column, so they are never chosen while ``k <= n``. Each stage sorts rows of
+    ``bin_size`` (one on-chip sort on a GPU) instead of whole rows.
+
+    Args:
+      x: [c, n] floating keys.
+
+    Returns:
+      ``(keys [c, k], indices [c, k] int32)``, largest first.
+    """
+    num_rows, width = x.shape
+    num_bins = -(-width // bin_size)
+    if not (k < bin_size < width and num_bins * k < width):
+        return tuple(jax.lax.top_k(x, k))
+    x = jnp.pad(x, ((0, 0), (0, num_bins * bin_size - width)), constant_values=-jnp.inf)
+    keys, local = jax.lax.top_k(x.reshape(num_rows, num_bins, bin_size), k)
+    indices = local + (jnp.arange(num_bins, dtype=local.dtype) * bin_size)[:, None]
+    keys, order = _binned_top_k(keys.reshape(num_rows, num_bins * k), k, bin_size)
+    return keys, jnp.take_along_axis(indices.reshape(num_rows, num_bins * k), order, axis=1)
+
+
+def _top_k(x, k):
+    """``lax.top_k(x, k)`` of ``[c, n]``; on a GPU with ``k > _GPU_FAST_TOP_K``, binned.
+
+    The platform is chosen when the function is lowered (``lax.platform_dependent``), so a
+    jitted caller compiles only its own platform's branch.
+    """
+    if k <= _GPU_FAST_TOP_K:
+        return tuple(jax.lax.top_k(x, k))
+    binned = functools.partial(_binned_top_k, k=k, bin_size=_GPU_TOP_K_BIN)
+    return jax.lax.platform_dependent(
+        x, cuda=binned, rocm=binned, default=lambda x: tuple(jax.lax.top_k(x, k))
+    )
 
 
 def _reference_chunk(num_reference: int, chunk_size: int, reference_chunk_size: int | None) -> int:
@@ -129,16 +174,14 @@ def _top_k_block(query, row_ids, reference_aug, *, k, reference_chunk, exclude_s
     precision = _matmul_precision()
 
     if num_chunks == 1:
-        keys, indices = jax.lax.top_k(
-            jnp.matmul(query_aug, reference_aug.T, precision=precision), kk
-        )
+        keys, indices = _top_k(jnp.matmul(query_aug, reference_aug.T, precision=precision), kk)
     else:
         chunks = reference_aug.reshape(num_chunks, reference_chunk, reference_aug.shape[1])
 
         def step(carry, inputs):
             best_keys, best_indices = carry
             start, chunk = inputs
-            keys, local = jax.lax.top_k(
+            keys, local = _top_k(
                 jnp.matmul(query_aug, chunk.T, precision=precision), min(kk, reference_chunk)
             )
             # Running best first: among equal keys top_k keeps the lower position, and

@@ -49,7 +49,7 @@ def test_device_script_rehearses_every_part_on_cpu(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     names = {p.name for p in out.glob("*.json")}
     parts = {"info": "device", "train_step": "train_step", "kmeans": "kmeans"}
-    parts.update(backbone="backbone", retrieval="retrieval")
+    parts.update(backbone="backbone", top_k="top_k", retrieval="retrieval")
     assert names == {f"{json_name}_quick.json" for json_name in parts.values()}
     log = (out / "log.txt").read_text()
     assert all(f"device.sh: {part}: " in log for part in parts), log[-2000:]

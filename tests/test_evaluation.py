@@ -152,6 +152,78 @@ def test_nearest_neighbours_exclude_self_with_duplicates():
     np.testing.assert_array_equal(indices, [[1, 2], [0, 2], [0, 1], [0, 1]])
 
 
+@pytest.mark.parametrize(
+    "rows, width, k, bin_size",
+    [
+        (5, 3000, 144, 1024),  # two stages, the last bin mostly padding
+        (4, 50000, 144, 256),  # several stages
+        (3, 1025, 10, 16),  # many stages down to a width that no longer shrinks
+        (3, 100, 100, 8),  # k = width: plain top_k
+        (2, 20, 10, 16),  # one stage would not shorten the rows: plain top_k
+        (2, 4096, 3, 1024),
+    ],
+)
+def test_binned_top_k_is_lax_top_k(rows, width, k, bin_size):
+    # Integer keys with many exact ties, and -inf columns (the padding of a reference).
+    from magnet_jax.evaluation import _binned_top_k
+
+    x = np.random.default_rng(width).integers(0, 40, (rows, width)).astype(np.float32)
+    x[:, -3:] = -np.inf
+    x[0, :] = 7.0  # a row of nothing but ties
+    keys, indices = jax.jit(_binned_top_k, static_argnums=(1, 2))(x, k, bin_size)
+    expected_keys, expected_indices = jax.lax.top_k(x, k)
+    assert indices.dtype == expected_indices.dtype
+    np.testing.assert_array_equal(keys, expected_keys)
+    np.testing.assert_array_equal(indices, expected_indices)
+
+
+def test_binned_top_k_through_every_kernel(monkeypatch):
+    """The GPU's binned top-k (forced here, bins of 16) gives the CPU path's results in
+    nearest_neighbours (one block and a scan over reference chunks) and retrieval_metrics."""
+    from magnet_jax import evaluation
+
+    rng = np.random.default_rng(3)
+    points, labels = gaussian_classes(rng, 90, 5, 30, spread=0.8)
+    points = np.round(points * 2) / 2  # exact ties
+    calls = dict(
+        nn=lambda chunk: nearest_neighbours(
+            points, points, k=5, exclude_self=True, reference_chunk_size=chunk
+        ),
+        metrics=lambda chunk: retrieval_metrics(
+            points, labels, ks=(1, 2), reference_chunk_size=chunk, clustering=False
+        ),
+    )
+    expected = {(name, c): call(c) for name, call in calls.items() for c in (None, 32)}
+    binned = []
+
+    def binned_top_k(x, k):
+        binned.append((k, x.shape[1]))
+        return evaluation._binned_top_k(x, k, 16)
+
+    monkeypatch.setattr(evaluation, "_top_k", binned_top_k)
+    evaluation._compiled.cache_clear()
+    try:
+        for (name, chunk), value in expected.items():
+            actual = calls[name](chunk)
+            if name == "nn":
+                np.testing.assert_array_equal(actual[1], value[1])
+                np.testing.assert_array_equal(actual[0], value[0])
+            else:
+                assert actual == value
+    finally:
+        evaluation._compiled.cache_clear()
+    # Every call really took the binned path: k below the bin, rows of several bins.
+    assert {width for _, width in binned} == {90, 32}
+    assert all(k < 16 and -(-width // 16) * k < width for k, width in binned)
+
+
+def test_top_k_is_plain_on_cpu():
+    from magnet_jax.evaluation import _top_k
+
+    text = jax.jit(lambda x: _top_k(x, 144)).lower(jnp.ones((2, 4096))).as_text()
+    assert "gather" not in text and "top_k" in text
+
+
 def test_nearest_neighbours_validation():
     x = np.zeros((4, 3), np.float32)
     with pytest.raises(ValueError, match=r"\(4, 3\)"):

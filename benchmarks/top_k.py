@@ -1,0 +1,208 @@
+"""The top-k of a retrieval block on one device: ``lax.top_k`` against the binned top-k.
+
+    python benchmarks/top_k.py            # [256, 131072] and [1024, 32768] blocks, k 144 and 10
+    python benchmarks/top_k.py --quick    # tiny sizes (the CPU rehearsal)
+
+``retrieval_metrics`` ranks a block of ``c`` queries against a reference chunk of ``N``
+rows: one matrix product (``[c, d + 1] x [d + 1, N]``) and a top-k of every row, with
+``k = max(largest class, max(ks))``. XLA's GPU top-k kernels take ``k`` up to 16; a larger
+``k`` becomes a sort of every whole row. The library's binned top-k
+(``magnet_jax.evaluation._binned_top_k``) sorts bins of ``B`` columns and then the bins'
+winners instead, with exactly ``lax.top_k``'s result.
+
+Per block shape and ``k``, this times the matrix product alone (the floor), the product
+followed by ``lax.top_k``, by the binned top-k at several ``B``, and by the library's own
+choice for this platform (``_top_k``); and, as a probe of what a filter could reach, the
+product followed by a top-16 of every 1,024 columns (one pass of XLA's fast kernel).
+Every variant's indices are checked equal to ``lax.top_k``'s. Each time is the best of
+``--repeats`` loops of ``--calls`` calls on device-resident inputs. Writes
+``results/top_k.json`` (``top_k_quick.json`` with --quick), rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+from magnet_jax import evaluation  # noqa: E402
+
+RESULTS = Path(os.environ.get("MAGNET_JAX_RESULTS", Path(__file__).resolve().parent / "results"))
+FAST_PROBE_BIN = 1024
+
+
+def _block_inputs(rows: int, columns: int, dim: int, seed: int = 0):
+    """Device-resident ``[rows, dim + 1]`` queries and ``[columns, dim + 1]`` reference rows
+    in the library's augmented form (Gaussian clusters, so neighbours are not uniform)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((64, dim)).astype(np.float32) * 0.5
+    reference = centres[rng.integers(0, 64, columns)] + rng.standard_normal((columns, dim))
+    query = centres[rng.integers(0, 64, rows)] + rng.standard_normal((rows, dim))
+    reference_aug = evaluation._augment_reference(jnp.asarray(reference, jnp.float32), columns)
+    query_aug = jnp.concatenate(
+        [jnp.asarray(query, jnp.float32), jnp.ones((rows, 1), jnp.float32)], axis=1
+    )
+    return jax.device_put(query_aug), jax.device_put(reference_aug)
+
+
+def _variants(k: int, bins: list[int]) -> dict:
+    """name -> function of the ``[c, N]`` keys returning ``(keys, indices)`` or ``None``."""
+    variants = {
+        "matmul only": None,
+        "lax.top_k": lambda x: tuple(jax.lax.top_k(x, k)),
+        "library _top_k": lambda x: evaluation._top_k(x, k),
+    }
+    for bin_size in bins:
+        variants[f"binned {bin_size}"] = functools.partial(
+            evaluation._binned_top_k, k=k, bin_size=bin_size
+        )
+    fast_k = min(evaluation._GPU_FAST_TOP_K, k)
+    variants[f"probe: top-{fast_k} per {FAST_PROBE_BIN}"] = lambda x: tuple(
+        jax.lax.top_k(x.reshape(-1, FAST_PROBE_BIN), fast_k)
+    )
+    return variants
+
+
+def _timed(fn, query_aug, reference_aug, calls: int, repeats: int) -> tuple[float, float]:
+    """(first call incl. compile, best per-call seconds over ``repeats`` loops)."""
+    start = time.perf_counter()
+    jax.block_until_ready(fn(query_aug, reference_aug))
+    first = time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn(query_aug, reference_aug)
+        jax.block_until_ready(out)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return first, best
+
+
+def run_case(rows, columns, dim, k, bins, calls, repeats):
+    """Rows of the report for one block shape and k."""
+    query_aug, reference_aug = _block_inputs(rows, columns, dim)
+    precision = evaluation._matmul_precision()
+
+    def with_top_k(top_k):
+        def fn(q, r):
+            keys = jnp.matmul(q, r.T, precision=precision)
+            return keys if top_k is None else top_k(keys)
+
+        return jax.jit(fn)
+
+    reference_indices = None
+    out = []
+    for name, top_k in _variants(k, bins).items():
+        fn = with_top_k(top_k)
+        first, seconds = _timed(fn, query_aug, reference_aug, calls, repeats)
+        row = {
+            "rows": rows,
+            "columns": columns,
+            "k": k,
+            "variant": name,
+            "seconds": seconds,
+            "first_call_seconds": first,
+        }
+        if name == "lax.top_k":
+            reference_indices = np.asarray(fn(query_aug, reference_aug)[1])
+        elif top_k is not None and not name.startswith("probe"):
+            row["equal_to_lax_top_k"] = bool(
+                np.array_equal(np.asarray(fn(query_aug, reference_aug)[1]), reference_indices)
+            )
+        out.append(row)
+        print(
+            f"[{rows} x {columns}] k={k} {name}: {seconds * 1e3:.3f} ms"
+            + ("" if "equal_to_lax_top_k" not in row else f", equal {row['equal_to_lax_top_k']}"),
+            flush=True,
+        )
+    plain = next(r["seconds"] for r in out if r["variant"] == "lax.top_k")
+    for row in out:
+        row["speed_up_vs_lax_top_k"] = plain / row["seconds"]
+    return out
+
+
+def markdown(rows) -> str:
+    lines = [
+        "| block | k | variant | ms per block | speed-up vs lax.top_k | equal |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        equal = {True: "yes", False: "NO"}.get(r.get("equal_to_lax_top_k"), "")
+        lines.append(
+            f"| {r['rows']} x {r['columns']:,} | {r['k']} | {r['variant']} | "
+            f"{r['seconds'] * 1e3:.3f} | {r['speed_up_vs_lax_top_k']:.2f}x | {equal} |"
+        )
+    return "\n".join(lines)
+
+
+def best_bin(rows, k: int) -> int | None:
+    """The bin size of the fastest exact binned variant at ``k`` over all block shapes
+    (summed time), or None when none was measured."""
+    totals: dict[int, float] = {}
+    for r in rows:
+        if r["k"] == k and r["variant"].startswith("binned ") and r.get("equal_to_lax_top_k"):
+            size = int(r["variant"].split()[1])
+            totals[size] = totals.get(size, 0.0) + r["seconds"]
+    return min(totals, key=totals.get) if totals else None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--calls", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        shapes, bins, dim, calls = [(16, 4096)], [256, 1024], 16, args.calls or 2
+        ks = (40, 10)
+    else:
+        shapes, bins, dim, calls = (
+            [(256, 131072), (1024, 32768)],
+            [256, 512, 1024, 2048, 4096],
+            args.dim,
+            args.calls or 10,
+        )
+        ks = (144, 10)
+    warnings = [w for w in [_common.busy_warning()] if w]
+    report = {
+        "benchmark": "matmul + top-k of one retrieval block: lax.top_k vs the binned top-k",
+        "environment": _common.environment(),
+        "quick": args.quick,
+        "dim": dim,
+        "calls": calls,
+        "repeats": args.repeats,
+        "library_gpu_top_k_bin": evaluation._GPU_TOP_K_BIN,
+        "warnings": warnings,
+        "rows": [],
+    }
+    output = args.output or RESULTS / ("top_k_quick.json" if args.quick else "top_k.json")
+    for rows, columns in shapes:
+        for k in ks:
+            bins_here = bins if k > evaluation._GPU_FAST_TOP_K else bins[-1:]
+            report["rows"] += run_case(rows, columns, dim, k, bins_here, calls, args.repeats)
+            _common.write_json(output, report)
+    report["best_bin"] = best_bin(report["rows"], ks[0])
+    report["load_average_after"] = list(os.getloadavg())
+    _common.write_json(output, report)
+    print(markdown(report["rows"]))
+    print(f"fastest exact bin at k={ks[0]}: {report['best_bin']}")
+    print(f"wrote {output}")
+    if not all(r.get("equal_to_lax_top_k", True) for r in report["rows"]):
+        sys.exit("a binned top-k differs from lax.top_k")
+
+
+if __name__ == "__main__":
+    main()
