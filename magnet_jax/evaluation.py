@@ -48,9 +48,10 @@ DEFAULT_NUM_NEAREST_CLUSTERS = 128
 # = 128 MiB. With the default chunk size a reference of up to 131,072 rows is one block.
 _MAX_BLOCK_ELEMENTS = 2**25
 # On a GPU, XLA has fast top-k kernels for k up to _GPU_FAST_TOP_K; a larger k becomes a
-# sort of every whole row. _top_k then sorts bins of _GPU_TOP_K_BIN columns instead.
+# sort of every whole row. _top_k then selects through the maxima of bins of
+# _GPU_TOP_K_BIN columns instead (benchmarks/top_k.py compares bin sizes).
 _GPU_FAST_TOP_K = 16
-_GPU_TOP_K_BIN = 1024
+_GPU_TOP_K_BIN = 32
 
 
 # --------------------------------------------------------------------------- helpers
@@ -88,15 +89,20 @@ def _squared_distances(query, reference, reference_sq_norms):
     return jnp.maximum(query_sq_norms[:, None] - 2.0 * cross + reference_sq_norms[None, :], 0.0)
 
 
-def _binned_top_k(x, k, bin_size):
-    """``lax.top_k(x, k)`` of ``[c, n]`` in stages: the top k of every bin of columns, then of
-    the bins' winners (recursively, while that shortens the rows).
+def _select_top_k(x, k, bin_size):
+    """``lax.top_k(x, k)`` of ``[c, n]`` through the maxima of bins of ``bin_size`` columns.
 
-    Exactly ``lax.top_k``'s result, ties included: every element of the top k is in its
-    bin's top k, and the winners stay in bin order, so among equal keys the lower column
-    still comes first. Padding columns are ``-inf`` at the end of the row, after every
-    real column, so they are never chosen while ``k <= n``. Each stage sorts rows of
-    ``bin_size`` (one on-chip sort on a GPU) instead of whole rows.
+    Only the ``k`` bins with the largest maxima can hold the top ``k``: with ties broken
+    by the lower column (bins are contiguous, so a lower bin holds lower columns), every
+    element of another bin ranks below that bin's maximum, which ranks below the ``k``
+    chosen bins' maxima. So the result is the top ``k`` of the chosen bins' ``k *
+    bin_size`` columns, gathered in column order so that ties still go to the lower
+    column: exactly ``lax.top_k``'s result, ties included. Both smaller top-ks (of the
+    ``n / bin_size`` maxima and of the candidates) recurse while that shortens the rows.
+    Padding columns are ``-inf`` after every real column, never chosen while ``k <= n``.
+
+    On a GPU this replaces a sort of every whole row (XLA's top-k above its fast kernels)
+    by one pass for the maxima and two short sorts.
 
     Args:
       x: [c, n] floating keys.
@@ -106,26 +112,30 @@ def _binned_top_k(x, k, bin_size):
     """
     num_rows, width = x.shape
     num_bins = -(-width // bin_size)
-    if not (k < bin_size < width and num_bins * k < width):
+    if not (k < num_bins and k * bin_size < width):
         return tuple(jax.lax.top_k(x, k))
     x = jnp.pad(x, ((0, 0), (0, num_bins * bin_size - width)), constant_values=-jnp.inf)
-    keys, local = jax.lax.top_k(x.reshape(num_rows, num_bins, bin_size), k)
-    indices = local + (jnp.arange(num_bins, dtype=local.dtype) * bin_size)[:, None]
-    keys, order = _binned_top_k(keys.reshape(num_rows, num_bins * k), k, bin_size)
-    return keys, jnp.take_along_axis(indices.reshape(num_rows, num_bins * k), order, axis=1)
+    bins = x.reshape(num_rows, num_bins, bin_size)
+    _, chosen = _select_top_k(jnp.max(bins, axis=2), k, bin_size)
+    chosen = jnp.sort(chosen, axis=1)  # column order among the candidates
+    candidates = jnp.take_along_axis(bins, chosen[:, :, None], axis=1)
+    keys, position = _select_top_k(candidates.reshape(num_rows, k * bin_size), k, bin_size)
+    columns = chosen[:, :, None] * bin_size + jnp.arange(bin_size, dtype=chosen.dtype)
+    return keys, jnp.take_along_axis(columns.reshape(num_rows, k * bin_size), position, axis=1)
 
 
 def _top_k(x, k):
-    """``lax.top_k(x, k)`` of ``[c, n]``; on a GPU with ``k > _GPU_FAST_TOP_K``, binned.
+    """``lax.top_k(x, k)`` of ``[c, n]``; on a GPU with ``k > _GPU_FAST_TOP_K``, through
+    :func:`_select_top_k`.
 
     The platform is chosen when the function is lowered (``lax.platform_dependent``), so a
     jitted caller compiles only its own platform's branch.
     """
     if k <= _GPU_FAST_TOP_K:
         return tuple(jax.lax.top_k(x, k))
-    binned = functools.partial(_binned_top_k, k=k, bin_size=_GPU_TOP_K_BIN)
+    select = functools.partial(_select_top_k, k=k, bin_size=_GPU_TOP_K_BIN)
     return jax.lax.platform_dependent(
-        x, cuda=binned, rocm=binned, default=lambda x: tuple(jax.lax.top_k(x, k))
+        x, cuda=select, rocm=select, default=lambda x: tuple(jax.lax.top_k(x, k))
     )
 
 

@@ -155,30 +155,35 @@ def test_nearest_neighbours_exclude_self_with_duplicates():
 @pytest.mark.parametrize(
     "rows, width, k, bin_size",
     [
-        (5, 3000, 144, 1024),  # two stages, the last bin mostly padding
-        (4, 50000, 144, 256),  # several stages
-        (3, 1025, 10, 16),  # many stages down to a width that no longer shrinks
+        (5, 3000, 10, 32),  # one selection, the last bin mostly padding
+        (4, 50000, 144, 32),  # the maxima's top-k selects again
+        (3, 5000, 5, 4),  # several levels on both sides
         (3, 100, 100, 8),  # k = width: plain top_k
-        (2, 20, 10, 16),  # one stage would not shorten the rows: plain top_k
-        (2, 4096, 3, 1024),
+        (2, 20, 10, 4),  # fewer bins than k: plain top_k
+        (2, 4096, 3, 1024),  # candidates almost the whole row
     ],
 )
-def test_binned_top_k_is_lax_top_k(rows, width, k, bin_size):
+def test_select_top_k_is_lax_top_k(rows, width, k, bin_size):
     # Integer keys with many exact ties, and -inf columns (the padding of a reference).
-    from magnet_jax.evaluation import _binned_top_k
+    from magnet_jax.evaluation import _select_top_k
 
-    x = np.random.default_rng(width).integers(0, 40, (rows, width)).astype(np.float32)
+    rng = np.random.default_rng(width)
+    x = rng.integers(0, 40, (rows, width)).astype(np.float32)
     x[:, -3:] = -np.inf
     x[0, :] = 7.0  # a row of nothing but ties
-    keys, indices = jax.jit(_binned_top_k, static_argnums=(1, 2))(x, k, bin_size)
+    # A row whose top k lie in k different bins, each a bin's maximum, tied with the
+    # maxima of other bins: the k-th key equals the k-th bin maximum.
+    x[1, :] = 0.0
+    x[1, ::bin_size] = 1.0
+    keys, indices = jax.jit(_select_top_k, static_argnums=(1, 2))(x, k, bin_size)
     expected_keys, expected_indices = jax.lax.top_k(x, k)
     assert indices.dtype == expected_indices.dtype
     np.testing.assert_array_equal(keys, expected_keys)
     np.testing.assert_array_equal(indices, expected_indices)
 
 
-def test_binned_top_k_through_every_kernel(monkeypatch):
-    """The GPU's binned top-k (forced here, bins of 16) gives the CPU path's results in
+def test_select_top_k_through_every_kernel(monkeypatch):
+    """The GPU's top-k (forced here, bins of 2) gives the CPU path's results in
     nearest_neighbours (one block and a scan over reference chunks) and retrieval_metrics."""
     from magnet_jax import evaluation
 
@@ -194,13 +199,13 @@ def test_binned_top_k_through_every_kernel(monkeypatch):
         ),
     )
     expected = {(name, c): call(c) for name, call in calls.items() for c in (None, 32)}
-    binned = []
+    widths = []
 
-    def binned_top_k(x, k):
-        binned.append((k, x.shape[1]))
-        return evaluation._binned_top_k(x, k, 16)
+    def select_top_k(x, k):
+        widths.append((k, x.shape[1]))
+        return evaluation._select_top_k(x, k, 2)
 
-    monkeypatch.setattr(evaluation, "_top_k", binned_top_k)
+    monkeypatch.setattr(evaluation, "_top_k", select_top_k)
     evaluation._compiled.cache_clear()
     try:
         for (name, chunk), value in expected.items():
@@ -212,9 +217,9 @@ def test_binned_top_k_through_every_kernel(monkeypatch):
                 assert actual == value
     finally:
         evaluation._compiled.cache_clear()
-    # Every call really took the binned path: k below the bin, rows of several bins.
-    assert {width for _, width in binned} == {90, 32}
-    assert all(k < 16 and -(-width // 16) * k < width for k, width in binned)
+    # Every call really selected: more bins than k, fewer candidates than columns.
+    assert {width for _, width in widths} == {90, 32}
+    assert all(k < -(-width // 2) and k * 2 < width for k, width in widths)
 
 
 def test_top_k_is_plain_on_cpu():
