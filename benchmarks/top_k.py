@@ -18,6 +18,11 @@ winners (the other exact split). Every variant's indices are checked equal to
 ``lax.top_k``'s. Each time is the best of ``--repeats`` loops of ``--calls`` calls on
 device-resident inputs. Writes ``results/top_k.json`` (``top_k_quick.json`` with
 --quick), rewritten after every row, with the fastest ``B`` at the larger ``k``.
+
+    python benchmarks/top_k.py --end-to-end 60000   # whole retrieval_metrics calls
+
+times warm ``retrieval_metrics`` calls with this platform's top-k and with the selection
+forced, interleaved, and writes ``results/top_k_end_to_end.json``.
 """
 
 from __future__ import annotations
@@ -168,6 +173,43 @@ def best_bin(rows, k: int) -> int | None:
     return min(totals, key=totals.get) if totals else None
 
 
+def end_to_end(num: int, dim: int, repeats: int) -> dict:
+    """Warm ``retrieval_metrics`` on a ``num``-row self-gallery (benchmarks/retrieval.py's
+    data), with this platform's ``_top_k`` and with the selection forced, interleaved."""
+    from retrieval import make_data
+
+    points, labels = make_data(num, dim, max(num // 600, 2))
+    variants = {
+        "platform default": evaluation._top_k,
+        f"select {evaluation._GPU_TOP_K_BIN}": lambda x, k: evaluation._select_top_k(
+            x, k, evaluation._GPU_TOP_K_BIN
+        ),
+    }
+    seconds = {name: [] for name in variants}
+    metrics = {}
+    try:
+        for round_ in range(repeats):
+            for name in list(variants)[:: 1 if round_ % 2 == 0 else -1]:
+                evaluation._top_k = variants[name]
+                evaluation._compiled.cache_clear()
+                evaluation.retrieval_metrics(points, labels, clustering=False)  # compile
+                start = time.perf_counter()
+                metrics[name] = evaluation.retrieval_metrics(points, labels, clustering=False)
+                seconds[name].append(time.perf_counter() - start)
+                print(f"end to end, {name}: {seconds[name][-1]:.2f} s", flush=True)
+    finally:
+        evaluation._top_k = variants["platform default"]
+        evaluation._compiled.cache_clear()
+    return {
+        "num": num,
+        "dim": dim,
+        "jax_devices": [str(d) for d in jax.devices()],
+        "seconds": seconds,
+        "min_seconds": {name: min(v) for name, v in seconds.items()},
+        "same_metrics": len({tuple(sorted(m.items())) for m in metrics.values()}) == 1,
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
@@ -175,7 +217,30 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument(
+        "--end-to-end",
+        type=int,
+        default=None,
+        metavar="NUM",
+        help="instead: retrieval_metrics on a NUM-row self-gallery with this platform's "
+        "top-k and with the selection, interleaved --repeats times (top_k_end_to_end.json)",
+    )
     args = parser.parse_args(argv)
+    # One CPU device per core, as benchmarks/retrieval.py runs it (no effect on a GPU).
+    jax.config.update("jax_num_cpu_devices", os.cpu_count())
+    if args.end_to_end:
+        report = {
+            "benchmark": "warm retrieval_metrics, self-gallery: this platform's top-k vs the "
+            "selection top-k forced",
+            "environment": _common.environment(),
+            **end_to_end(args.end_to_end, args.dim, args.repeats),
+            "load_average_after": list(os.getloadavg()),
+        }
+        output = args.output or RESULTS / "top_k_end_to_end.json"
+        _common.write_json(output, report)
+        print(report["min_seconds"], f"same metrics: {report['same_metrics']}")
+        print(f"wrote {output}")
+        return
 
     if args.quick:
         shapes, bins, dim, calls = [(16, 4096)], [8, 32], 16, args.calls or 2
@@ -203,7 +268,7 @@ def main(argv=None):
     output = args.output or RESULTS / ("top_k_quick.json" if args.quick else "top_k.json")
     for rows, columns in shapes:
         for k in ks:
-            bins_here = bins if k > evaluation._GPU_FAST_TOP_K else [evaluation._GPU_TOP_K_BIN]
+            bins_here = bins if k == ks[0] else [evaluation._GPU_TOP_K_BIN]
             report["rows"] += run_case(rows, columns, dim, k, bins_here, calls, args.repeats)
             _common.write_json(output, report)
     report["best_bin"] = best_bin(report["rows"], ks[0])

@@ -47,11 +47,9 @@ DEFAULT_NUM_NEAREST_CLUSTERS = 128
 # Largest distance block (elements) before the reference is chunked too: 2**25 float32
 # = 128 MiB. With the default chunk size a reference of up to 131,072 rows is one block.
 _MAX_BLOCK_ELEMENTS = 2**25
-# On a GPU, XLA has fast top-k kernels for k up to _GPU_FAST_TOP_K; a larger k becomes a
-# sort of every whole row. _top_k then selects through the maxima of bins of
-# _GPU_TOP_K_BIN columns instead (benchmarks/top_k.py compares bin sizes).
-_GPU_FAST_TOP_K = 16
-_GPU_TOP_K_BIN = 32
+# On a GPU, _top_k selects through the maxima of bins of _GPU_TOP_K_BIN columns
+# (benchmarks/top_k.py compares bin sizes and lax.top_k).
+_GPU_TOP_K_BIN = 16
 
 
 # --------------------------------------------------------------------------- helpers
@@ -101,8 +99,8 @@ def _select_top_k(x, k, bin_size):
     ``n / bin_size`` maxima and of the candidates) recurse while that shortens the rows.
     Padding columns are ``-inf`` after every real column, never chosen while ``k <= n``.
 
-    On a GPU this replaces a sort of every whole row (XLA's top-k above its fast kernels)
-    by one pass for the maxima and two short sorts.
+    On a GPU this replaces a sort of every whole row (XLA's top-k for k above 16) or a
+    top-k kernel over whole rows by one pass for the maxima and two short top-ks.
 
     Args:
       x: [c, n] floating keys.
@@ -125,14 +123,11 @@ def _select_top_k(x, k, bin_size):
 
 
 def _top_k(x, k):
-    """``lax.top_k(x, k)`` of ``[c, n]``; on a GPU with ``k > _GPU_FAST_TOP_K``, through
-    :func:`_select_top_k`.
+    """``lax.top_k(x, k)`` of ``[c, n]``; on a GPU through :func:`_select_top_k`.
 
     The platform is chosen when the function is lowered (``lax.platform_dependent``), so a
     jitted caller compiles only its own platform's branch.
     """
-    if k <= _GPU_FAST_TOP_K:
-        return tuple(jax.lax.top_k(x, k))
     select = functools.partial(_select_top_k, k=k, bin_size=_GPU_TOP_K_BIN)
     return jax.lax.platform_dependent(
         x, cuda=select, rocm=select, default=lambda x: tuple(jax.lax.top_k(x, k))
