@@ -68,26 +68,27 @@ if [[ ${#quick[@]} == 1 ]]; then
     part top_k 120 benchmarks/top_k.py --quick
     part retrieval 120 benchmarks/retrieval.py --quick --peak-num 0 --knn-only --peer torch
 else
-    # Each limit is the part's time in the last H100 run (benchmarks/results/gpu_h100/log*.txt)
-    # with room to spare; the whole run fits in the 8 minutes of one lent-machine call.
+    # Each limit is the part's time in the last GPU runs (benchmarks/results/gpu_h100/log*.txt,
+    # gpu_h200/log*.txt) with room to spare; the whole run (about 8 minutes) fits in one
+    # lent-machine call of 10.
     part info 45 benchmarks/device_info.py
     part train_step 60 benchmarks/train_step.py --data-dir "$data_dir"
-    part kmeans 110 benchmarks/kmeans.py --cases abcde --restarts 1
+    part kmeans 150 benchmarks/kmeans.py --cases abcde --restarts 1
     part backbone 180 benchmarks/backbone.py --cases efficientnet_lite0@224 resnet50@224 \
         --batch-sizes 256 --steps 20 --repeats 3
-    part top_k 120 benchmarks/top_k.py
+    part top_k 60 benchmarks/top_k.py
     part retrieval 45 benchmarks/retrieval.py --num 100000 --classes 1000 --peak-num 0 \
         --knn-only --peer torch
     # pml's label counting needs a 10,000 x 1,000,000 array at this size (it ran out of
     # the H100's memory): ours runs alone.
-    part retrieval_1m 240 benchmarks/retrieval.py --num 1000000 --classes 10000 --peak-num 0 \
+    part retrieval_1m 120 benchmarks/retrieval.py --num 1000000 --classes 10000 --peak-num 0 \
         --knn-only --peer none --output "$out/retrieval_1m.json"
     # Again at the bin size top_k.py measured fastest, when that is not the library's.
     best=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1])).get("best_bin"))' \
         "$out/top_k.json" 2>/dev/null)
     default=$("$python" -c 'from magnet_jax import evaluation; print(evaluation._GPU_TOP_K_BIN)')
     if [[ $best =~ ^[0-9]+$ && $best != "$default" ]]; then
-        part retrieval_1m_bin 240 benchmarks/retrieval.py --num 1000000 --classes 10000 \
+        part retrieval_1m_bin 120 benchmarks/retrieval.py --num 1000000 --classes 10000 \
             --peak-num 0 --knn-only --peer none --top-k-bin "$best" \
             --output "$out/retrieval_1m_bin${best}.json"
     fi

@@ -11,7 +11,9 @@ JAX starts uses every core (as benchmarks/retrieval.py does).
 
 Distances are squared Euclidean throughout (``||q||^2 - 2 q.r + ||r||^2``, clamped at
 0, matmul at ``Precision.HIGHEST``). Ties in distance are broken by the lower reference
-index, everywhere (``lax.top_k`` keeps the lower index first among equal values).
+index, everywhere (``lax.top_k`` keeps the lower index first among equal values). On a
+GPU the nearest references are selected through the maxima of bins of columns instead of
+``lax.top_k``'s sort of every row (:func:`_select_top_k`), with exactly the same result.
 
 Retrieval metrics follow pytorch-metric-learning's ``AccuracyCalculator`` (version 2.9)
 exactly; see :func:`retrieval_metrics`.
