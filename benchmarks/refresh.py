@@ -1,6 +1,7 @@
 """The cost of the Magnet index refresh, and what a cheaper refresh does to accuracy.
 
-    python benchmarks/refresh.py           # Fashion-MNIST, convnet, 3,000 steps, 3 seeds x 3 arms
+    python benchmarks/refresh.py           # Fashion-MNIST, convnet, 3,000 steps, 3 seeds x 4 arms
+    python benchmarks/refresh.py --dataset mnist --arms full memory   # the same on MNIST
     python benchmarks/refresh.py --quick   # digits, MLP, seconds (CI smoke test)
 
 Every refresh embeds the whole training set and re-clusters every class (issue 13). Arms,
@@ -290,6 +291,12 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--data-dir", default=str(_common.DEFAULT_DATA_DIR))
+    parser.add_argument(
+        "--dataset",
+        choices=("fashion_mnist", "mnist"),
+        default="fashion_mnist",
+        help="the full run's dataset (--quick always runs digits)",
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--arms", nargs="+", choices=ARM_NAMES, default=list(ARM_NAMES))
@@ -317,9 +324,9 @@ def main(argv=None) -> dict:
         seeds = args.seeds or [0, 1]
         dataset = load_dataset("digits")
     else:
-        base = {"dataset": "fashion_mnist", "data_dir": args.data_dir, "steps": args.steps or 3000}
+        base = {"dataset": args.dataset, "data_dir": args.data_dir, "steps": args.steps or 3000}
         seeds = args.seeds or [0, 1, 2]
-        dataset = load_dataset("fashion_mnist", args.data_dir)
+        dataset = load_dataset(args.dataset, args.data_dir)
     if warning := _common.busy_warning():
         log(warning)
     base.update(num_devices=1, workdir="unused")

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magnet_jax import finite
+
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DEFAULT_NUM_NEAREST_CLUSTERS",
@@ -65,8 +67,12 @@ def _float_dtype(dtype) -> jnp.dtype:
 
 
 def _check_matrix(name: str, x) -> None:
+    """``x`` is ``[num, dim]`` and, unless traced, finite (NaN or inf would rank
+    neighbours differently on each platform's top-k, silently)."""
     if x.ndim != 2:
         raise ValueError(f"{name} must be [num, dim], got shape {x.shape}.")
+    if not isinstance(x, jax.core.Tracer) and jnp.issubdtype(x.dtype, jnp.inexact):
+        finite.check_embeddings(x, name)
 
 
 def _check_chunk(chunk_size) -> int:

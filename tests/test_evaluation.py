@@ -229,6 +229,24 @@ def test_top_k_is_plain_on_cpu():
     assert "gather" not in text and "top_k" in text
 
 
+def test_non_finite_embeddings_are_named_not_ranked():
+    from magnet_jax.finite import NonFiniteError
+
+    x = np.zeros((6, 3), np.float32)
+    x[[1, 4], 2] = [np.nan, np.inf]
+    labels = np.arange(6) % 2
+    centroids = np.zeros((2, 2, 3), np.float32)
+    for call in (
+        lambda: nearest_neighbours(x, np.zeros((4, 3), np.float32), k=1),
+        lambda: nearest_neighbours(np.zeros((4, 3), np.float32), x, k=1),
+        lambda: retrieval_metrics(x, labels, clustering=False),
+        lambda: knc_predict(x, centroids=centroids, sigma2=1.0),
+        lambda: knn_predict(x, x, labels, k=1),
+    ):
+        with pytest.raises(NonFiniteError, match=r"2 of 6 rows \(rows 1, 4\)"):
+            call()
+
+
 def test_nearest_neighbours_validation():
     x = np.zeros((4, 3), np.float32)
     with pytest.raises(ValueError, match=r"\(4, 3\)"):
