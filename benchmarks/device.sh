@@ -62,7 +62,7 @@ part() {
 
 if [[ ${#quick[@]} == 1 ]]; then
     part info 120 benchmarks/device_info.py --quick
-    part train_step 300 benchmarks/train_step.py --quick --repeats 2
+    part train_step 300 benchmarks/train_step.py --quick --repeats 2 --eval-chunk-sizes 64
     part kmeans 300 benchmarks/kmeans.py --quick --cases de --restarts 1
     part backbone 300 benchmarks/backbone.py --quick
     part top_k 120 benchmarks/top_k.py --quick
@@ -72,7 +72,8 @@ else
     # gpu_h200/log*.txt) with room to spare; the whole run (about 8 minutes) fits in one
     # lent-machine call of 10.
     part info 45 benchmarks/device_info.py
-    part train_step 60 benchmarks/train_step.py --data-dir "$data_dir"
+    part train_step 90 benchmarks/train_step.py --data-dir "$data_dir" \
+        --eval-chunk-sizes 1024 4096
     part kmeans 150 benchmarks/kmeans.py --cases abcde --restarts 1
     part backbone 180 benchmarks/backbone.py --cases efficientnet_lite0@224 resnet50@224 \
         --batch-sizes 256 --steps 20 --repeats 3

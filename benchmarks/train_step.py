@@ -17,6 +17,7 @@ Writes benchmarks/results/train_step.json (or train_step_quick.json).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -55,6 +56,14 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--steps", type=int, default=None, help="steps per timed call")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--eval-chunk-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the refresh's embedding with these --eval-chunk-size values (the "
+        "default chunk suits a CPU's cache; a GPU may want larger launches)",
+    )
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -121,6 +130,18 @@ def main(argv=None) -> dict:
         lambda: magnet.steps.embed(magnet_state.params, magnet.data.x), args.repeats
     )
 
+    # The same parameters embedded in chunks of other sizes (a run prepared per size).
+    embed_by_chunk = {magnet.config.eval_chunk_size: statistics.median(embed_times)}
+    for chunk in args.eval_chunk_sizes:
+        if chunk in embed_by_chunk:
+            continue
+        other = training.prepare(
+            TrainConfig(loss="magnet", eval_chunk_size=chunk, **common), dataset=magnet.dataset
+        )
+        embed_all = functools.partial(other.steps.embed, magnet_state.params, other.data.x)
+        embed_all().block_until_ready()  # compile
+        embed_by_chunk[chunk] = statistics.median(_time(embed_all, args.repeats))
+
     magnet_step = statistics.median(magnet_times)
     softmax_step = statistics.median(softmax_times)
     epoch_seconds = magnet_step * num_examples / batch_size
@@ -147,6 +168,7 @@ def main(argv=None) -> dict:
         "kmeans_seconds": refresh_seconds - statistics.median(embed_times),
         "epoch_seconds": epoch_seconds,
         "refresh_fraction_of_epoch": refresh_seconds / epoch_seconds,
+        "embed_seconds_by_eval_chunk_size": {str(c): t for c, t in embed_by_chunk.items()},
         "targets": {"magnet_over_softmax": 1.10, "refresh_fraction_of_epoch": 0.10},
         "raw": {
             "magnet": magnet_times,
@@ -177,6 +199,8 @@ def main(argv=None) -> dict:
         f"| refresh (embed {result['embed_seconds']:.2f} s + k-means {result['kmeans_seconds']:.2f} s) | {refresh_seconds:.2f} s |"
     )
     print(f"| refresh / epoch | {result['refresh_fraction_of_epoch']:.1%} (target <= 10%) |")
+    for chunk, seconds in embed_by_chunk.items():
+        print(f"| embed, --eval-chunk-size {chunk} | {seconds:.3f} s |")
     print(f"written to {path}")
     return result
 
