@@ -200,7 +200,7 @@ def main(argv=None):
         "--top-k-bin",
         type=int,
         default=None,
-        help="bin size of the GPU's binned top-k (default: the library's; see top_k.py)",
+        help="bin size of the GPU's selection top-k (default: the library's; see top_k.py)",
     )
     parser.add_argument("--knn-only", action="store_true", help="skip NMI/AMI")
     parser.add_argument("--output", type=pathlib.Path, default=None, help="JSON file")

@@ -67,10 +67,13 @@ def _float_dtype(dtype) -> jnp.dtype:
 
 
 def _check_matrix(name: str, x) -> None:
-    """``x`` is ``[num, dim]`` and, unless traced, finite (NaN or inf would rank
-    neighbours differently on each platform's top-k, silently)."""
     if x.ndim != 2:
         raise ValueError(f"{name} must be [num, dim], got shape {x.shape}.")
+
+
+def _check_finite(name: str, x) -> None:
+    """``x`` holds no NaN or inf, unless traced (non-finite keys would rank neighbours
+    differently on each platform's top-k, silently). One pass and one host read."""
     if not isinstance(x, jax.core.Tracer) and jnp.issubdtype(x.dtype, jnp.inexact):
         finite.check_embeddings(x, name)
 
@@ -336,6 +339,9 @@ def _prepare_pair(query, reference, exclude_self):
     reference = jnp.asarray(reference)
     _check_matrix("query", query)
     _check_matrix("reference", reference)
+    _check_finite("query", query)
+    if reference is not query:  # a self-gallery is checked once
+        _check_finite("reference", reference)
     if query.shape[1] != reference.shape[1]:
         raise ValueError(
             f"query [Q, d] and reference [N, d] must have the same d, got "
@@ -651,6 +657,7 @@ def knc_predict(
     embeddings = jnp.asarray(embeddings)
     centroids = jnp.asarray(centroids)
     _check_matrix("embeddings", embeddings)
+    _check_finite("embeddings", embeddings)
     if centroids.ndim != 3 or centroids.shape[2] != embeddings.shape[1]:
         raise ValueError(
             f"centroids must be [C, K, d] with d = embeddings.shape[1]; got "
