@@ -22,7 +22,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="magnet-jax-test-xla-cache-")
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Only programs that take a tenth of a second or more to compile: every write to a cache with
+# a size limit lists and stats the whole directory (its LRU eviction), so caching the
+# thousands of op-by-op programs of eager tests made each write slower as the suite went on,
+# and eager tests late in a run several times slower than alone.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # A size limit turns on the cache's file lock: without it a process may read an entry that
 # another is still writing (two processes of one run compile the same programs).
