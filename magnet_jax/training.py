@@ -497,13 +497,37 @@ class Run:
 
     @property
     def refresh_every(self) -> int:
-        if self.config.refresh_every is not None:
-            return self.config.refresh_every
-        return max(1, math.ceil(self.info.num_examples / self.config.batch_size))
+        return refresh_period(self.config, self.info)
+
+    @property
+    def embedding_memory(self) -> int:
+        return memory_steps(self.config, self.method, self.info)
 
     def model(self, params):
         """The model with ``params`` (the run's, or a checkpoint's) merged in."""
         return nnx.merge(self.graphdef, nnx.State(model_params(params)))
+
+
+def refresh_period(config: TrainConfig, info: DataInfo) -> int:
+    """Steps between refreshes: ``--refresh-every``, by default one epoch of M·D-example
+    batches."""
+    if config.refresh_every is not None:
+        return config.refresh_every
+    return max(1, math.ceil(info.num_examples / config.batch_size))
+
+
+def memory_steps(config: TrainConfig, method: Method, info: DataInfo) -> int:
+    """``--embedding-memory`` resolved: how many steps old the embedding a train step
+    computed may be to stand in for the refresh's (0: every refresh embeds the whole
+    training set). By default the refresh period (every example the steps saw since the
+    last refresh) where the steps embed what a refresh embeds: the method refreshes from
+    the network the steps train, and no flag of
+    :meth:`~magnet_jax.config.TrainConfig.step_view_differs` is set; else 0."""
+    if config.embedding_memory is not None:
+        return config.embedding_memory
+    if not method.refresh_embeds_model or config.step_view_differs() is not None:
+        return 0
+    return refresh_period(config, info)
 
 
 def _check_against_data(
@@ -681,7 +705,9 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         params=params,
         opt_state=optimizer.init(params),
         rng=jax.random.PRNGKey(config.seed),
-        memory=_empty_memory(graphdef, params, x_train) if config.embedding_memory else None,
+        memory=(
+            _empty_memory(graphdef, params, x_train) if memory_steps(config, method, info) else None
+        ),
     )
     state = jax.device_put(state, replicated)
     steps = build_step_functions(
@@ -791,7 +817,7 @@ def _embed_with_memory(run: Run, memory: embedding_memory.EmbeddingMemory, step:
     """The refresh's embedding function with ``--embedding-memory``: the memory's rows at
     most ``embedding_memory`` steps old, the others embedded with the given parameters
     (every row, as without a memory, when no row is recent enough)."""
-    stale = embedding_memory.stale_rows(memory, step, run.config.embedding_memory)
+    stale = embedding_memory.stale_rows(memory, step, run.embedding_memory)
 
     def embed(params, x):
         if stale.size == memory.step.shape[0]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ import pytest
 from magnet_jax import embedding_memory, training
 from magnet_jax.checkpoint import Checkpointer
 from magnet_jax.config import TrainConfig
-from magnet_jax.workdir import check_same_run
+from magnet_jax.workdir import Workdir, check_same_run, resolve_config
 
 
 def test_remember_and_stale_rows_by_hand():
@@ -114,14 +116,66 @@ def test_methods_whose_refresh_cannot_reuse_the_steps_embeddings_are_refused(los
         training.prepare(TrainConfig(loss=loss, embedding_memory=5, num_devices=1))
 
 
+def test_the_default_is_the_refresh_period_where_the_steps_embed_what_a_refresh_embeds():
+    run = _run()
+    assert run.config.embedding_memory is None
+    assert run.embedding_memory == run.refresh_every > 1
+    assert run.initial_state.memory is not None
+    assert _run(refresh_every=7).embedding_memory == 7
+    off = _run(embedding_memory=0)
+    assert off.embedding_memory == 0 and off.initial_state.memory is None
+    # Off where the steps embed another view of an example than a refresh does ...
+    for name, value in (("augment_shift", 2), ("augment_crop", True), ("train_bn", True)):
+        other = dataclasses.replace(run.config, **{name: value})
+        assert other.step_view_differs() == name
+        assert training.memory_steps(other, run.method, run.info) == 0
+    # ... or the method refreshes from another network, or not at all.
+    plm_like = types.SimpleNamespace(refresh_embeds_model=False)
+    assert training.memory_steps(run.config, plm_like, run.info) == 0
+    triplet = _run(loss="triplet")
+    assert triplet.embedding_memory == 0 and triplet.initial_state.memory is None
+
+
 def test_the_memory_is_recorded_and_cannot_change_on_resume():
     saved = json.loads(json.dumps(TrainConfig(embedding_memory=5).to_dict()))
     assert saved["embedding_memory"] == 5
     with pytest.raises(ValueError, match="--embedding-memory: saved 5, now 0"):
-        check_same_run(saved, TrainConfig(), "W", 10)
+        check_same_run(saved, TrainConfig(embedding_memory=0), "W", 10)
+    # The default is saved as such (null) and resolved again on resume.
+    default = json.loads(json.dumps(TrainConfig().to_dict()))
+    assert default["embedding_memory"] is None
+    check_same_run(default, TrainConfig(), "W", 10)
     # A config.json from before the option: no memory, which is what the run had.
     del saved["embedding_memory"]
-    check_same_run({**saved, "embedding_memory": 0}, TrainConfig(), "W", 10)
+    check_same_run(saved, TrainConfig(embedding_memory=0), "W", 10)
+    with pytest.raises(ValueError, match="--embedding-memory: saved 0, now None"):
+        check_same_run(saved, TrainConfig(), "W", 10)
+
+
+def test_a_run_from_before_the_option_resumes_without_a_memory(tmp_path):
+    """``--workdir DIR`` alone resumes a run whose config.json predates the option (and
+    whose checkpoints hold no memory) as the run it was: without a memory."""
+    config = TrainConfig(
+        steps=2,
+        refresh_every=2,
+        checkpoint_every=2,
+        eval_every=2,
+        log_every=2,
+        kmeans_iterations=10,
+        lr_schedule="constant",
+        num_devices=1,
+        embedding_memory=0,
+        workdir=str(tmp_path),
+    )
+    training.train(config, progress=False)
+    path = tmp_path / "config.json"
+    saved = json.loads(path.read_text())
+    del saved["embedding_memory"]
+    path.write_text(json.dumps(saved))
+    resumed = resolve_config({"workdir": str(tmp_path), "steps": 4})
+    assert resumed.embedding_memory == 0
+    training.train(resumed, progress=False)
+    assert max(Workdir(str(tmp_path)).checkpoint_steps()) == 4
 
 
 def test_checkpoints_hold_the_memory_only_when_there_is_one(tmp_path):
