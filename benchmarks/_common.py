@@ -398,23 +398,10 @@ class Method:
         return [f"knn{k}_error" for k in KS]
 
 
-# The paper's refresh (the whole training set embedded at every refresh), which the runs
-# recorded under results/ used: the benchmarks measure the paper's method, not the
-# trainer's default embedding memory (benchmarks/refresh.py compares the two).
-PAPER_REFRESH = {"embedding_memory": 0}
-
-
 def make_config(base: dict, method: Method, overrides: dict, seed: int):
     from magnet_jax.config import TrainConfig
 
-    values = {
-        **PAPER_REFRESH,
-        **base,
-        **method.fixed,
-        **overrides,
-        "seed": seed,
-        "workdir": "/nonexistent-unused",
-    }
+    values = {**base, **method.fixed, **overrides, "seed": seed, "workdir": "/nonexistent-unused"}
     return TrainConfig(**values)
 
 

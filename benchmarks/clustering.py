@@ -467,7 +467,6 @@ def main(argv=None) -> int:
     output = pathlib.Path(args.output) if args.output else RESULTS / f"clustering{suffix}.json"
 
     common = dict(
-        **_common.PAPER_REFRESH,
         loss="magnet",
         lr=1e-3,
         embedding_dim=32,

@@ -8,14 +8,13 @@ Every refresh embeds the whole training set and re-clusters every class (issue 1
 each otherwise the trainer's default (``TrainConfig()``: M=8, D=8, K=4, Adam 1e-3 cosine,
 one refresh per epoch):
 
-- ``full``: ``--embedding-memory 0``, the paper's refresh: the whole training set
-  embedded, k-means++ then up to 50 Lloyd iterations;
+- ``full``: the default refresh, k-means++ then up to 50 Lloyd iterations;
 - ``warm``: ``--kmeans-warm-start``, every refresh after the first starts Lloyd from the
   previous refresh's centroids;
 - ``iters10``: ``--kmeans-iterations 10``;
-- ``memory``: ``--embedding-memory`` one refresh period (the trainer's default): every
-  refresh after the first reuses the embeddings the steps since the previous refresh
-  computed, and embeds only the examples those steps did not draw.
+- ``memory``: ``--embedding-memory`` one refresh period: every refresh after the first
+  reuses the embeddings the steps since the previous refresh computed, and embeds only
+  the examples those steps did not draw.
 
 Each run trains through the library's loop (:func:`magnet_jax.training.learning_curve`:
 the refreshes and steps of ``train``) and is evaluated once, at the end (kNN k=1 and 5, kNC;
@@ -57,9 +56,9 @@ def arms(refresh_period: int) -> dict[str, dict]:
     """Each arm's overrides of the trainer's defaults; ``refresh_period`` is the steps
     between two refreshes (one epoch)."""
     return {
-        "full": {"embedding_memory": 0},
-        "warm": {"kmeans_warm_start": True, "embedding_memory": 0},
-        "iters10": {"kmeans_iterations": 10, "embedding_memory": 0},
+        "full": {},
+        "warm": {"kmeans_warm_start": True},
+        "iters10": {"kmeans_iterations": 10},
         "memory": {"embedding_memory": refresh_period},
     }
 

@@ -34,15 +34,6 @@ DTYPES = ("float32", "bfloat16")
 STREAM_SHARE = 0.25
 
 
-# The flags with which a train step embeds another view of an example than a refresh does,
-# and what the steps then embed.
-_STEP_VIEW_FLAGS = (
-    ("augment_shift", "shifted"),
-    ("augment_crop", "randomly cropped"),
-    ("train_bn", "batch-normalised with batch statistics"),
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on. Field names match the command's flags.
@@ -94,9 +85,7 @@ class TrainConfig:
     kmeans_iterations: int = 50
     kmeans_restarts: int = 1  # best of n k-means++ runs by inertia, per class
     kmeans_warm_start: bool = False  # refreshes start Lloyd from the index's centroids
-    # refresh: reuse the steps' embeddings of the last N steps (0: off; None: the refresh
-    # period, where the steps embed what a refresh embeds, else off)
-    embedding_memory: int | None = None
+    embedding_memory: int = 0  # refresh: reuse the steps' embeddings of the last N steps (0: off)
     clustering: str = "kmeans"  # kmeans or agglomerative (magnet_jax.clustering)
     linkage: str = "ward"  # agglomerative: ward, average or single
     distance_threshold: float | None = None  # agglomerative relative cut τ; None: K per class
@@ -313,31 +302,27 @@ class TrainConfig:
                 f"{self.kmeans_restarts} (independent k-means++ runs)"
             )
 
-    def step_view_differs(self) -> str | None:
-        """The first flag with which a train step embeds another view of an example than a
-        refresh does (a random augmentation, batch statistics), or None: then the steps'
-        embeddings can stand in for the refresh's (``embedding_memory``)."""
-        for name, _ in _STEP_VIEW_FLAGS:
-            if getattr(self, name):
-                return name
-        return None
-
     def _validate_embedding_memory(self) -> None:
-        if self.embedding_memory is None:  # the default: on where it applies
-            return
+        # The steps' embeddings stand in for the refresh's only where both embed the same
+        # view of an example with the same function.
         if self.embedding_memory < 0:
             raise ValueError(
                 f"{flag('embedding_memory')} must be >= 0 (0: embed the whole training set at "
                 f"every refresh), got {self.embedding_memory}"
             )
-        name = self.step_view_differs()
-        if self.embedding_memory and name is not None:
-            raise ValueError(
-                f"{flag('embedding_memory')} reuses the train steps' embeddings at a "
-                f"refresh, but with {flag(name)} the steps embed "
-                f"{dict(_STEP_VIEW_FLAGS)[name]} images, not what a refresh embeds; use one or "
-                f"the other"
-            )
+        if not self.embedding_memory:
+            return
+        for name, why in (
+            ("augment_shift", "shifted"),
+            ("augment_crop", "randomly cropped"),
+            ("train_bn", "batch-normalised with batch statistics"),
+        ):
+            if getattr(self, name):
+                raise ValueError(
+                    f"{flag('embedding_memory')} reuses the train steps' embeddings at a "
+                    f"refresh, but with {flag(name)} the steps embed {why} images, not what a "
+                    f"refresh embeds; use one or the other"
+                )
 
     def _validate_plm(self) -> None:
         for name in ("plm_neighbours", "plm_max_rank"):
@@ -669,12 +654,9 @@ FIELDS: dict[str, FieldInfo] = {
     "embedding_memory": FieldInfo(
         "clustering",
         "at a refresh, reuse the embedding each train step computed for its batch's examples "
-        "when it is at most N steps old, and embed only the other examples (N = "
+        "when it is at most N steps old, and embed only the other examples (e.g. N = "
         "--refresh-every: the examples the steps since the last refresh saw); 0: embed the "
-        "whole training set, as the paper does",
-        default="the refresh period; 0 with "
-        + ", ".join(flag(name) for name, _ in _STEP_VIEW_FLAGS)
-        + " or a method that refreshes from another network",
+        "whole training set",
     ),
     "linkage": FieldInfo("clustering", "agglomerative: merge rule", choices=LINKAGES),
     "distance_threshold": FieldInfo(

@@ -497,37 +497,13 @@ class Run:
 
     @property
     def refresh_every(self) -> int:
-        return refresh_period(self.config, self.info)
-
-    @property
-    def embedding_memory(self) -> int:
-        return memory_steps(self.config, self.method, self.info)
+        if self.config.refresh_every is not None:
+            return self.config.refresh_every
+        return max(1, math.ceil(self.info.num_examples / self.config.batch_size))
 
     def model(self, params):
         """The model with ``params`` (the run's, or a checkpoint's) merged in."""
         return nnx.merge(self.graphdef, nnx.State(model_params(params)))
-
-
-def refresh_period(config: TrainConfig, info: DataInfo) -> int:
-    """Steps between refreshes: ``--refresh-every``, by default one epoch of M·D-example
-    batches."""
-    if config.refresh_every is not None:
-        return config.refresh_every
-    return max(1, math.ceil(info.num_examples / config.batch_size))
-
-
-def memory_steps(config: TrainConfig, method: Method, info: DataInfo) -> int:
-    """``--embedding-memory`` resolved: how many steps old the embedding a train step
-    computed may be to stand in for the refresh's (0: every refresh embeds the whole
-    training set). By default the refresh period (every example the steps saw since the
-    last refresh) where the steps embed what a refresh embeds: the method refreshes from
-    the network the steps train, and no flag of
-    :meth:`~magnet_jax.config.TrainConfig.step_view_differs` is set; else 0."""
-    if config.embedding_memory is not None:
-        return config.embedding_memory
-    if not method.refresh_embeds_model or config.step_view_differs() is not None:
-        return 0
-    return refresh_period(config, info)
 
 
 def _check_against_data(
@@ -705,9 +681,7 @@ def prepare(config: TrainConfig, dataset: Dataset | None = None, *, warm_start: 
         params=params,
         opt_state=optimizer.init(params),
         rng=jax.random.PRNGKey(config.seed),
-        memory=(
-            _empty_memory(graphdef, params, x_train) if memory_steps(config, method, info) else None
-        ),
+        memory=_empty_memory(graphdef, params, x_train) if config.embedding_memory else None,
     )
     state = jax.device_put(state, replicated)
     steps = build_step_functions(
@@ -789,15 +763,17 @@ def refresh(
     Returns the new method state; with ``with_diagnostics=True``, ``(method_state,
     diagnostics)`` where diagnostics are what the method reports of its refresh (the
     Magnet loss: :func:`magnet_jax.clustering.clustering_diagnostics` and the number of
-    valid clusters) plus ``refresh_seconds``, the wall time of the whole refresh.
+    valid clusters) plus ``embedded_rows``, how many training examples it embedded (fewer
+    than all with ``--embedding-memory``), and ``refresh_seconds``, the wall time of the
+    whole refresh.
 
     Raises:
         magnet_jax.finite.NonFiniteError: the training set's embeddings hold NaN or inf.
     """
     started = time.perf_counter()
-    embed = run.steps.embed
+    embed, embedded_rows = run.steps.embed, run.info.num_examples
     if state.memory is not None:
-        embed = _embed_with_memory(run, state.memory, step)
+        embed, embedded_rows = _embed_with_memory(run, state.memory, step)
     new_state, diagnostics = run.method.refresh(
         method_state,
         embed=_checked_embed(embed, "training set"),
@@ -810,21 +786,35 @@ def refresh(
     if not with_diagnostics:
         return new_state
     jax.block_until_ready(new_state)
-    return new_state, {**diagnostics, "refresh_seconds": time.perf_counter() - started}
+    seconds = time.perf_counter() - started
+    return new_state, {**diagnostics, "embedded_rows": embedded_rows, "refresh_seconds": seconds}
 
 
 def _embed_with_memory(run: Run, memory: embedding_memory.EmbeddingMemory, step: int):
     """The refresh's embedding function with ``--embedding-memory``: the memory's rows at
     most ``embedding_memory`` steps old, the others embedded with the given parameters
-    (every row, as without a memory, when no row is recent enough)."""
-    stale = embedding_memory.stale_rows(memory, step, run.embedding_memory)
+    (every row, as without a memory, when no row is recent enough); and how many rows it
+    embeds."""
+    stale = embedding_memory.stale_rows(memory, step, run.config.embedding_memory)
 
     def embed(params, x):
         if stale.size == memory.step.shape[0]:
             return run.steps.embed(params, x)
         return run.steps.embed_into(params, x, stale, memory.embeddings)
 
-    return embed
+    return embed, int(stale.size)
+
+
+def _refresh_line(run: Run) -> str:
+    """What a refresh embeds, for the start of a run."""
+    memory = run.config.embedding_memory
+    what = (
+        f"only the examples the train steps did not embed in the last {memory} steps "
+        f"(--embedding-memory {memory})"
+        if memory
+        else "the whole training set"
+    )
+    return f"refresh every {run.refresh_every} steps, embedding {what}"
 
 
 def _checked_embed(embed, what: str):
@@ -1044,6 +1034,8 @@ def train(
             f"({devices['device_kind']})",
             flush=True,
         )
+        if run.method.has_refresh:
+            print(_refresh_line(run), flush=True)
 
     bar = tqdm(
         total=config.steps,

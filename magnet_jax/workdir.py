@@ -131,10 +131,7 @@ _RESUMABLE_CHANGES = {
 
 # Fields whose default changed: a config.json written before the field existed lacks it,
 # and that run used the old default.
-_FORMER_DEFAULTS = {
-    "input": "memory",  # --input auto came later; before it, memory
-    "embedding_memory": 0,  # before the memory, every refresh embedded the whole set
-}
+_FORMER_DEFAULTS = {"input": "memory"}  # --input auto came later; before it, memory
 
 
 def keep_input(saved: dict, config: TrainConfig) -> TrainConfig:
@@ -204,7 +201,7 @@ def resolve_config(explicit: dict[str, Any]) -> TrainConfig:
     if saved is None:
         return TrainConfig.from_dict({**explicit, "workdir": workdir})
     try:
-        return TrainConfig.from_dict({**_FORMER_DEFAULTS, **saved, **explicit, "workdir": workdir})
+        return TrainConfig.from_dict({**saved, **explicit, "workdir": workdir})
     except ValueError as error:
         raise ValueError(f"{error} (in {files.config}, the run this command resumes)") from None
 

@@ -43,9 +43,6 @@ def equality_config(loss: str, workdir: str, *, steps: int = STEPS) -> TrainConf
         log_every=10,
         seed=3,
         num_devices=1,
-        # The refresh these results were recorded with (the memory became the default
-        # later), which the checkpoints of older code hold.
-        embedding_memory=0,
         workdir=workdir,
     )
 

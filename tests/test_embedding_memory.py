@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +13,7 @@ import pytest
 from magnet_jax import embedding_memory, training
 from magnet_jax.checkpoint import Checkpointer
 from magnet_jax.config import TrainConfig
-from magnet_jax.workdir import Workdir, check_same_run, resolve_config
+from magnet_jax.workdir import check_same_run
 
 
 def test_remember_and_stale_rows_by_hand():
@@ -71,7 +69,8 @@ def test_a_refresh_reuses_recent_rows_and_embeds_the_others():
     memory = embedding_memory.empty(n, full.shape[1])
     memory = embedding_memory.remember(memory, jnp.asarray(old), jnp.zeros_like(full[old]), 6)
     memory = embedding_memory.remember(memory, jnp.asarray(recent), marker, 8)
-    embed = training._embed_with_memory(run, memory, 10)
+    embed, embedded_rows = training._embed_with_memory(run, memory, 10)
+    assert embedded_rows == n - recent.size
     combined = np.asarray(embed(state.params, run.data.x))
     np.testing.assert_array_equal(combined[recent], 7.0)
     others = np.setdiff1d(np.arange(n), recent)
@@ -79,10 +78,8 @@ def test_a_refresh_reuses_recent_rows_and_embeds_the_others():
     # The memory itself is left as it was (the refresh embeds into a copy).
     np.testing.assert_array_equal(memory.embeddings[others[0]], 0.0)
     # No recent row: the plain, whole-set embedding.
-    assert training._embed_with_memory(run, memory, 100)(state.params, run.data.x).shape == (
-        n,
-        full.shape[1],
-    )
+    embed, embedded_rows = training._embed_with_memory(run, memory, 100)
+    assert embedded_rows == n and embed(state.params, run.data.x).shape == (n, full.shape[1])
 
 
 def test_training_with_a_memory_refreshes_from_it():
@@ -92,6 +89,22 @@ def test_training_with_a_memory_refreshes_from_it():
     written = np.asarray(result["state"].memory.step)
     assert set(np.unique(written)) <= {embedding_memory.NEVER, 0, 1, 2, 3}
     assert np.any(written == 3)
+
+
+def test_a_refresh_reports_how_many_rows_it_embedded():
+    run = _run(embedding_memory=2, refresh_every=2)
+    state = run.initial_state
+    index, first = training.refresh(run, state, None, 0, with_diagnostics=True)
+    assert first["embedded_rows"] == run.info.num_examples  # nothing remembered yet
+    state, index, _ = run.steps.run_steps(state, index, run.data, jnp.asarray(2, jnp.int32))
+    _, later = training.refresh(run, state, index, 2, with_diagnostics=True)
+    stale = embedding_memory.stale_rows(state.memory, 2, 2)
+    assert later["embedded_rows"] == stale.size < run.info.num_examples
+    assert training._refresh_line(run) == (
+        "refresh every 2 steps, embedding only the examples the train steps did not embed "
+        "in the last 2 steps (--embedding-memory 2)"
+    )
+    assert training._refresh_line(_run()).endswith("embedding the whole training set")
 
 
 @pytest.mark.parametrize(
@@ -116,66 +129,14 @@ def test_methods_whose_refresh_cannot_reuse_the_steps_embeddings_are_refused(los
         training.prepare(TrainConfig(loss=loss, embedding_memory=5, num_devices=1))
 
 
-def test_the_default_is_the_refresh_period_where_the_steps_embed_what_a_refresh_embeds():
-    run = _run()
-    assert run.config.embedding_memory is None
-    assert run.embedding_memory == run.refresh_every > 1
-    assert run.initial_state.memory is not None
-    assert _run(refresh_every=7).embedding_memory == 7
-    off = _run(embedding_memory=0)
-    assert off.embedding_memory == 0 and off.initial_state.memory is None
-    # Off where the steps embed another view of an example than a refresh does ...
-    for name, value in (("augment_shift", 2), ("augment_crop", True), ("train_bn", True)):
-        other = dataclasses.replace(run.config, **{name: value})
-        assert other.step_view_differs() == name
-        assert training.memory_steps(other, run.method, run.info) == 0
-    # ... or the method refreshes from another network, or not at all.
-    plm_like = types.SimpleNamespace(refresh_embeds_model=False)
-    assert training.memory_steps(run.config, plm_like, run.info) == 0
-    triplet = _run(loss="triplet")
-    assert triplet.embedding_memory == 0 and triplet.initial_state.memory is None
-
-
 def test_the_memory_is_recorded_and_cannot_change_on_resume():
     saved = json.loads(json.dumps(TrainConfig(embedding_memory=5).to_dict()))
     assert saved["embedding_memory"] == 5
     with pytest.raises(ValueError, match="--embedding-memory: saved 5, now 0"):
-        check_same_run(saved, TrainConfig(embedding_memory=0), "W", 10)
-    # The default is saved as such (null) and resolved again on resume.
-    default = json.loads(json.dumps(TrainConfig().to_dict()))
-    assert default["embedding_memory"] is None
-    check_same_run(default, TrainConfig(), "W", 10)
+        check_same_run(saved, TrainConfig(), "W", 10)
     # A config.json from before the option: no memory, which is what the run had.
     del saved["embedding_memory"]
-    check_same_run(saved, TrainConfig(embedding_memory=0), "W", 10)
-    with pytest.raises(ValueError, match="--embedding-memory: saved 0, now None"):
-        check_same_run(saved, TrainConfig(), "W", 10)
-
-
-def test_a_run_from_before_the_option_resumes_without_a_memory(tmp_path):
-    """``--workdir DIR`` alone resumes a run whose config.json predates the option (and
-    whose checkpoints hold no memory) as the run it was: without a memory."""
-    config = TrainConfig(
-        steps=2,
-        refresh_every=2,
-        checkpoint_every=2,
-        eval_every=2,
-        log_every=2,
-        kmeans_iterations=10,
-        lr_schedule="constant",
-        num_devices=1,
-        embedding_memory=0,
-        workdir=str(tmp_path),
-    )
-    training.train(config, progress=False)
-    path = tmp_path / "config.json"
-    saved = json.loads(path.read_text())
-    del saved["embedding_memory"]
-    path.write_text(json.dumps(saved))
-    resumed = resolve_config({"workdir": str(tmp_path), "steps": 4})
-    assert resumed.embedding_memory == 0
-    training.train(resumed, progress=False)
-    assert max(Workdir(str(tmp_path)).checkpoint_steps()) == 4
+    check_same_run({**saved, "embedding_memory": 0}, TrainConfig(), "W", 10)
 
 
 def test_checkpoints_hold_the_memory_only_when_there_is_one(tmp_path):
