@@ -120,9 +120,6 @@ def base_config(args, seed: int, **overrides):
         num_devices=1,
         seed=seed,
         workdir="/nonexistent-unused",
-        # The paper's refresh, which the recorded Magnet baselines used (PLM's refresh
-        # embeds its momentum network, never the steps').
-        embedding_memory=0,
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -543,8 +540,8 @@ def main(argv=None) -> None:
         "--embedding-memory",
         type=int,
         default=0,
-        help="the Magnet baselines' --embedding-memory (default 0: the paper's refresh; "
-        "--refresh-every: the trainer's default)",
+        help="the Magnet baselines' --embedding-memory (default 0: the paper's refresh, the "
+        "trainer's default; N = --refresh-every reuses the last refresh period's embeddings)",
     )
     parser.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument(
