@@ -14,7 +14,9 @@ one refresh per epoch):
 - ``iters10``: ``--kmeans-iterations 10``;
 - ``memory``: ``--embedding-memory`` one refresh period: every refresh after the first
   reuses the embeddings the steps since the previous refresh computed, and embeds only
-  the examples those steps did not draw.
+  the examples those steps did not draw;
+- ``memory_half``: ``--embedding-memory`` half a refresh period: only the embeddings of the
+  last half period's steps are reused (younger ones, and fewer).
 
 Each run trains through the library's loop (:func:`magnet_jax.training.learning_curve`:
 the refreshes and steps of ``train``) and is evaluated once, at the end (kNN k=1 and 5, kNC;
@@ -49,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 from _common import log  # noqa: E402
 
-ARM_NAMES = ("full", "warm", "iters10", "memory")
+ARM_NAMES = ("full", "warm", "iters10", "memory", "memory_half")
 
 
 def arms(refresh_period: int) -> dict[str, dict]:
@@ -60,6 +62,7 @@ def arms(refresh_period: int) -> dict[str, dict]:
         "warm": {"kmeans_warm_start": True},
         "iters10": {"kmeans_iterations": 10},
         "memory": {"embedding_memory": refresh_period},
+        "memory_half": {"embedding_memory": refresh_period // 2},
     }
 
 
