@@ -33,8 +33,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from magnet_jax import embedding_memory, training
 from magnet_jax import index as index_lib
+from magnet_jax import training
 from magnet_jax.config import TrainConfig
 
 # MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
@@ -155,8 +155,8 @@ def main(argv=None) -> dict:
         memory_state, memory_index, memory.data, jnp.asarray(period, jnp.int32)
     )
     at = int(memory_state.step)
-    stale = embedding_memory.stale_rows(memory_state.memory, at, period)
-    training.refresh(memory, memory_state, memory_index, at).centroids.block_until_ready()
+    _, report = training.refresh(memory, memory_state, memory_index, at, with_diagnostics=True)
+    embedded_rows = report["embedded_rows"]  # the examples the period's steps did not draw
     memory_refresh_times = _time(
         lambda: training.refresh(memory, memory_state, memory_index, at).centroids, args.repeats
     )
@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
         "epoch_seconds": epoch_seconds,
         "refresh_fraction_of_epoch": refresh_seconds / epoch_seconds,
         "refresh_period_steps": period,
-        "memory_stale_rows": int(stale.size),
+        "memory_stale_rows": embedded_rows,
         "memory_refresh_seconds": memory_refresh_seconds,
         "memory_refresh_fraction_of_epoch": memory_refresh_seconds / epoch_seconds,
         "embed_seconds_by_eval_chunk_size": {str(c): t for c, t in embed_by_chunk.items()},
@@ -245,7 +245,7 @@ def main(argv=None) -> dict:
     )
     print(f"| refresh / epoch | {result['refresh_fraction_of_epoch']:.1%} (target <= 10%) |")
     print(
-        f"| refresh, --embedding-memory {period}, after {period} steps (embeds {stale.size:,} of "
+        f"| refresh, --embedding-memory {period}, after {period} steps (embeds {embedded_rows:,} of "
         f"{num_examples:,} rows) | {memory_refresh_seconds:.2f} s, "
         f"{result['memory_refresh_fraction_of_epoch']:.1%} of an epoch |"
     )

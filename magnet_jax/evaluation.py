@@ -67,6 +67,7 @@ def _float_dtype(dtype) -> jnp.dtype:
 
 
 def _check_matrix(name: str, x) -> None:
+    """``x`` is ``[num, dim]``."""
     if x.ndim != 2:
         raise ValueError(f"{name} must be [num, dim], got shape {x.shape}.")
 
