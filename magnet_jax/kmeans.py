@@ -141,8 +141,9 @@ _MIN_BLOCK_ROWS = 4
 _MAX_BLOCK_ROWS = 256
 
 # From this many rows per block, distances by the expansion ``‖x‖² − 2x·c + ‖c‖²`` (a
-# batched matmul) beat the difference form on XLA:CPU; below it the matmuls are too small.
-_EXPANSION_MIN_BLOCK_ROWS = 64
+# batched matmul over the transposed blocks, see :class:`_ClassBlocks`) beat the
+# difference form on XLA:CPU; below it the matmuls are too small.
+_EXPANSION_MIN_BLOCK_ROWS = 32
 
 
 class _ClassBlocks(NamedTuple):
@@ -151,10 +152,15 @@ class _ClassBlocks(NamedTuple):
     Distances to per-class tables then need one ``[m, d]`` table per block, not one
     per example: gathering ``[N, m, d]`` centroids is what per-example distances cost.
     Classes are padded to a whole number of blocks with zero rows; unused trailing
-    blocks are zero too.
+    blocks are zero too. Distances come out slot-major, ``[B, m, rows]``: the table
+    times the transposed block is a product whose output rows are as long as a block,
+    which XLA:CPU computes (and reduces over the slots) about twice as fast as the
+    ``[B, rows, m]`` product, whose rows are only ``m`` long.
 
     Attributes:
       points: ``[B, rows, d]`` examples; padding rows are zero.
+      points_t: ``[B, d, rows]`` the same, transposed, for the expansion; None where
+        blocks are too small for it (fewer than :data:`_EXPANSION_MIN_BLOCK_ROWS` rows).
       sq_norms: ``[B, rows]`` their squared norms.
       block_class: ``[B]`` int32 class of every block.
       position: ``[N]`` int32 row of every example in ``points.reshape(-1, d)``.
@@ -162,6 +168,7 @@ class _ClassBlocks(NamedTuple):
     """
 
     points: jax.Array
+    points_t: jax.Array | None
     sq_norms: jax.Array
     block_class: jax.Array
     position: jax.Array
@@ -423,8 +430,12 @@ def _class_blocks(x: jax.Array, layout: _Layout) -> _ClassBlocks:
     source = layout.source
     # Rows gathered from x (a gather of rows is much cheaper than a scatter on the CPU).
     points = jnp.where((source < n)[..., None], x[jnp.minimum(source, n - 1)], 0)
+    expandable = points.shape[1] >= _EXPANSION_MIN_BLOCK_ROWS
     return _ClassBlocks(
         points,
+        # Materialised once: without the barrier XLA folds the transpose back into the
+        # products outside loops, which then run at the slow row-major speed.
+        jax.lax.optimization_barrier(jnp.swapaxes(points, 1, 2)) if expandable else None,
         jnp.sum(jnp.square(points), axis=-1),
         layout.block_class,
         layout.position,
@@ -437,7 +448,7 @@ def _sq_distances_to_class_rows(
 ) -> jax.Array:
     """``[N, m]`` :func:`_block_sq_distances` in example order."""
     num_blocks, rows, _ = blocks.points.shape
-    sq = _block_sq_distances(blocks, table, expand=expand)
+    sq = jnp.swapaxes(_block_sq_distances(blocks, table, expand=expand), 1, 2)
     return sq.reshape(num_blocks * rows, table.shape[1])[blocks.position]
 
 
@@ -450,34 +461,33 @@ def _block_sq_distances(
       blocks: the ``N`` examples, see :class:`_ClassBlocks`.
       table: ``[C, m, d]`` points per class (centroids, or k-means++ candidates).
       expand: use ``‖x‖² − 2x·c + ‖c‖²`` (clamped at 0) where blocks are large enough
-        for it to be faster; only for data centred per class (see
-        :func:`_kmeans_per_class_core`). It is not exactly 0 for a point on its
+        for it to be faster (``blocks.points_t`` is set); only for data centred per class
+        (see :func:`_kmeans_per_class_core`). It is not exactly 0 for a point on its
         centroid, hence the final assignment uses the difference form (k-means++ zeroes
         the residue).
 
     Returns:
-      ``[B, rows, m]`` with ``‖x_i − table[labels_i, j]‖²`` in the row of example ``i``
-      (padding rows: the distances of a zero point).
+      ``[B, m, rows]`` with ``‖x_i − table[labels_i, j]‖²`` at ``[:, j]`` in the row of
+      example ``i`` (padding rows: the distances of a zero point).
     """
-    rows = blocks.points.shape[1]
     per_block = table[blocks.block_class]  # [B, m, d]
-    if expand and rows >= _EXPANSION_MIN_BLOCK_ROWS:
+    if expand and blocks.points_t is not None:
         # −2 is folded into the operand (exact: a power of two) rather than applied to the
-        # product: XLA:CPU (jax 0.10) miscompiles `‖x‖² − 2·cross + ‖c‖²` under jit for
+        # product: XLA:CPU (jax 0.10) miscompiled `‖x‖² − 2·cross + ‖c‖²` under jit for
         # some shapes (many blocks of 256 rows, 128-d, ~100 centroids: distances wrong by
         # orders of magnitude, k-means collapsed onto one cluster); this form is right
         # there and equal bit for bit to the eager result (tests/test_kmeans.py).
-        cross = jnp.einsum("brd,bmd->brm", blocks.points, -2 * per_block)
-        sq = jnp.maximum(
-            blocks.sq_norms[..., None] + cross + jnp.sum(jnp.square(per_block), -1)[:, None],
+        cross = jnp.einsum("bmd,bdr->bmr", -2 * per_block, blocks.points_t)
+        return jnp.maximum(
+            blocks.sq_norms[:, None, :] + cross + jnp.sum(jnp.square(per_block), -1)[..., None],
             0,
         )
-    else:
-        # One fused loop: XLA fuses the broadcast difference into the reduction, so the
-        # [B, rows, m, d] tensor is never materialised (a lax.map over chunks of blocks
-        # gives the same values bit for bit, more slowly).
-        sq = jnp.sum(jnp.square(blocks.points[:, :, None, :] - per_block[:, None]), axis=-1)
-    return sq
+    # One fused loop: XLA fuses the broadcast difference into the reduction, so the
+    # [B, rows, m, d] tensor is never materialised (a lax.map over chunks of blocks
+    # gives the same values bit for bit, more slowly). Computed row-major, where the
+    # reduction runs along contiguous memory, and transposed for free in the fusion.
+    sq = jnp.sum(jnp.square(blocks.points[:, :, None, :] - per_block[:, None]), axis=-1)
+    return jnp.swapaxes(sq, 1, 2)
 
 
 def _nearest_slot(
@@ -501,12 +511,12 @@ def _nearest_slot(
       order.
     """
     sq_distances = jnp.where(
-        valid[blocks.block_class][:, None, :],
+        valid[blocks.block_class][..., None],
         _block_sq_distances(blocks, centroids, expand=fast),
         jnp.inf,
-    )  # [B, rows, k]
-    slot = jnp.argmin(sq_distances, axis=-1).astype(jnp.int32)
-    return slot.reshape(-1)[blocks.position], jnp.min(sq_distances, axis=-1).reshape(-1)[
+    )  # [B, k, rows]
+    slot = jnp.argmin(sq_distances, axis=1).astype(jnp.int32)
+    return slot.reshape(-1)[blocks.position], jnp.min(sq_distances, axis=1).reshape(-1)[
         blocks.position
     ]
 
@@ -661,8 +671,17 @@ def centroids_from_assignments(
 # ------------------------------------------------------------------------ k-means++
 
 
+# Most Gumbel draws k-means++ makes in one call of the random number generator (see
+# :func:`_kmeans_plusplus`).
+_NOISE_AT_ONCE = 1 << 22
+
+
 def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials):
     """Greedy k-means++ in every class at once.
+
+    The Gumbel noise of all rounds is drawn in one call where it has at most
+    :data:`_NOISE_AT_ONCE` elements (e.g. every group of classes on the CPU), otherwise
+    round by round: the generator's fixed cost per call dominates small draws.
 
     Returns:
       ``(centroids [C, k, d], active [C, k] bool)``; inactive slots are zeros and stay
@@ -677,15 +696,25 @@ def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials
     centroids = jnp.zeros((num_classes, k, d), x.dtype).at[:, 0].set(first)
     active = jnp.zeros((num_classes, k), bool).at[:, 0].set(found)
     min_sq = _row_sq_distances(blocks, first)
+    noise_shape = (k - 1, num_local_trials, n)
+    noise = (
+        jax.random.gumbel(rounds_key, noise_shape, x.dtype)
+        if math.prod(noise_shape) <= _NOISE_AT_ONCE
+        else None
+    )
 
     def round_fn(slot, carry):
         centroids, active, min_sq = carry
         # log D²: already-chosen points (D² = 0) get -inf, i.e. probability 0.
         log_weights = jnp.where(min_sq > 0, jnp.log(jnp.where(min_sq > 0, min_sq, 1)), -jnp.inf)
-        round_key = jax.random.fold_in(rounds_key, slot)
         # Greedy k-means++: draw `num_local_trials` candidates per class, keep the one
         # that lowers the class potential most.
-        gumbel = jax.random.gumbel(round_key, (num_local_trials, n), x.dtype)
+        if noise is None:
+            gumbel = jax.random.gumbel(
+                jax.random.fold_in(rounds_key, slot), noise_shape[1:], x.dtype
+            )
+        else:
+            gumbel = noise[slot - 1]
         # One segment per (trial, class), not `vmap` over trials: a vmapped
         # segment_max is a batched scatter, much slower on the CPU.
         trial_ids = labels + num_classes * jnp.arange(num_local_trials)[:, None]
@@ -696,29 +725,30 @@ def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials
         )
         index = index.reshape(num_local_trials, num_classes) % n  # [trials, C]
         candidates = jnp.swapaxes(x[index], 0, 1)  # [C, trials, d]
-        candidate_sq = _block_sq_distances(blocks, candidates, expand=True)  # [B, rows, T]
+        candidate_sq = _block_sq_distances(blocks, candidates, expand=True)  # [B, T, rows]
         # The expansion leaves rounding residue (relative to the norms) where a point
         # sits on a candidate; k-means++ must see exactly 0 there, so that a point or a
         # copy of it is never picked twice. (In the block layout: one row of candidate
         # norms per block, no [N, trials] gather by label.)
         scale = (
-            blocks.sq_norms[..., None]
-            + jnp.sum(jnp.square(candidates), axis=-1)[blocks.block_class][:, None, :]
+            blocks.sq_norms[:, None, :]
+            + jnp.sum(jnp.square(candidates), axis=-1)[blocks.block_class][..., None]
         )
-        candidate_sq = jnp.where(
-            candidate_sq <= 64 * jnp.finfo(x.dtype).eps * scale, 0, candidate_sq
-        ).reshape(-1, num_local_trials)[blocks.position]  # [N, T]
-        candidate_min_sq = jnp.minimum(min_sq[:, None], candidate_sq)
-        potentials = jax.ops.segment_sum(candidate_min_sq, labels, num_classes)
-        best_trial = jnp.argmin(potentials, axis=1)  # [C]; ties: the earlier trial
+        candidate_sq = jnp.where(candidate_sq <= 64 * jnp.finfo(x.dtype).eps * scale, 0, candidate_sq)
+        candidate_sq = jnp.swapaxes(candidate_sq, 0, 1).reshape(num_local_trials, -1)[
+            :, blocks.position
+        ]  # [T, N]
+        candidate_min_sq = jnp.minimum(min_sq, candidate_sq)
+        potentials = jax.ops.segment_sum(
+            candidate_min_sq.reshape(-1), trial_ids.reshape(-1), num_local_trials * num_classes
+        ).reshape(num_local_trials, num_classes)
+        best_trial = jnp.argmin(potentials, axis=0)  # [C]; ties: the earlier trial
         # Every trial sees the same weights, so whether a class can pick at all does
         # not depend on the trial: a class can iff some D² is positive.
         found = jax.ops.segment_max(min_sq, labels, num_classes) > 0
         chosen = jnp.take_along_axis(candidates, best_trial[:, None, None], axis=1)[:, 0]
         chosen = jnp.where(found[:, None], chosen, 0)
-        chosen_min_sq = jnp.take_along_axis(candidate_min_sq, best_trial[labels][:, None], axis=1)[
-            :, 0
-        ]
+        chosen_min_sq = jnp.take_along_axis(candidate_min_sq, best_trial[labels][None], axis=0)[0]
         min_sq = jnp.where(found[labels], chosen_min_sq, min_sq)
         centroids = centroids.at[:, slot].set(chosen)
         active = active.at[:, slot].set(found)
@@ -809,20 +839,20 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, block
         centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
         # Per example, in the block layout (one [k] row of counts per block, no [N, k]
         # gathers by label); only the [N] results are gathered into example order.
-        sq = _block_sq_distances(blocks, centroids, expand=True)  # [B, rows, k]
+        sq = _block_sq_distances(blocks, centroids, expand=True)  # [B, k, rows]
         own = jnp.where(
             blocks.source < n, assignments[jnp.minimum(blocks.source, n - 1)], 0
-        )  # [B, rows]
-        block_counts = counts[blocks.block_class][:, None, :]  # [B, 1, k]
+        )[:, None, :]  # [B, 1, rows]
+        block_counts = counts[blocks.block_class][..., None]  # [B, k, 1]
         sizes = block_counts.astype(x.dtype)
-        own_size = jnp.take_along_axis(sizes, own[..., None], axis=-1)[..., 0]
-        own_sq = jnp.take_along_axis(sq, own[..., None], axis=-1)[..., 0]
+        own_size = jnp.take_along_axis(sizes, own, axis=1)  # [B, 1, rows]
+        own_sq = jnp.take_along_axis(sq, own, axis=1)
         removal = own_size / jnp.maximum(own_size - 1, 1) * own_sq
         addition = sizes / (sizes + 1) * sq
-        allowed = (block_counts > 0) & (jnp.arange(k) != own[..., None]) & (own_size > 1)[..., None]
-        change = jnp.where(allowed, addition - removal[..., None], jnp.inf)
-        target = jnp.argmin(change, axis=-1).astype(jnp.int32).reshape(-1)[blocks.position]
-        best = jnp.min(change, axis=-1).reshape(-1)[blocks.position]
+        allowed = (block_counts > 0) & (jnp.arange(k)[:, None] != own) & (own_size > 1)
+        change = jnp.where(allowed, addition - removal, jnp.inf)
+        target = jnp.argmin(change, axis=1).astype(jnp.int32).reshape(-1)[blocks.position]
+        best = jnp.min(change, axis=1).reshape(-1)[blocks.position]
         own_sq = own_sq.reshape(-1)[blocks.position]
         class_inertia = jax.ops.segment_sum(own_sq, labels, num_classes)
         improves = best < -1e-6 * class_inertia[labels]
