@@ -46,17 +46,37 @@ class MLP(nnx.Module):
         return self.head(x)
 
 
+def _pool_windows(x: jax.Array) -> jax.Array:
+    """``[B, H, W, C]`` cut to even H and W and split into 2×2 windows,
+    ``[B, H/2, 2, W/2, 2, C]``."""
+    batch, height, width, channels = x.shape
+    x = x[:, : height // 2 * 2, : width // 2 * 2]
+    return x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+
+
+@jax.custom_jvp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2×2 max pooling with stride 2 on ``[B, H, W, C]`` (odd H or W: the last row/column is
     dropped, as ``nnx.max_pool`` with VALID padding does).
 
-    The same function as ``nnx.max_pool(x, (2, 2), (2, 2))``, written as a reshape and a max
-    so that its gradient avoids XLA's select-and-scatter, which is slow on CPU (measured:
-    the whole convnet's gradient 1.9× faster).
+    The same function and derivatives as ``nnx.max_pool(x, (2, 2), (2, 2))``. The value
+    is XLA's windowed reduction, faster on the CPU than a reshape and a max; the
+    derivative is that of the reshape and max (the tangent shared equally by the tied
+    maxima of a window), whose gradient avoids XLA's select-and-scatter, slow on the CPU.
     """
-    batch, height, width, channels = x.shape
-    x = x[:, : height // 2 * 2, : width // 2 * 2]
-    return x.reshape(batch, height // 2, 2, width // 2, 2, channels).max(axis=(2, 4))
+    x = x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2]
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+@max_pool_2x2.defjvp
+def _max_pool_2x2_jvp(primals, tangents):
+    # JAX's rule for a max over axes, on the windows: the tangent of every window's maxima,
+    # averaged over ties. Reverse mode transposes it.
+    (x,), (tangent,) = primals, tangents
+    pooled = max_pool_2x2(x)
+    at_max = (_pool_windows(x) == pooled[:, :, None, :, None]).astype(tangent.dtype)
+    ties = jnp.sum(at_max, axis=(2, 4))
+    return pooled, jnp.sum(_pool_windows(tangent) * at_max, axis=(2, 4)) / ties
 
 
 class ConvNet(nnx.Module):
