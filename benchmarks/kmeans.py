@@ -38,8 +38,10 @@ data (n x dim float32) at the device's measured bandwidth (``_common.memory_band
 times the Lloyd iterations of the slowest class; the k-means++ seeding and the
 refinement passes come on top, so a ratio near 1 is out of reach by construction. Ours is
 the best of 3 warm calls and each peer loop the best of 3 runs (``PEER_REPEATS``). Timings
-are only comparable within one run on one machine: the ratios
-are the result. The load average is recorded before and after; on a busy machine
+are only comparable within one run on one machine: the ratios are the result. Since a
+shared machine's speed drifts within minutes, cases (a) and (b) also time ours, the
+scikit-learn loop and the faiss loop once each in ``--rounds`` interleaved rounds (default
+7) and report the median and range of the per-round ratios (the row's ``paired`` field). The load average is recorded before and after; on a busy machine
 (load above 0.75 per core) the script warns and records the warning, since the
 multi-threaded loops slow down far more than one jitted call.
 """
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import pathlib
 import sys
@@ -70,7 +73,13 @@ RESULTS = pathlib.Path(
 
 CASES = {
     "a": dict(
-        name="(a) 10 classes, 60k x 64, k=8", num_classes=10, n=60_000, dim=64, k=8, sizes=None
+        name="(a) 10 classes, 60k x 64, k=8",
+        num_classes=10,
+        n=60_000,
+        dim=64,
+        k=8,
+        sizes=None,
+        paired=True,
     ),
     "b": dict(
         name="(b) 1,000 classes, 100k x 128, k=8",
@@ -79,6 +88,7 @@ CASES = {
         dim=128,
         k=8,
         sizes=None,
+        paired=True,
     ),
     "c": dict(
         name="(c) 10,000 classes of 2-12, 128-d, k=2",
@@ -113,7 +123,13 @@ QUICK_CASES = {
         name="(a, quick) 4 classes, 2k x 16, k=4", num_classes=4, n=2_000, dim=16, k=4, sizes=None
     ),
     "b": dict(
-        name="(b, quick) 30 classes, 3k x 16, k=4", num_classes=30, n=3_000, dim=16, k=4, sizes=None
+        name="(b, quick) 30 classes, 3k x 16, k=4",
+        num_classes=30,
+        n=3_000,
+        dim=16,
+        k=4,
+        sizes=None,
+        paired=True,
     ),
     "c": dict(
         name="(c, quick) 200 classes of 2-12, 16-d, k=2",
@@ -264,7 +280,35 @@ def ours(
         result = call(seed)
         warm_times.append(time.perf_counter() - start)
     assert not np.isnan(np.asarray(result.centroids)).any()
-    return first, min(warm_times), result
+    return first, min(warm_times), result, functools.partial(call, seed)
+
+
+def paired_rounds(timed, rounds):
+    """Ratios measured in interleaved rounds: every round runs each of ``timed`` (name ->
+    a function returning its own seconds, or None for an absent peer) once, one after
+    the other, so that a round's runs share the machine's state; on a shared virtual
+    machine whose speed drifts by tens of percent within minutes, the ratio of two
+    best-of-3 times taken minutes apart moves as much.
+
+    Returns ``{peer: {"median", "low", "high", "rounds"}}``, the peer's time over ours
+    ("ours" must be a key) in each round, for every peer that is present.
+    """
+    times = {name: [] for name in timed}
+    for _ in range(rounds):
+        for name, run in timed.items():
+            times[name].append(run())
+    ratios = {}
+    for name, peer_times in times.items():
+        if name == "ours" or peer_times[0] is None:
+            continue
+        per_round = np.asarray(peer_times) / np.asarray(times["ours"])
+        ratios[name] = dict(
+            median=float(np.median(per_round)),
+            low=float(per_round.min()),
+            high=float(per_round.max()),
+            rounds=[float(r) for r in per_round],
+        )
+    return ratios
 
 
 def compare_inertia(ours_inertia, sklearn_inertia, scatter):
@@ -298,7 +342,13 @@ def _fastest_of_repeats(loop):
     return runs[0] if runs[0][0] is None else min(runs, key=lambda run: run[0])
 
 
-def run_case(case, restarts, max_iterations, tolerance, bandwidth):
+def _seconds(call):
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def run_case(case, restarts, max_iterations, tolerance, bandwidth, rounds=0):
     x, labels = make_data(case["num_classes"], case["n"], case["dim"], case["sizes"])
     num_classes, k = case["num_classes"], case["k"]
     counts = np.bincount(labels, minlength=num_classes)
@@ -323,7 +373,7 @@ def run_case(case, restarts, max_iterations, tolerance, bandwidth):
         + [(r, False, False) for r in case.get("unrefined_restarts", ())]
     )
     for num_restarts, refine, exact in configs:
-        first, warm, result = ours(
+        first, warm, result, call = ours(
             x,
             labels,
             num_classes,
@@ -370,6 +420,18 @@ def run_case(case, restarts, max_iterations, tolerance, bandwidth):
             ours_over_floor=warm / floor,
         )
         row.update(compare_inertia(np.asarray(result.inertia, np.float64), sk_inertia, scatter))
+        if rounds and not rows and case.get("paired"):  # the default configuration
+            row["paired"] = paired_rounds(
+                {
+                    "ours": lambda: _seconds(call),
+                    "sklearn": lambda: sklearn_loop(
+                        x, labels, num_classes, k, max_iterations, tolerance
+                    )[0],
+                    "faiss": lambda: faiss_loop(x, labels, num_classes, k, max_iterations)[0],
+                },
+                rounds,
+            )
+            print(f"  {case['name']}: {paired_text(row['paired'], rounds)}", flush=True)
         rows.append(row)
         print(
             f"  {case['name']}, restarts={num_restarts}, refine={refine}, "
@@ -381,6 +443,14 @@ def run_case(case, restarts, max_iterations, tolerance, bandwidth):
             flush=True,
         )
     return rows
+
+
+def paired_text(paired, rounds) -> str:
+    """One line of :func:`paired_rounds`' ratios."""
+    return f"speed-up in {rounds} interleaved rounds (median, range): " + ", ".join(
+        f"vs {name} {r['median']:.2f}x ({r['low']:.2f}-{r['high']:.2f}x)"
+        for name, r in paired.items()
+    )
 
 
 def _text(value, spec: str, suffix: str = "") -> str:
@@ -423,7 +493,15 @@ def main(argv=None):
     parser.add_argument("--max-iterations", type=int, default=20)
     parser.add_argument("--tolerance", type=float, default=1e-4)
     parser.add_argument("--output", type=pathlib.Path, default=None)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds of ours, sklearn and faiss on (a) and (b) (default 7; "
+        "2 with --quick; 0: none)",
+    )
     args = parser.parse_args(argv)
+    rounds = (2 if args.quick else 7) if args.rounds is None else args.rounds
 
     unknown = set(args.cases) - set(CASES)
     if unknown:
@@ -453,7 +531,7 @@ def main(argv=None):
     )
     for name in args.cases:
         report["rows"].extend(
-            run_case(cases[name], restarts, args.max_iterations, args.tolerance, bandwidth)
+            run_case(cases[name], restarts, args.max_iterations, args.tolerance, bandwidth, rounds)
         )
         report.update(load_average_after=list(os.getloadavg()), busy_warnings=warnings)
         _common.write_json(output, report)  # after every case: a stopped run keeps its rows
@@ -465,6 +543,9 @@ def main(argv=None):
     rows = report["rows"]
     table = markdown(rows)
     print(table)
+    for row in rows:
+        if "paired" in row:
+            print(f"\n{row['case']}: {paired_text(row['paired'], rounds)}")
     print(f"\nwrote {output}")
     return report
 
