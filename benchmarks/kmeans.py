@@ -25,7 +25,8 @@ Hartigan moves by default (``refine_steps=5``) and, for k=2, solves every class 
 most 12 examples exactly by enumeration (``exhaustive_max_points=12``, the "exact"
 column). Case (c) adds a row with the refinement but without the exact step, and rows
 with neither (plain Lloyd, like scikit-learn), where ours and scikit-learn have the
-same per-class distribution of local minima.
+same per-class distribution of local minima; cases (a) and (b) add a plain-Lloyd row
+too, ours at scikit-learn's inertia.
 
 Run (full, a few minutes; the scikit-learn loop of (c) dominates):
   python benchmarks/kmeans.py
@@ -41,7 +42,8 @@ the best of 3 warm calls and each peer loop the best of 3 runs (``PEER_REPEATS``
 are only comparable within one run on one machine: the ratios are the result. Since a
 shared machine's speed drifts within minutes, cases (a) and (b) also time ours, the
 scikit-learn loop and the faiss loop once each in ``--rounds`` interleaved rounds (default
-7) and report the median and range of the per-round ratios (the row's ``paired`` field). The load average is recorded before and after; on a busy machine
+7), for the default and the plain-Lloyd rows, and report the median and range of the
+per-round ratios (the row's ``paired`` field). The load average is recorded before and after; on a busy machine
 (load above 0.75 per core) the script warns and records the warning, since the
 multi-threaded loops slow down far more than one jitted call.
 """
@@ -80,6 +82,7 @@ CASES = {
         k=8,
         sizes=None,
         paired=True,
+        unrefined_restarts=(1,),
     ),
     "b": dict(
         name="(b) 1,000 classes, 100k x 128, k=8",
@@ -89,6 +92,7 @@ CASES = {
         k=8,
         sizes=None,
         paired=True,
+        unrefined_restarts=(1,),
     ),
     "c": dict(
         name="(c) 10,000 classes of 2-12, 128-d, k=2",
@@ -420,7 +424,7 @@ def run_case(case, restarts, max_iterations, tolerance, bandwidth, rounds=0):
             ours_over_floor=warm / floor,
         )
         row.update(compare_inertia(np.asarray(result.inertia, np.float64), sk_inertia, scatter))
-        if rounds and not rows and case.get("paired"):  # the default configuration
+        if rounds and num_restarts == 1 and case.get("paired"):
             row["paired"] = paired_rounds(
                 {
                     "ours": lambda: _seconds(call),
@@ -431,7 +435,7 @@ def run_case(case, restarts, max_iterations, tolerance, bandwidth, rounds=0):
                 },
                 rounds,
             )
-            print(f"  {case['name']}: {paired_text(row['paired'], rounds)}", flush=True)
+            print(f"  {case['name']}, refine={refine}: {paired_text(row['paired'], rounds)}", flush=True)
         rows.append(row)
         print(
             f"  {case['name']}, restarts={num_restarts}, refine={refine}, "
@@ -545,7 +549,7 @@ def main(argv=None):
     print(table)
     for row in rows:
         if "paired" in row:
-            print(f"\n{row['case']}: {paired_text(row['paired'], rounds)}")
+            print(f"\n{row['case']}, refine={row['refine']}: {paired_text(row['paired'], rounds)}")
     print(f"\nwrote {output}")
     return report
 
