@@ -427,7 +427,7 @@ def run_case(case, restarts, max_iterations, tolerance, bandwidth, rounds=0):
         if rounds and num_restarts == 1 and case.get("paired"):
             row["paired"] = paired_rounds(
                 {
-                    "ours": lambda: _seconds(call),
+                    "ours": functools.partial(_seconds, call),
                     "sklearn": lambda: sklearn_loop(
                         x, labels, num_classes, k, max_iterations, tolerance
                     )[0],
@@ -435,7 +435,10 @@ def run_case(case, restarts, max_iterations, tolerance, bandwidth, rounds=0):
                 },
                 rounds,
             )
-            print(f"  {case['name']}, refine={refine}: {paired_text(row['paired'], rounds)}", flush=True)
+            print(
+                f"  {case['name']}, refine={refine}: {paired_text(row['paired'], rounds)}",
+                flush=True,
+            )
         rows.append(row)
         print(
             f"  {case['name']}, restarts={num_restarts}, refine={refine}, "

@@ -734,7 +734,9 @@ def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials
             blocks.sq_norms[:, None, :]
             + jnp.sum(jnp.square(candidates), axis=-1)[blocks.block_class][..., None]
         )
-        candidate_sq = jnp.where(candidate_sq <= 64 * jnp.finfo(x.dtype).eps * scale, 0, candidate_sq)
+        candidate_sq = jnp.where(
+            candidate_sq <= 64 * jnp.finfo(x.dtype).eps * scale, 0, candidate_sq
+        )
         candidate_sq = jnp.swapaxes(candidate_sq, 0, 1).reshape(num_local_trials, -1)[
             :, blocks.position
         ]  # [T, N]
@@ -840,9 +842,9 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, block
         # Per example, in the block layout (one [k] row of counts per block, no [N, k]
         # gathers by label); only the [N] results are gathered into example order.
         sq = _block_sq_distances(blocks, centroids, expand=True)  # [B, k, rows]
-        own = jnp.where(
-            blocks.source < n, assignments[jnp.minimum(blocks.source, n - 1)], 0
-        )[:, None, :]  # [B, 1, rows]
+        own = jnp.where(blocks.source < n, assignments[jnp.minimum(blocks.source, n - 1)], 0)[
+            :, None, :
+        ]  # [B, 1, rows]
         block_counts = counts[blocks.block_class][..., None]  # [B, k, 1]
         sizes = block_counts.astype(x.dtype)
         own_size = jnp.take_along_axis(sizes, own, axis=1)  # [B, 1, rows]

@@ -296,3 +296,35 @@ def test_max_pool_2x2_equals_nnx_max_pool():
         np.testing.assert_array_equal(
             np.asarray(max_pool_2x2(x)), np.asarray(nnx.max_pool(x, (2, 2), (2, 2)))
         )
+
+
+def test_max_pool_2x2_derivatives_are_the_reshape_max_ones():
+    """The windowed-max value carries the derivative of a reshape and a max, bit for bit:
+    the gradient (eager and jitted, ties shared equally) and forward mode."""
+    from jax.test_util import check_grads
+
+    from magnet_jax.models import _pool_windows, max_pool_2x2
+
+    def reshape_max(x):
+        return _pool_windows(x).max(axis=(2, 4))
+
+    def objective(pool):
+        def value(x):
+            pooled = pool(x)
+            return jnp.sum(jnp.sin(pooled) * jnp.arange(pooled.size).reshape(pooled.shape))
+
+        return value
+
+    for shape in [(2, 28, 28, 3), (3, 7, 9, 5)]:
+        x = jax.random.normal(jax.random.PRNGKey(1), shape)
+        x = x.at[:, :2, :2].set(1.0)  # a window of four tied maxima in every image
+        for transform in (jax.grad, lambda f: jax.jit(jax.grad(f))):
+            np.testing.assert_array_equal(
+                transform(objective(max_pool_2x2))(x), transform(objective(reshape_max))(x)
+            )
+        np.testing.assert_array_equal(
+            jax.jvp(max_pool_2x2, (x,), (jnp.cos(x),))[1],
+            jax.jvp(reshape_max, (x,), (jnp.cos(x),))[1],
+        )
+    small = jax.random.normal(jax.random.PRNGKey(2), (2, 6, 6, 3))
+    check_grads(max_pool_2x2, (small,), order=2, modes=("fwd", "rev"))
