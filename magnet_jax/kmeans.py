@@ -695,6 +695,8 @@ def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials
     first = jnp.where(found[:, None], x[index], 0)
     centroids = jnp.zeros((num_classes, k, d), x.dtype).at[:, 0].set(first)
     active = jnp.zeros((num_classes, k), bool).at[:, 0].set(found)
+    if k == 1:
+        return centroids, active
     min_sq = _row_sq_distances(blocks, first)
     noise_shape = (k - 1, num_local_trials, n)
     noise = (

@@ -844,3 +844,18 @@ def test_many_clusters_in_one_large_class_match_sklearn():
     sklearn_inertia = KMeans(100, n_init=1, random_state=0).fit(x).inertia_
     assert float(result.inertia[0]) <= 1.02 * sklearn_inertia
     assert int(np.asarray(result.counts).max()) < 150
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_one_cluster_per_class_is_the_class_mean(grouped):
+    """k = 1 (the Magnet index with one cluster per class): no k-means++ round after the
+    first draw, every class one cluster at its mean, all classes at once and in groups."""
+    rng = np.random.default_rng(0)
+    num_classes, per_class = (300, 20) if grouped else (5, 30)
+    y = np.repeat(np.arange(num_classes), per_class).astype(np.int32)
+    x = (rng.normal(size=(y.size, 64)) + 5 * y[:, None] % 7).astype(np.float32)
+    result = kmeans_per_class(x, y, 1, key=jax.random.key(0))
+    means = np.stack([x[y == c].astype(np.float64).mean(0) for c in range(num_classes)])
+    np.testing.assert_allclose(result.centroids[:, 0], means, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(result.counts[:, 0], per_class)
+    np.testing.assert_array_equal(result.assignments, 0)
