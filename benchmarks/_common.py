@@ -589,6 +589,15 @@ def format_speedup(s: dict) -> str:
     )
 
 
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, lowest and highest of repeated measurements (e.g. per-round ratios)."""
+    return {
+        "median": float(np.median(values)),
+        "low": float(np.min(values)),
+        "high": float(np.max(values)),
+    }
+
+
 def environment(**versions: str) -> dict:
     """What a result depends on besides the code: commit, machine, load, devices,
     versions (``versions`` adds more, e.g. ``sklearn=sklearn.__version__``)."""

@@ -305,13 +305,8 @@ def paired_rounds(timed, rounds):
     for name, peer_times in times.items():
         if name == "ours" or peer_times[0] is None:
             continue
-        per_round = np.asarray(peer_times) / np.asarray(times["ours"])
-        ratios[name] = dict(
-            median=float(np.median(per_round)),
-            low=float(per_round.min()),
-            high=float(per_round.max()),
-            rounds=[float(r) for r in per_round],
-        )
+        per_round = [float(r) for r in np.asarray(peer_times) / np.asarray(times["ours"])]
+        ratios[name] = {**_common.spread(per_round), "rounds": per_round}
     return ratios
 
 

@@ -37,6 +37,9 @@ from magnet_jax import index as index_lib
 from magnet_jax import training
 from magnet_jax.config import TrainConfig
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
 # MAGNET_JAX_RESULTS redirects the output (the tests use it so CI leaves the repo clean).
 RESULTS = Path(os.environ.get("MAGNET_JAX_RESULTS", Path(__file__).resolve().parent / "results"))
 
@@ -239,9 +242,7 @@ def main(argv=None) -> dict:
         "refresh_fraction_of_epoch": refresh_seconds / epoch_seconds,
         # Each repeat's refresh over an epoch at the step time of the call just before it.
         "refresh_fraction_of_epoch_paired": {
-            "median": statistics.median(paired_fractions),
-            "low": min(paired_fractions),
-            "high": max(paired_fractions),
+            **_common.spread(paired_fractions),
             "repeats": paired_fractions,
         },
         "refresh_period_steps": period,

@@ -46,12 +46,16 @@ class MLP(nnx.Module):
         return self.head(x)
 
 
+def _even(x: jax.Array) -> jax.Array:
+    """``[B, H, W, C]`` without its last row and column where H or W is odd."""
+    return x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2]
+
+
 def _pool_windows(x: jax.Array) -> jax.Array:
     """``[B, H, W, C]`` cut to even H and W and split into 2×2 windows,
     ``[B, H/2, 2, W/2, 2, C]``."""
     batch, height, width, channels = x.shape
-    x = x[:, : height // 2 * 2, : width // 2 * 2]
-    return x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+    return _even(x).reshape(batch, height // 2, 2, width // 2, 2, channels)
 
 
 @jax.custom_jvp
@@ -64,8 +68,9 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     derivative is that of the reshape and max (the tangent shared equally by the tied
     maxima of a window), whose gradient avoids XLA's select-and-scatter, slow on the CPU.
     """
-    x = x[:, : x.shape[1] // 2 * 2, : x.shape[2] // 2 * 2]
-    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+    return jax.lax.reduce_window(
+        _even(x), -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+    )
 
 
 @max_pool_2x2.defjvp
