@@ -31,8 +31,8 @@ class by class:
   re-seeded like clusters that empty during Lloyd (below).
 * **k-means++ initialisation** with greedy local trials (``2 + log k`` candidates per
   round, keep the one that lowers the class potential most), all classes simultaneously.
-  A per-class draw with probability ∝ D² uses the Gumbel-max trick with
-  ``segment_max`` (ties broken towards the lowest example index).
+  A per-class draw with probability ∝ D² takes one uniform number per class and
+  inverts the class's cumulative D² in the block layout.
 * **Lloyd iterations** in a ``jax.lax.while_loop``: assign every example to the nearest
   centroid of its own class, recompute centroids with ``segment_sum`` over the flat
   cluster ids ``label * k + assignment``.
@@ -490,6 +490,21 @@ def _block_sq_distances(
     return jnp.swapaxes(sq, 1, 2)
 
 
+def _min_slot(values: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(argmin [B, rows] int32, min [B, rows])`` of ``[B, m, rows]`` over the slots;
+    ties go to the lowest slot, a row of ``+inf`` to slot 0.
+
+    Taken as the minimum and then the first slot that attains it: elementwise passes
+    over the slots, which XLA:CPU vectorises along the rows, where ``argmin``'s
+    variadic reduction is several times slower.
+    """
+    lowest = jnp.min(values, axis=1)
+    slots = jnp.arange(values.shape[1], dtype=jnp.int32)[:, None]
+    first = jnp.min(jnp.where(values == lowest[:, None], slots, values.shape[1]), axis=1)
+    # A NaN row matches no slot; keep the index in range (inputs are checked finite).
+    return jnp.minimum(first, values.shape[1] - 1), lowest
+
+
 def _nearest_slot(
     blocks: _ClassBlocks,
     centroids: jax.Array,
@@ -502,23 +517,27 @@ def _nearest_slot(
       blocks: the ``N`` examples, see :class:`_ClassBlocks`.
       centroids: ``[C, k, d]``.
       valid: ``[C, k]`` bool.
+      fast: compare the slots by the expansion (see :func:`_block_sq_distances`; only
+        for data centred per class). The distance returned is then recomputed in the
+        difference form to the chosen slot alone, so it is exact (0 for a point on its
+        centroid); the choice between slots within rounding of each other may differ
+        from the difference form's.
 
     Returns:
       ``(slot [N] int32, sq_distance [N])``; slot 0 and ``+inf`` when the class has no
-      valid slot. Ties go to the lowest slot. ``fast`` passes ``expand`` to
-      :func:`_block_sq_distances` (only for data centred per class). The minimum is
-      taken in the block layout; only the ``[N]`` results are gathered into example
-      order.
+      valid slot. Ties go to the lowest slot. The minimum is taken in the block layout;
+      only the ``[N]`` results are gathered into example order.
     """
+    block_valid = valid[blocks.block_class]  # [B, k]
     sq_distances = jnp.where(
-        valid[blocks.block_class][..., None],
-        _block_sq_distances(blocks, centroids, expand=fast),
-        jnp.inf,
+        block_valid[..., None], _block_sq_distances(blocks, centroids, expand=fast), jnp.inf
     )  # [B, k, rows]
-    slot = jnp.argmin(sq_distances, axis=1).astype(jnp.int32)
-    return slot.reshape(-1)[blocks.position], jnp.min(sq_distances, axis=1).reshape(-1)[
-        blocks.position
-    ]
+    slot, sq = _min_slot(sq_distances)
+    if fast and blocks.points_t is not None:
+        own = jnp.take_along_axis(centroids[blocks.block_class], slot[..., None], axis=1)
+        exact = jnp.sum(jnp.square(blocks.points - own), axis=-1)  # [B, rows]
+        sq = jnp.where(jnp.any(block_valid, axis=1)[:, None], exact, jnp.inf)
+    return slot.reshape(-1)[blocks.position], sq.reshape(-1)[blocks.position]
 
 
 def _row_sq_distances(blocks: _ClassBlocks, centres: jax.Array) -> jax.Array:
@@ -671,89 +690,119 @@ def centroids_from_assignments(
 # ------------------------------------------------------------------------ k-means++
 
 
-# Most Gumbel draws k-means++ makes in one call of the random number generator (see
-# :func:`_kmeans_plusplus`).
-_NOISE_AT_ONCE = 1 << 22
+def _draw_rows(
+    blocks: _ClassBlocks, weights: jax.Array, uniforms: jax.Array, num_classes: int
+) -> tuple[jax.Array, jax.Array]:
+    """Draw a row of every class with probability ∝ ``weights`` (inverse transform).
+
+    Args:
+      blocks: the examples, see :class:`_ClassBlocks`.
+      weights: ``[B, rows]`` non-negative; 0 on rows that may not be drawn (padding
+        rows must be 0).
+      uniforms: ``[T, C]`` in ``[0, 1)``, one per draw.
+      num_classes: ``C``.
+
+    Returns:
+      ``(row [T, C] int32, found [C] bool)``: the row of ``blocks.points.reshape(-1, d)``
+      of the first positive-weight row of the class whose cumulative weight exceeds
+      ``uniform × total``; ``found`` is False (and the row 0) for a class whose weights
+      are all 0. Rows of weight 0 are never drawn, even where rounding puts the target
+      past the last cumulative weight (the class's last positive row is drawn then).
+    """
+    num_blocks, rows = weights.shape
+    block_class = blocks.block_class
+    within = jnp.cumsum(weights, axis=1)  # [B, rows]
+    # Cumulative weight of the class's earlier blocks: a scan that restarts at every
+    # class's first block (a class's blocks are consecutive), so a small class's sums
+    # never pass through the large totals of the classes before it.
+    starts = jnp.concatenate([jnp.ones((1,), bool), block_class[1:] != block_class[:-1]])
+
+    def combine(left, right):
+        return jnp.where(right[1], right[0], left[0] + right[0]), left[1] | right[1]
+
+    through, _ = jax.lax.associative_scan(combine, (within[:, -1], starts))
+    before = jnp.where(starts, 0, jnp.roll(through, 1))
+    cumulative = before[:, None] + within  # [B, rows]
+    total = jax.ops.segment_max(through, block_class, num_classes)  # [C]
+    target = uniforms * total  # [T, C]
+    flat = jnp.arange(num_blocks * rows, dtype=jnp.int32).reshape(num_blocks, rows)
+    positive = weights > 0
+    past = positive & (cumulative > target[:, block_class][..., None])  # [T, B, rows]
+    none = num_blocks * rows
+    first = jax.ops.segment_min(
+        jnp.min(jnp.where(past, flat, none), axis=2).T, block_class, num_classes
+    ).T  # [T, C]
+    last = jax.ops.segment_max(
+        jnp.max(jnp.where(positive, flat, -1), axis=1), block_class, num_classes
+    )
+    found = total > 0
+    row = jnp.where(first < none, first, last[None])
+    return jnp.where(found[None], row, 0).astype(jnp.int32), found
 
 
-def _kmeans_plusplus(x, labels, blocks, key, *, num_classes, k, num_local_trials):
-    """Greedy k-means++ in every class at once.
+def _kmeans_plusplus(blocks, key, *, num_classes, k, num_local_trials):
+    """Greedy k-means++ in every class at once, in the block layout.
 
-    The Gumbel noise of all rounds is drawn in one call where it has at most
-    :data:`_NOISE_AT_ONCE` elements (e.g. every group of classes on the CPU), otherwise
-    round by round: the generator's fixed cost per call dominates small draws.
+    Every draw is one uniform number per class and trial (inverse transform sampling
+    on the class's cumulative D², :func:`_draw_rows`), so the random numbers cost
+    ``O(k · trials · C)``, not ``O(k · trials · N)``; the class potentials are sums over
+    blocks, never scatters over examples.
 
     Returns:
       ``(centroids [C, k, d], active [C, k] bool)``; inactive slots are zeros and stay
       empty (the class had no more distinct points to seed them with).
     """
-    n, d = x.shape
+    num_blocks, rows, d = blocks.points.shape
+    dtype = blocks.points.dtype
+    points = blocks.points.reshape(-1, d)
+    real = blocks.source < blocks.position.shape[0]  # [B, rows]; False on padding
     first_key, rounds_key = jax.random.split(key)
 
-    # Round 0: uniform within the class (Gumbel-max over equal weights).
-    index, found = _segment_argmax(jax.random.gumbel(first_key, (n,), x.dtype), labels, num_classes)
-    first = jnp.where(found[:, None], x[index], 0)
-    centroids = jnp.zeros((num_classes, k, d), x.dtype).at[:, 0].set(first)
+    # Round 0: uniform within the class.
+    index, found = _draw_rows(
+        blocks,
+        real.astype(dtype),
+        jax.random.uniform(first_key, (1, num_classes), dtype),
+        num_classes,
+    )
+    first = jnp.where(found[:, None], points[index[0]], 0)
+    centroids = jnp.zeros((num_classes, k, d), dtype).at[:, 0].set(first)
     active = jnp.zeros((num_classes, k), bool).at[:, 0].set(found)
     if k == 1:
         return centroids, active
-    min_sq = _row_sq_distances(blocks, first)
-    noise_shape = (k - 1, num_local_trials, n)
-    noise = (
-        jax.random.gumbel(rounds_key, noise_shape, x.dtype)
-        if math.prod(noise_shape) <= _NOISE_AT_ONCE
-        else None
-    )
+    # D² to the nearest chosen centre, exact (difference form): a chosen point is at 0.
+    min_sq = jnp.where(
+        real, jnp.sum(jnp.square(blocks.points - first[blocks.block_class][:, None]), axis=-1), 0
+    )  # [B, rows]
+    uniforms = jax.random.uniform(rounds_key, (k - 1, num_local_trials, num_classes), dtype)
 
     def round_fn(slot, carry):
         centroids, active, min_sq = carry
-        # log D²: already-chosen points (D² = 0) get -inf, i.e. probability 0.
-        log_weights = jnp.where(min_sq > 0, jnp.log(jnp.where(min_sq > 0, min_sq, 1)), -jnp.inf)
-        # Greedy k-means++: draw `num_local_trials` candidates per class, keep the one
-        # that lowers the class potential most.
-        if noise is None:
-            gumbel = jax.random.gumbel(
-                jax.random.fold_in(rounds_key, slot), noise_shape[1:], x.dtype
-            )
-        else:
-            gumbel = noise[slot - 1]
-        # One segment per (trial, class), not `vmap` over trials: a vmapped
-        # segment_max is a batched scatter, much slower on the CPU.
-        trial_ids = labels + num_classes * jnp.arange(num_local_trials)[:, None]
-        index, _ = _segment_argmax(
-            (log_weights + gumbel).reshape(-1),
-            trial_ids.reshape(-1),
-            num_local_trials * num_classes,
-        )
-        index = index.reshape(num_local_trials, num_classes) % n  # [trials, C]
-        candidates = jnp.swapaxes(x[index], 0, 1)  # [C, trials, d]
+        # Greedy k-means++: draw `num_local_trials` candidates per class ∝ D² (an
+        # already-chosen point has D² = 0: never drawn), keep the one that lowers the
+        # class potential most.
+        index, found = _draw_rows(blocks, min_sq, uniforms[slot - 1], num_classes)
+        candidates = jnp.swapaxes(points[index], 0, 1)  # [C, T, d]
         candidate_sq = _block_sq_distances(blocks, candidates, expand=True)  # [B, T, rows]
         # The expansion leaves rounding residue (relative to the norms) where a point
         # sits on a candidate; k-means++ must see exactly 0 there, so that a point or a
-        # copy of it is never picked twice. (In the block layout: one row of candidate
-        # norms per block, no [N, trials] gather by label.)
+        # copy of it is never picked twice.
         scale = (
             blocks.sq_norms[:, None, :]
             + jnp.sum(jnp.square(candidates), axis=-1)[blocks.block_class][..., None]
         )
-        candidate_sq = jnp.where(
-            candidate_sq <= 64 * jnp.finfo(x.dtype).eps * scale, 0, candidate_sq
-        )
-        candidate_sq = jnp.swapaxes(candidate_sq, 0, 1).reshape(num_local_trials, -1)[
-            :, blocks.position
-        ]  # [T, N]
-        candidate_min_sq = jnp.minimum(min_sq, candidate_sq)
+        candidate_sq = jnp.where(candidate_sq <= 64 * jnp.finfo(dtype).eps * scale, 0, candidate_sq)
+        candidate_min_sq = jnp.minimum(min_sq[:, None], candidate_sq)  # [B, T, rows]
         potentials = jax.ops.segment_sum(
-            candidate_min_sq.reshape(-1), trial_ids.reshape(-1), num_local_trials * num_classes
-        ).reshape(num_local_trials, num_classes)
-        best_trial = jnp.argmin(potentials, axis=0)  # [C]; ties: the earlier trial
-        # Every trial sees the same weights, so whether a class can pick at all does
-        # not depend on the trial: a class can iff some D² is positive.
-        found = jax.ops.segment_max(min_sq, labels, num_classes) > 0
+            jnp.sum(candidate_min_sq, axis=2), blocks.block_class, num_classes
+        )  # [C, T]
+        best_trial = jnp.argmin(potentials, axis=1)  # [C]; ties: the earlier trial
         chosen = jnp.take_along_axis(candidates, best_trial[:, None, None], axis=1)[:, 0]
         chosen = jnp.where(found[:, None], chosen, 0)
-        chosen_min_sq = jnp.take_along_axis(candidate_min_sq, best_trial[labels][None], axis=0)[0]
-        min_sq = jnp.where(found[labels], chosen_min_sq, min_sq)
+        chosen_min_sq = jnp.take_along_axis(
+            candidate_min_sq, best_trial[blocks.block_class][:, None, None], axis=1
+        )[:, 0]
+        min_sq = jnp.where(found[blocks.block_class][:, None], chosen_min_sq, min_sq)
         centroids = centroids.at[:, slot].set(chosen)
         active = active.at[:, slot].set(found)
         return centroids, active, min_sq
@@ -855,8 +904,9 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, block
         addition = sizes / (sizes + 1) * sq
         allowed = (block_counts > 0) & (jnp.arange(k)[:, None] != own) & (own_size > 1)
         change = jnp.where(allowed, addition - removal, jnp.inf)
-        target = jnp.argmin(change, axis=1).astype(jnp.int32).reshape(-1)[blocks.position]
-        best = jnp.min(change, axis=1).reshape(-1)[blocks.position]
+        target, best = _min_slot(change)
+        target = target.reshape(-1)[blocks.position]
+        best = best.reshape(-1)[blocks.position]
         own_sq = own_sq.reshape(-1)[blocks.position]
         class_inertia = jax.ops.segment_sum(own_sq, labels, num_classes)
         improves = best < -1e-6 * class_inertia[labels]
@@ -941,7 +991,7 @@ def _kmeans_single(
     n, d = x.shape
     if initial is None:
         centroids, active = _kmeans_plusplus(
-            x, labels, blocks, key, num_classes=num_classes, k=k, num_local_trials=num_local_trials
+            blocks, key, num_classes=num_classes, k=k, num_local_trials=num_local_trials
         )
     else:
         centroids, active = _warm_start(x, labels, blocks, *initial, num_classes=num_classes, k=k)
@@ -1026,7 +1076,7 @@ def _kmeans_single(
         centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
     # Final assignment step so that assignments, counts and inertia all refer to the
     # returned centroids.
-    assignments, sq_distances = _nearest_slot(blocks, centroids, state.active)
+    assignments, sq_distances = _nearest_slot(blocks, centroids, state.active, fast=True)
     _, counts = _class_sums(x, labels, assignments, num_classes, k)
     inertia = jax.ops.segment_sum(sq_distances, labels, num_classes)
     centroids = jnp.where(counts[..., None] > 0, centroids, 0)

@@ -157,6 +157,57 @@ def test_restarts_keep_the_best_restart_of_every_class():
         )
 
 
+def _blocks_of(x, y, num_classes):
+    layout = kmeans_module._layout_host(y, num_classes, kmeans_module._num_blocks(y, num_classes))
+    return kmeans_module._class_blocks(jnp.asarray(x), kmeans_module._Layout(*layout))
+
+
+def test_kmeans_plusplus_draws_invert_the_cumulative_weights_of_each_class():
+    """Every draw is the first positive-weight example (in index order) of its class
+    whose cumulative weight exceeds uniform × total (NumPy float64); weight-0 examples
+    are never drawn, a uniform next to 1 draws the last positive one, and a class of
+    zero weights draws nothing. Over many uniforms the frequencies are the weights."""
+    rng = np.random.default_rng(0)
+    sizes = [1, 5, 70, 130, 0, 33, 4]
+    y = rng.permutation(np.concatenate([np.full(s, c) for c, s in enumerate(sizes)]))
+    num_classes, n = len(sizes), len(y)
+    x = rng.normal(size=(n, 3)).astype(np.float32)
+    weights = rng.exponential(size=n).astype(np.float32)
+    weights[rng.random(n) < 0.3] = 0
+    weights[y == 6] = 0
+    blocks = _blocks_of(x, y, num_classes)
+    source = np.asarray(blocks.source)
+    block_weights = np.where(source < n, weights[np.minimum(source, n - 1)], 0)
+    uniforms = rng.random((50, num_classes)).astype(np.float32)
+    uniforms[0] = np.nextafter(np.float32(1), np.float32(0))
+    draw = jax.jit(kmeans_module._draw_rows, static_argnums=3)
+    rows, found = draw(blocks, jnp.asarray(block_weights), jnp.asarray(uniforms), num_classes)
+    drawn = source.reshape(-1)[np.asarray(rows)]  # [T, C] examples
+    for c in range(num_classes):
+        members = np.flatnonzero(y == c)
+        w = weights[members].astype(np.float64)
+        assert bool(found[c]) == (w.sum() > 0)
+        if w.sum() == 0:
+            continue
+        cumulative = np.cumsum(w)
+        for t, u in enumerate(uniforms[:, c]):
+            expected = np.flatnonzero((w > 0) & (cumulative > u * cumulative[-1]))[0]
+            assert drawn[t, c] == members[expected], (c, t)
+        assert drawn[0, c] == members[np.flatnonzero(w > 0)[-1]]
+
+    many = jax.random.uniform(jax.random.key(0), (20_000, num_classes))
+    rows, _ = draw(blocks, jnp.asarray(block_weights), many, num_classes)
+    drawn = source.reshape(-1)[np.asarray(rows)]
+    for c in (2, 3, 5):
+        members = np.flatnonzero(y == c)
+        counts = (drawn[:, c][:, None] == members).sum(0)
+        p = weights[members] / weights[members].sum()
+        assert counts.sum() == len(many) and counts[p == 0].sum() == 0
+        chi2 = np.sum((counts - len(many) * p)[p > 0] ** 2 / (len(many) * p[p > 0]))
+        dof = np.count_nonzero(p) - 1
+        assert chi2 < dof + 5 * np.sqrt(2 * dof)  # ~5 standard deviations of chi2(dof)
+
+
 def test_zero_tolerance_converges_to_means_of_the_assignments():
     """Lloyd run to convergence ends on the means of its assignments (the Hartigan
     refinement is off: a refinement stopped by ``refine_steps`` before its last move
@@ -623,8 +674,9 @@ def test_groups_of_classes_equal_all_classes_at_once_from_the_same_start(monkeyp
 
 def test_groups_of_classes_seed_as_well_as_all_classes_at_once(monkeypatch):
     """With k-means++ the groups draw other candidates (a key per group), so the result
-    differs, but not its quality: in total within 2% of all-at-once and of scikit-learn's
-    best of 10 starts per class."""
+    differs, but not its quality: in total within 2% of all-at-once and within 3% of
+    scikit-learn's best of 10 starts per class (one start per class, grouped or not,
+    ends 1-3% above that in total, depending on the key)."""
     x, y = _uneven_classes(num_classes=30, seed=5)
     at_once = kmeans_per_class(x, y, K, key=jax.random.key(1), num_classes=30)
     monkeypatch.setattr(kmeans_module, "_GROUP_FLOATS", 100 * x.shape[1])
@@ -636,7 +688,7 @@ def test_groups_of_classes_seed_as_well_as_all_classes_at_once(monkeypatch):
         for c in range(30)
     ])  # fmt: skip
     assert np.asarray(grouped.inertia).sum() <= 1.02 * np.asarray(at_once.inertia).sum()
-    assert np.asarray(grouped.inertia).sum() <= 1.02 * reference.sum()
+    assert np.asarray(grouped.inertia).sum() <= 1.03 * reference.sum()
     # One start per class may end in a poorer local minimum, but never far off.
     np.testing.assert_array_less(np.asarray(grouped.inertia), 1.25 * reference + 1e-3)
 
