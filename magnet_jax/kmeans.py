@@ -540,15 +540,6 @@ def _nearest_slot(
     return slot.reshape(-1)[blocks.position], sq.reshape(-1)[blocks.position]
 
 
-def _row_sq_distances(blocks: _ClassBlocks, centres: jax.Array) -> jax.Array:
-    """``[N]`` squared distance of every example to its class's row of ``centres``
-    ``[C, d]`` (difference form), computed in the block layout: no ``[N, d]`` gather of
-    ``centres`` by label."""
-    per_block = centres[blocks.block_class]  # [B, d]
-    sq = jnp.sum(jnp.square(blocks.points - per_block[:, None, :]), axis=-1)
-    return sq.reshape(-1)[blocks.position]
-
-
 def _segment_argmax(
     scores: jax.Array, segment_ids: jax.Array, num_segments: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -818,15 +809,19 @@ def _relocate_empty(x, labels, assignments, sq_distances, sums, counts, active, 
     """Re-seed empty active slots on the farthest examples of their class.
 
     Mirrors scikit-learn's ``_relocate_empty_clusters``: the example is removed from its
-    old cluster's sum and count and becomes the whole of the empty one. Slots whose class
-    has no example left at a positive distance are retired (``active`` False).
+    old cluster's sum and count and becomes the whole of the empty one (its assignment
+    too). Slots whose class has no example left at a positive distance are retired
+    (``active`` False).
+
+    Returns:
+      ``(assignments [N], sums [C, k, d], counts [C, k], active [C, k])``.
     """
     n = x.shape[0]
     empty = active & (counts == 0)
     drop = num_classes * k  # an out-of-range flat id: dropped by the scatters
 
     def slot_fn(slot, carry):
-        sums, counts, active, scores = carry
+        assignments, sums, counts, active, scores = carry
         needs_point = empty[:, slot]  # [C]
         # Only examples of classes whose slot needs a point compete.
         index, found = _segment_argmax(
@@ -843,11 +838,15 @@ def _relocate_empty(x, labels, assignments, sq_distances, sums, counts, active, 
         counts = counts.at[:, slot].set(jnp.where(moved, 1, counts[:, slot]))
         active = active.at[:, slot].set(active[:, slot] & ~(needs_point & ~moved))
         # A moved example cannot be taken again by a later slot of the same class.
-        scores = scores.at[jnp.where(moved, index, n)].set(-jnp.inf, mode="drop")
-        return sums, counts, active, scores
+        moved_index = jnp.where(moved, index, n)
+        scores = scores.at[moved_index].set(-jnp.inf, mode="drop")
+        assignments = assignments.at[moved_index].set(slot, mode="drop")
+        return assignments, sums, counts, active, scores
 
-    sums, counts, active, _ = jax.lax.fori_loop(0, k, slot_fn, (sums, counts, active, sq_distances))
-    return sums, counts, active
+    assignments, sums, counts, active, _ = jax.lax.fori_loop(
+        0, k, slot_fn, (assignments, sums, counts, active, sq_distances)
+    )
+    return assignments, sums, counts, active
 
 
 def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, blocks=None):
@@ -947,7 +946,7 @@ def _warm_start(x, labels, blocks, centroids, valid, *, num_classes, k):
     assignments, _ = _nearest_slot(blocks, centroids, valid, fast=True)
     sums, counts = _class_sums(x, labels, assignments, num_classes, k)
     own = jnp.where(valid[labels, assignments][:, None], centroids[labels, assignments], 0)
-    sums, counts, active = _relocate_empty(
+    _, sums, counts, active = _relocate_empty(
         x,
         labels,
         assignments,
@@ -967,7 +966,8 @@ def _warm_start(x, labels, blocks, centroids, valid, *, num_classes, k):
 class _LloydState(NamedTuple):
     centroids: jax.Array  # [C, k, d]
     active: jax.Array  # [C, k] bool
-    prev_assignments: jax.Array  # [N] int32
+    prev_assignments: jax.Array  # [N] int32, the last assignment step's
+    partition: jax.Array  # [N] int32, the same after re-seeding; centroids are its means
     iteration: jax.Array  # [] int32
     class_converged: jax.Array  # [C] bool
 
@@ -998,11 +998,19 @@ def _kmeans_single(
 
     # scikit-learn scales tol by the mean per-dimension variance of the data; per class
     # here, since every class is its own k-means problem.
+    # From sums over the blocks (x is centred per class, so Σ‖x‖² − ‖Σx‖²/n does not
+    # cancel badly; the tolerance needs no more than a few digits anyway).
     class_sizes = jax.ops.segment_sum(jnp.ones((n,), x.dtype), labels, num_classes)
-    class_means = jax.ops.segment_sum(x, labels, num_classes) / jnp.maximum(class_sizes, 1)[:, None]
+    class_sums = jax.ops.segment_sum(
+        jnp.sum(blocks.points, axis=1), blocks.block_class, num_classes
+    )
+    class_sq_norms = jax.ops.segment_sum(
+        jnp.sum(blocks.sq_norms, axis=1), blocks.block_class, num_classes
+    )
+    sizes = jnp.maximum(class_sizes, 1)
     class_variance = (
-        jax.ops.segment_sum(_row_sq_distances(blocks, class_means), labels, num_classes)
-        / jnp.maximum(class_sizes, 1)
+        jnp.maximum(class_sq_norms - jnp.sum(jnp.square(class_sums), axis=-1) / sizes, 0)
+        / sizes
         / d
     )
     class_tolerance = tolerance * class_variance
@@ -1031,8 +1039,8 @@ def _kmeans_single(
                 k=k,
             )
 
-        sums, counts, active = jax.lax.cond(
-            any_empty, relocate, lambda: (sums, counts, state.active)
+        partition, sums, counts, active = jax.lax.cond(
+            any_empty, relocate, lambda: (assignments, sums, counts, state.active)
         )
         new_centroids = jnp.where(
             counts[..., None] > 0,
@@ -1048,12 +1056,15 @@ def _kmeans_single(
             > 0
         )
         class_converged = ~changed | (shift <= class_tolerance)
-        return _LloydState(new_centroids, active, assignments, state.iteration + 1, class_converged)
+        return _LloydState(
+            new_centroids, active, assignments, partition, state.iteration + 1, class_converged
+        )
 
     state = _LloydState(
         centroids,
         active,
         jnp.full((n,), -1, jnp.int32),
+        jnp.zeros((n,), jnp.int32),
         jnp.zeros((), jnp.int32),
         jnp.zeros((num_classes,), bool),
     )
@@ -1062,11 +1073,12 @@ def _kmeans_single(
     converged = jnp.all(state.class_converged)
     centroids = state.centroids
     if refine_steps > 0:
-        assignments, _ = _nearest_slot(blocks, centroids, state.active, fast=True)
+        # From the partition whose means the centroids are: a point nearer to another
+        # centroid has an improving move, so the refinement subsumes a reassignment.
         assignments, _, _ = _hartigan_refine(
             x,
             labels,
-            assignments,
+            state.partition,
             num_classes=num_classes,
             k=k,
             max_steps=refine_steps,
@@ -1360,10 +1372,9 @@ def _kmeans_groups_core(
       A :class:`KMeansResult` per group, stacked ``[G, ...]``, in group slot and row
       order.
     """
-    n, d = embeddings.shape
-    padded = jnp.concatenate([embeddings, jnp.zeros((1, d), embeddings.dtype)])
+    n = embeddings.shape[0]
     inputs = {
-        "x": padded[rows],  # [G, R, d]; padding rows are zero
+        "rows": rows,
         "labels": labels,
         "layout": layouts,
         "key": keys,
@@ -1376,8 +1387,12 @@ def _kmeans_groups_core(
         inputs["initial_valid"] = jnp.where(used, initial_valid[last], jnp.arange(k) == 0)
 
     def one_group(group):
+        # Gathered group by group, not all at once: the group's rows are read into the
+        # cache where its passes use them, and no [G, R, d] copy is written.
+        rows = group["rows"]
+        x = jnp.where((rows < n)[:, None], embeddings[jnp.minimum(rows, n - 1)], 0)
         return _kmeans_per_class_core(
-            group["x"],
+            x,
             group["labels"],
             group["key"],
             tolerance,

@@ -532,9 +532,10 @@ def test_empty_cluster_during_lloyd_is_reseeded_or_reported_empty():
     sq = jnp.array([25.0, 16.0, 25.0, 36.0, 0.0])
     sums, counts = kmeans_module._class_sums(x, y, assignments, 2, 2)
     active = jnp.array([[True, True], [True, True]])
-    sums, counts, active = kmeans_module._relocate_empty(
+    moved, sums, counts, active = kmeans_module._relocate_empty(
         x, y, assignments, sq, sums, counts, active, num_classes=2, k=2
     )
+    np.testing.assert_array_equal(moved, [0, 0, 0, 1, 0])  # the farthest, 11.0
     np.testing.assert_array_equal(counts, [[3, 1], [1, 0]])
     np.testing.assert_allclose(sums[0, 1], [11.0])
     np.testing.assert_allclose(sums[0, 0], [11.0])
