@@ -79,8 +79,10 @@ code uses ``counts > 0`` as the valid mask, and the centroid of an empty slot is
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
+import hashlib
 import math
 import os
 from typing import NamedTuple
@@ -422,6 +424,39 @@ def _groups_host(
         num_groups,
         num_parts,
     )
+
+
+# The last few :class:`_Groups` computed, by labels and shape (see :func:`_cached_groups`).
+_GROUPS_CACHE: collections.OrderedDict = collections.OrderedDict()
+_GROUPS_CACHE_SIZE = 4
+
+
+def _cached_groups(
+    labels: np.ndarray, num_classes: int, dim: int, num_parts: int
+) -> _Groups | None:
+    """:func:`_groups_host`, remembered for the last few labellings: a refresh clusters
+    the same training labels every time, and packing them costs the host a sort and
+    several passes over the labels. Keyed by a digest of the labels' bytes (not their
+    identity: arrays are mutable) and everything else the groups depend on; the cached
+    NumPy arrays are only read."""
+    labels = np.ascontiguousarray(labels)
+    key = (
+        hashlib.blake2b(labels.tobytes(), digest_size=16).digest(),
+        labels.dtype.str,
+        labels.shape,
+        num_classes,
+        dim,
+        num_parts,
+        _GROUP_FLOATS,
+    )
+    if key in _GROUPS_CACHE:
+        _GROUPS_CACHE.move_to_end(key)
+        return _GROUPS_CACHE[key]
+    groups = _groups_host(labels, num_classes, dim, num_parts)
+    _GROUPS_CACHE[key] = groups
+    while len(_GROUPS_CACHE) > _GROUPS_CACHE_SIZE:
+        _GROUPS_CACHE.popitem(last=False)
+    return groups
 
 
 def _class_blocks(x: jax.Array, layout: _Layout) -> _ClassBlocks:
@@ -1684,7 +1719,7 @@ def kmeans_per_class(
     # Groups of classes only pay on the CPU (a GPU runs all classes at once in parallel),
     # and need concrete data of this process to be run from several threads.
     groups = (
-        _groups_host(labels_host, int(num_classes), embeddings.shape[1], _available_cpus())
+        _cached_groups(labels_host, int(num_classes), embeddings.shape[1], _available_cpus())
         if labels_concrete and _on_cpu(embeddings)
         else None
     )

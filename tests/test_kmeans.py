@@ -912,3 +912,24 @@ def test_one_cluster_per_class_is_the_class_mean(grouped):
     np.testing.assert_allclose(result.centroids[:, 0], means, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(result.counts[:, 0], per_class)
     np.testing.assert_array_equal(result.assignments, 0)
+
+
+def test_groups_are_cached_by_the_labels_values_not_their_identity(monkeypatch):
+    """A refresh clusters the same labels again: the packing is computed once, and a
+    changed label (same array object, mutated) gets new groups."""
+    monkeypatch.setattr(kmeans_module, "_GROUPS_CACHE", type(kmeans_module._GROUPS_CACHE)())
+    calls = []
+    original = kmeans_module._groups_host
+    monkeypatch.setattr(kmeans_module, "_groups_host", lambda *a: calls.append(1) or original(*a))
+    labels = np.repeat(np.arange(6), 50)
+    first = kmeans_module._cached_groups(labels, 6, 1000, 1)
+    assert kmeans_module._cached_groups(labels.copy(), 6, 1000, 1) is first
+    assert len(calls) == 1
+    labels[0] = 5
+    changed = kmeans_module._cached_groups(labels, 6, 1000, 1)
+    assert len(calls) == 2 and changed is not first
+    np.testing.assert_array_equal(
+        changed.labels, kmeans_module._groups_host(labels, 6, 1000, 1).labels
+    )
+    kmeans_module._cached_groups(labels, 6, 1000, 2)  # another shape of parts
+    assert len(calls) == 4
