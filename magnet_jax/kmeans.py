@@ -884,6 +884,20 @@ def _relocate_empty(x, labels, assignments, sq_distances, sums, counts, active, 
     return assignments, sums, counts, active
 
 
+def _carried(blocks: _ClassBlocks, points_t: jax.Array | None) -> _ClassBlocks:
+    """``blocks`` inside a loop body, with ``points_t`` taken from the loop's carry
+    through an optimization barrier.
+
+    The loop returns them, and code after the loop uses its output. Without this, XLA
+    sees that the loop passes them through unchanged, and code after the loop that
+    reads them gets a second copy of the transposition (the loop's input buffer is the
+    loop's to reuse).
+    """
+    if points_t is None:
+        return blocks
+    return blocks._replace(points_t=jax.lax.optimization_barrier(points_t))
+
+
 def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, blocks=None):
     """Hartigan single-point moves after Lloyd, in every class at once.
 
@@ -921,12 +935,13 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, block
         return class_sq_norms - jnp.sum(per_slot, axis=1)
 
     def step_fn(carry):
-        assignments, step, _ = carry
+        assignments, step, _, points_t = carry
+        blocks_in = _carried(blocks, points_t)
         sums, counts = _class_sums(x, labels, assignments, num_classes, k)
         centroids = sums / jnp.maximum(counts, 1)[..., None].astype(x.dtype)
         # Per example, in the block layout (one [k] row of counts per block, no [N, k]
         # gathers by label); only the [N] results are gathered into example order.
-        sq = _block_sq_distances(blocks, centroids, expand=True)  # [B, k, rows]
+        sq = _block_sq_distances(blocks_in, centroids, expand=True)  # [B, k, rows]
         own = jnp.where(blocks.source < n, assignments[jnp.minimum(blocks.source, n - 1)], 0)[
             :, None, :
         ]  # [B, 1, rows]
@@ -954,16 +969,16 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, block
             partition_inertia(all_sums, all_counts) <= partition_inertia(sums, counts) + best_single
         )
         assignments = jnp.where(take_all[labels], all_moves, one_move)
-        return assignments, step + 1, jnp.any(found)
+        return assignments, step + 1, jnp.any(found), blocks_in.points_t
 
     def cond_fn(carry):
-        _, step, moved = carry
+        _, step, moved, _ = carry
         return moved & (step < max_steps)
 
-    assignments, steps, moved = jax.lax.while_loop(
-        cond_fn, step_fn, (assignments, jnp.zeros((), jnp.int32), jnp.array(True))
+    assignments, steps, moved, points_t = jax.lax.while_loop(
+        cond_fn, step_fn, (assignments, jnp.zeros((), jnp.int32), jnp.array(True), blocks.points_t)
     )
-    return assignments, steps, ~moved
+    return assignments, steps, ~moved, blocks._replace(points_t=points_t)
 
 
 def _warm_start(x, labels, blocks, centroids, valid, *, num_classes, k):
@@ -1005,6 +1020,7 @@ class _LloydState(NamedTuple):
     partition: jax.Array  # [N] int32, the same after re-seeding; centroids are its means
     iteration: jax.Array  # [] int32
     class_converged: jax.Array  # [C] bool
+    points_t: jax.Array | None  # blocks.points_t, carried (see _carried)
 
 
 def _kmeans_single(
@@ -1054,7 +1070,8 @@ def _kmeans_single(
         return (state.iteration < max_iterations) & ~jnp.all(state.class_converged)
 
     def body_fn(state: _LloydState):
-        assignments, _ = _nearest_slot(blocks, state.centroids, state.active, fast=True)
+        blocks_in = _carried(blocks, state.points_t)
+        assignments, _ = _nearest_slot(blocks_in, state.centroids, state.active, fast=True)
         sums, counts = _class_sums(x, labels, assignments, num_classes, k)
         any_empty = jnp.any(state.active & (counts == 0))
 
@@ -1092,7 +1109,13 @@ def _kmeans_single(
         )
         class_converged = ~changed | (shift <= class_tolerance)
         return _LloydState(
-            new_centroids, active, assignments, partition, state.iteration + 1, class_converged
+            new_centroids,
+            active,
+            assignments,
+            partition,
+            state.iteration + 1,
+            class_converged,
+            blocks_in.points_t,
         )
 
     state = _LloydState(
@@ -1102,15 +1125,17 @@ def _kmeans_single(
         jnp.zeros((n,), jnp.int32),
         jnp.zeros((), jnp.int32),
         jnp.zeros((num_classes,), bool),
+        blocks.points_t,
     )
     state = jax.lax.while_loop(cond_fn, body_fn, state)
+    blocks = blocks._replace(points_t=state.points_t)
 
     converged = jnp.all(state.class_converged)
     centroids = state.centroids
     if refine_steps > 0:
         # From the partition whose means the centroids are: a point nearer to another
         # centroid has an improving move, so the refinement subsumes a reassignment.
-        assignments, _, _ = _hartigan_refine(
+        assignments, _, _, blocks = _hartigan_refine(
             x,
             labels,
             state.partition,

@@ -399,7 +399,7 @@ def test_hartigan_refinement_leaves_a_poor_lloyd_fixed_point():
         x, y, centroids_from_assignments(x, y, start, num_classes=2, k=2)[0], jnp.ones((2, 2), bool)
     )
     np.testing.assert_array_equal(lloyd, start)  # a Lloyd fixed point
-    refined, steps, finished = kmeans_module._hartigan_refine(
+    refined, steps, finished, _ = kmeans_module._hartigan_refine(
         x, y, start, num_classes=2, k=2, max_steps=10
     )
     assert bool(finished) and int(steps) >= 2
