@@ -921,7 +921,8 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, block
     ``blocks`` is ``x`` as :class:`_ClassBlocks` (built here when None).
 
     Returns:
-      ``(assignments [N] int32, steps [] int32, finished [] bool)``.
+      ``(assignments [N] int32, steps [] int32, finished [] bool, blocks)``: ``blocks``
+      as the loop returns them (see :func:`_carried`), for what follows the loop.
     """
     n = x.shape[0]
     if blocks is None:
