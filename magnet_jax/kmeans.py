@@ -85,6 +85,7 @@ import functools
 import hashlib
 import math
 import os
+import threading
 from typing import NamedTuple
 
 import jax
@@ -429,6 +430,7 @@ def _groups_host(
 # The last few :class:`_Groups` computed, by labels and shape (see :func:`_cached_groups`).
 _GROUPS_CACHE: collections.OrderedDict = collections.OrderedDict()
 _GROUPS_CACHE_SIZE = 4
+_GROUPS_CACHE_LOCK = threading.Lock()  # k-means may be called from several threads
 
 
 def _cached_groups(
@@ -449,13 +451,15 @@ def _cached_groups(
         num_parts,
         _GROUP_FLOATS,
     )
-    if key in _GROUPS_CACHE:
-        _GROUPS_CACHE.move_to_end(key)
-        return _GROUPS_CACHE[key]
+    with _GROUPS_CACHE_LOCK:
+        if key in _GROUPS_CACHE:
+            _GROUPS_CACHE.move_to_end(key)
+            return _GROUPS_CACHE[key]
     groups = _groups_host(labels, num_classes, dim, num_parts)
-    _GROUPS_CACHE[key] = groups
-    while len(_GROUPS_CACHE) > _GROUPS_CACHE_SIZE:
-        _GROUPS_CACHE.popitem(last=False)
+    with _GROUPS_CACHE_LOCK:
+        _GROUPS_CACHE[key] = groups
+        while len(_GROUPS_CACHE) > _GROUPS_CACHE_SIZE:
+            _GROUPS_CACHE.popitem(last=False)
     return groups
 
 
