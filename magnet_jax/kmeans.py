@@ -579,6 +579,12 @@ def _nearest_slot(
     return slot.reshape(-1)[blocks.position], sq.reshape(-1)[blocks.position]
 
 
+def _class_sq_norms(blocks: _ClassBlocks, num_classes: int) -> jax.Array:
+    """``[C]`` Σ‖x‖² over every class's examples, from the blocks' row norms (padding
+    rows are zero): a reduction over blocks, not a scatter over examples."""
+    return jax.ops.segment_sum(jnp.sum(blocks.sq_norms, axis=1), blocks.block_class, num_classes)
+
+
 def _segment_argmax(
     scores: jax.Array, segment_ids: jax.Array, num_segments: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -931,7 +937,7 @@ def _hartigan_refine(x, labels, assignments, *, num_classes, k, max_steps, block
     n = x.shape[0]
     if blocks is None:
         blocks = _class_blocks(x, _layout(labels, num_classes))
-    class_sq_norms = jax.ops.segment_sum(jnp.sum(jnp.square(x), axis=-1), labels, num_classes)
+    class_sq_norms = _class_sq_norms(blocks, num_classes)
 
     def partition_inertia(sums, counts):
         # Σ_i ‖x_i‖² − Σ_j ‖S_j‖² / n_j per class (x is centred per class, so this does
@@ -1060,9 +1066,7 @@ def _kmeans_single(
     class_sums = jax.ops.segment_sum(
         jnp.sum(blocks.points, axis=1), blocks.block_class, num_classes
     )
-    class_sq_norms = jax.ops.segment_sum(
-        jnp.sum(blocks.sq_norms, axis=1), blocks.block_class, num_classes
-    )
+    class_sq_norms = _class_sq_norms(blocks, num_classes)
     sizes = jnp.maximum(class_sizes, 1)
     class_variance = (
         jnp.maximum(class_sq_norms - jnp.sum(jnp.square(class_sums), axis=-1) / sizes, 0)
